@@ -1,0 +1,113 @@
+"""Forward passes of open_clip's two towers with prompt tokens inserted.
+
+Both functions reproduce `CLIP.encode_text` / `CLIP.encode_image` exactly when no prompts are given
+(tests check it to 1e-5), so every method differs from zero-shot CLIP only by its prompts.
+
+Prompt tensors are per layer: shape (depth, length, width). Layer 0's prompts enter with the input
+tokens; before layer i < depth the outputs at the prompt positions are replaced by layer i's prompts
+(VPT-deep / layer-wise UPT). depth 1 is the shallow form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import Transformer, text_global_pool
+
+
+def encode_text(
+    clip: CLIP,
+    token_ids: torch.Tensor,
+    context: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Encode tokenized prompts; `context` (depth, m, width) replaces the embeddings at positions 1..m.
+
+    The causal mask means no position sees a later one, so the end-of-text feature only depends on the
+    tokens up to it: the sequence is cut after the longest prompt's end-of-text token instead of
+    running all 77 positions.
+    """
+    token_ids = _truncate_after_eot(clip, token_ids)
+    length = token_ids.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(token_ids).to(cast_dtype)
+    if context is not None:
+        x = _replace(x, context[0], start=1)
+    x = x + clip.positional_embedding[:length].to(cast_dtype)
+    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+    x = _run_blocks(clip.transformer, x, mask, context, start=1)
+    x = clip.ln_final(x)
+    x = text_global_pool(x, token_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    x = clip.text_projection(x) if isinstance(clip.text_projection, torch.nn.Linear) else x @ clip.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def encode_image(
+    clip: CLIP,
+    images: torch.Tensor,
+    prompts: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Encode images with visual prompts (depth, n, width) inserted after [CLS], before the patches.
+
+    Prompts are inserted after the positional embeddings and pass through `ln_pre` with the other
+    tokens; they are dropped before pooling, so average-pooled towers are not skewed by them.
+    """
+    visual = clip.visual
+    x = visual.conv1(images)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)
+    n_prompts = 0
+    if prompts is not None:
+        n_prompts = prompts.shape[1]
+        x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)
+    x = visual.ln_pre(x)
+    x = _run_blocks(visual.transformer, x, None, prompts, start=1)
+    if n_prompts:
+        x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def _run_blocks(
+    transformer: Transformer,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    prompts: torch.Tensor | None,
+    start: int,
+) -> torch.Tensor:
+    """Run the residual blocks, swapping in layer i's prompts at positions start..start+len before block i."""
+    batch_first = transformer.batch_first
+    if not batch_first:
+        x = x.transpose(0, 1)
+    depth = 0 if prompts is None else prompts.shape[0]
+    for index, block in enumerate(transformer.resblocks):
+        if 0 < index < depth:
+            x = _replace(x, prompts[index], start, batch_first)
+        x = block(x, attn_mask=mask)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _replace(x: torch.Tensor, tokens: torch.Tensor, start: int, batch_first: bool = True) -> torch.Tensor:
+    """Return x with positions start..start+len(tokens) set to `tokens` (out of place, autograd-safe)."""
+    if not batch_first:
+        x = x.transpose(0, 1)
+    end = start + tokens.shape[0]
+    x = torch.cat([x[:, :start], _expand(tokens, x), x[:, end:]], dim=1)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _expand(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tokens.to(like.dtype).unsqueeze(0).expand(like.shape[0], -1, -1)
+
+
+def _truncate_after_eot(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
+    if clip.text_pool_type != "argmax":
+        return token_ids  # other pooling rules may read later positions: keep them all
+    last = int(token_ids.argmax(dim=-1).max()) + 1
+    return token_ids[:, :last]

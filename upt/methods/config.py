@@ -1,0 +1,107 @@
+"""What each method learns, as one frozen dataclass saved in every artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+ZERO_SHOT = "zero-shot"
+METHODS: tuple[str, ...] = (ZERO_SHOT, "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp")
+
+# One line per method, for the CLI's help and the web client.
+DESCRIPTIONS: dict[str, str] = {
+    ZERO_SHOT: "No training: class names in hand-written templates. A baseline, and enough for common objects.",
+    "coop": "Learns the text template (CoOp). Helps when images of a class look alike but names are ambiguous.",
+    "vpt-shallow": "Learns visual tokens at the image encoder's input. Cheap; generalises well to new domains.",
+    "vpt-deep": "Learns visual tokens at every image layer. Helps when images of one class vary a lot.",
+    "upt": "Learns one shared prompt split into text and visual prompts by a small Transformer (the paper's method).",
+    "joint": "Ablation: CoOp and VPT-deep prompts trained together without sharing.",
+    "shared": "Ablation: one prompt used by both encoders, with only a linear map to the vision width.",
+    "mlp": "Ablation: UPT with a 2-layer MLP in place of the Transformer layer.",
+}
+
+TEXT_METHODS = frozenset({"coop", "upt", "joint", "shared", "mlp"})
+VISUAL_METHODS = frozenset({"vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp"})
+UNIFIED_METHODS = frozenset({"upt", "shared", "mlp"})
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+# The seven templates CLIP's authors selected for ImageNet, used for the zero-shot ensemble.
+ENSEMBLE_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt options of one method.
+
+    depth: how many layers receive prompts. None means the method's own default: every vision layer
+    for vpt-deep and for joint's visual side, 1 (shallow, as the paper's released code) otherwise.
+    ctx_init: initialise the text context from a template's word embeddings ("a photo of a"); the
+    number of context tokens is then that phrase's token count. Random N(0, 0.02²) otherwise.
+    templates: the hand-written templates of zero-shot, and of the fixed classifier that the
+    visual-only methods train against; several are averaged (an ensemble).
+    """
+
+    method: str
+    n_ctx: int = 4
+    depth: int | None = None
+    ctx_init: str | None = None
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    dropout: float = 0.1
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "templates", tuple(self.templates))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        if not 1 <= self.n_ctx <= 64:
+            raise ConfigError(f"n_ctx (prompt length) must be between 1 and 64, not {self.n_ctx}.")
+        if self.depth is not None and self.depth < 1:
+            raise ConfigError(f"depth must be at least 1, not {self.depth}.")
+        if self.method == "vpt-shallow" and self.depth not in (None, 1):
+            raise ConfigError("vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
+        if self.ctx_init is not None and self.method not in {"coop", "joint", "shared"}:
+            raise ConfigError(
+                f"ctx_init applies to methods whose text context is used as is (coop, joint, shared), "
+                f"not {self.method}, whose prompts pass through a learned generator."
+            )
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise ConfigError("ctx_init must contain words, e.g. 'a photo of a'.")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ConfigError("Every template must contain '{}' where the class name goes.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}.")
+
+    @property
+    def learns_text(self) -> bool:
+        return self.method in TEXT_METHODS
+
+    @property
+    def learns_visual(self) -> bool:
+        return self.method in VISUAL_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["templates"] = list(self.templates)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PromptConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"Unknown prompt options: {', '.join(sorted(unknown))}.")
+        return cls(**data)
+

@@ -1,0 +1,152 @@
+"""A frozen backbone plus one method's prompts: the model that is trained and served."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from ..encoders import encode_image, encode_text
+from ..errors import ConfigError
+from .config import ZERO_SHOT, PromptConfig
+from .prompts import (
+    JointPrompts,
+    PromptMLP,
+    Prompts,
+    TextContext,
+    UnifiedPrompts,
+    UnifiedTransformerLayer,
+    VisualPrompts,
+)
+
+
+def clean_class_name(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+@torch.no_grad()
+def template_classifier(backbone: Backbone, class_names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    """Zero-shot classifier W (k, d): each class's template features averaged, then normalised."""
+    rows = []
+    for name in class_names:
+        texts = [template.format(clean_class_name(name)) for template in templates]
+        features = encode_text(backbone.clip, backbone.tokenizer(texts).to(backbone.device), normalize=True)
+        rows.append(F.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+class PromptedCLIP(nn.Module):
+    """Logits of `class_names` for a batch of images, through the method's prompts.
+
+    Only `self.prompts` holds trainable parameters; the backbone is kept outside the module tree so
+    that `state_dict()` and `parameters()` are the learned prompts alone.
+    """
+
+    def __init__(self, backbone: Backbone, class_names: list[str], config: PromptConfig):
+        super().__init__()
+        if len(class_names) < 2:
+            raise ConfigError("At least two classes are needed.")
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.config = config
+        self.n_ctx = _context_length(backbone, config)
+        self.prompts: nn.Module | None = build_prompt_generator(backbone, config, self.n_ctx)
+        if config.learns_text:
+            self.register_buffer("class_tokens", self._class_tokens(), persistent=False)
+        else:
+            self.register_buffer("fixed_classifier", template_classifier(backbone, class_names, config.templates),
+                                 persistent=False)
+        self.to(backbone.device)
+
+    @property
+    def clip(self):
+        return self.backbone.clip
+
+    def generate(self) -> Prompts:
+        return Prompts() if self.prompts is None else self.prompts()
+
+    def classifier(self, prompts: Prompts) -> torch.Tensor:
+        """Normalised text classifier W (k, d) for this step's prompts."""
+        if not self.config.learns_text:
+            return self.fixed_classifier
+        return encode_text(self.clip, self.class_tokens, prompts.text, normalize=True)
+
+    def image_features(self, images: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        return encode_image(self.clip, images, prompts.visual, normalize=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        prompts = self.generate()  # once per step, shared by both towers
+        return self.backbone.logit_scale * self.image_features(images, prompts) @ self.classifier(prompts).T
+
+    @torch.no_grad()
+    def export(self) -> dict[str, torch.Tensor]:
+        """What serving needs, resolved in eval mode: the classifier W and the visual prompts."""
+        was_training = self.training
+        self.eval()
+        prompts = self.generate()
+        resolved = {"classifier": self.classifier(prompts).float().contiguous()}
+        if prompts.visual is not None:
+            resolved["visual_prompts"] = prompts.visual.float().contiguous()
+        self.train(was_training)
+        return resolved
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _class_tokens(self) -> torch.Tensor:
+        """`[SOS] X…X name. [EOS]`: the X (or the ctx_init words) are replaced by the learned context."""
+        prefix = self.config.ctx_init.strip() if self.config.ctx_init else " ".join(["X"] * self.n_ctx)
+        texts = [f"{prefix} {clean_class_name(name)}." for name in self.class_names]
+        return self.backbone.tokenizer(texts).to(self.backbone.device)
+
+
+def _context_length(backbone: Backbone, config: PromptConfig) -> int:
+    if config.ctx_init is None:
+        return config.n_ctx
+    return _ctx_init_ids(backbone, config.ctx_init).numel()
+
+
+def _ctx_init_ids(backbone: Backbone, phrase: str) -> torch.Tensor:
+    tokens = backbone.tokenizer([phrase.strip()])[0]
+    end = int(tokens.argmax())
+    return tokens[1:end]  # drop [SOS] and [EOS]
+
+
+def _ctx_init_embeddings(backbone: Backbone, config: PromptConfig) -> torch.Tensor | None:
+    if config.ctx_init is None:
+        return None
+    with torch.no_grad():
+        ids = _ctx_init_ids(backbone, config.ctx_init).to(backbone.device)
+        return backbone.clip.token_embedding(ids).float().cpu()
+
+
+def _depth(config: PromptConfig, maximum: int, default: int, tower: str) -> int:
+    depth = config.depth if config.depth is not None else default
+    if depth > maximum:
+        raise ConfigError(f"depth {depth} exceeds the {maximum} layers of the {tower} encoder.")
+    return depth
+
+
+def build_prompt_generator(backbone: Backbone, config: PromptConfig, n_ctx: int) -> nn.Module | None:
+    """The learnable module of `config.method` for this backbone's widths and depths (None: zero-shot)."""
+    method, std = config.method, config.init_std
+    text_w, vision_w = backbone.text_width, backbone.vision_width
+    init = _ctx_init_embeddings(backbone, config)
+    if method == ZERO_SHOT:
+        return None
+    if method == "coop":
+        return TextContext(n_ctx, text_w, _depth(config, backbone.text_layers, 1, "text"), std, init)
+    if method in ("vpt-shallow", "vpt-deep"):
+        default = 1 if method == "vpt-shallow" else backbone.vision_layers
+        return VisualPrompts(n_ctx, vision_w, _depth(config, backbone.vision_layers, default, "vision"), std)
+    if method == "joint":
+        visual_depth = _depth(config, backbone.vision_layers, backbone.vision_layers, "vision")
+        return JointPrompts(TextContext(n_ctx, text_w, 1, std, init), VisualPrompts(n_ctx, vision_w, visual_depth, std))
+    depth = _depth(config, min(backbone.text_layers, backbone.vision_layers), 1, "text and vision")
+    mixers = {
+        "upt": lambda: UnifiedTransformerLayer(text_w, config.dropout),
+        "mlp": lambda: PromptMLP(text_w, config.dropout),
+        "shared": lambda: None,
+    }
+    return UnifiedPrompts(n_ctx, text_w, vision_w, depth, std, mixers[method](), split=method != "shared", init=init)
