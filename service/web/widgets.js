@@ -1,0 +1,67 @@
+// Reusable pieces: drop zones (keyboard operable: a real file input sits behind each), methods,
+// top-k result cards.
+import { h, pct } from "./dom.js";
+
+let dzCount = 0;
+
+/**
+ * A drop zone backed by a file input. onFiles(File[]) is called on drop or pick.
+ * Keyboard users tab to the input (the zone shows the focus ring) and press Enter or Space.
+ */
+export function dropZone({ label, hint, accept = "image/*", multiple = true, onFiles, name, describedBy }) {
+  const id = `dz-${++dzCount}`;
+  const input = h("input", {
+    type: "file", id, class: "visually-hidden dz-input", accept, multiple, name,
+    "aria-describedby": [`${id}-hint`, describedBy].filter(Boolean).join(" "),
+    onchange: () => { if (input.files.length) onFiles(Array.from(input.files)); input.value = ""; },
+  });
+  const zone = h("label", { class: "dropzone", for: id },
+    input,
+    h("span", { class: "dz-icon", "aria-hidden": "true" }, "⇪"),
+    h("span", { class: "dz-label" }, label),
+    h("span", { class: "dz-hint", id: `${id}-hint` }, hint || "Drop files here, or press Enter to choose"));
+  let depth = 0;
+  zone.addEventListener("dragenter", (e) => { e.preventDefault(); depth++; zone.classList.add("over"); });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); if (e.dataTransfer) e.dataTransfer.dropEffect = "copy"; });
+  zone.addEventListener("dragleave", () => { if (--depth <= 0) { depth = 0; zone.classList.remove("over"); } });
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault(); depth = 0; zone.classList.remove("over");
+    let files = Array.from(e.dataTransfer?.files || []);
+    if (accept === "image/*") files = files.filter((f) => !f.type || f.type.startsWith("image/"));
+    if (!multiple) files = files.slice(0, 1);
+    if (files.length) onFiles(files);
+  });
+  zone.input = input;
+  return zone;
+}
+
+export const METHODS = [
+  { id: "upt", name: "UPT (unified prompt)", line: "One small network writes both the text and the image prompts. The best all-round choice: it helps both when pictures of a class vary a lot and when class names sound alike.", recommended: true },
+  { id: "coop", name: "CoOp (text prompt)", line: "Learns the words around each class name (\"a photo of a …\"). Cheap and strong when each class looks consistent but its name alone says little." },
+  { id: "vpt-shallow", name: "VPT shallow", line: "Learns a few extra image tokens at the input of the image encoder. Helps when your images look unlike web photos (sketches, scans, X-rays); cheapest visual option." },
+  { id: "vpt-deep", name: "VPT deep", line: "Learns image tokens at every layer of the image encoder. More capacity for a large visual shift; needs more shots to avoid over-fitting." },
+  { id: "joint", name: "Joint (CoOp + VPT)", line: "Learns text and image prompts side by side, independently. A baseline that shows what UPT's shared prompt adds." },
+  { id: "shared", name: "Shared prompt", line: "The same prompt tokens feed both encoders through linear maps, with no network between them. Lighter ablation of UPT." },
+  { id: "mlp", name: "UPT with an MLP", line: "Like UPT, but an MLP instead of a transformer writes the prompts. An ablation; slightly faster to train." },
+  { id: "zero-shot", name: "Zero-shot", line: "No training: compares images with \"a photo of a {class}\". Instant; use it as a baseline, or when you have no labelled images." },
+];
+
+export function methodName(id) { return METHODS.find((m) => m.id === id)?.name || id || "–"; }
+
+/** One image's result: thumbnail and top-k labels with probability bars. */
+export function resultCard(result) {
+  const img = result.file ? h("img", { src: URL.createObjectURL(result.file), alt: `Image ${result.filename}`, class: "thumb-lg" }) : null;
+  if (img) img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+  const best = result.top[0];
+  return h("article", { class: "result-card", "aria-label": `Result for ${result.filename}` },
+    h("div", { class: "result-head" }, img,
+      h("div", {},
+        h("h3", { class: "result-file" }, result.filename),
+        best ? h("p", { class: "result-best" }, h("strong", {}, best.label), ` · ${pct(best.probability, 1)}`) : h("p", {}, "No labels returned."))),
+    h("ol", { class: "topk" },
+      result.top.map((p) => h("li", {},
+        h("span", { class: "topk-label" }, p.label),
+        h("span", { class: "bar", role: "img", "aria-label": `${p.label}: ${pct(p.probability, 1)}` },
+          h("span", { class: "bar-fill", style: { width: `${Math.max(0, Math.min(1, p.probability)) * 100}%` } })),
+        h("span", { class: "topk-p" }, pct(p.probability, 1))))));
+}
