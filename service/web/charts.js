@@ -98,12 +98,13 @@ function fmtCount(v) { return Number.isInteger(v) ? String(v) : v.toFixed(2); }
 /** Horizontal bars of per-class accuracy. */
 export function perClassBars(per, names) {
   let entries;
-  if (Array.isArray(per)) entries = per.map((v, i) => [names?.[i] ?? `class ${i}`, Number(v)]);
-  else if (per && typeof per === "object") entries = Object.entries(per).map(([k, v]) => [k, Number(v)]);
+  const val = (v) => (v === null || v === undefined || !Number.isFinite(Number(v)) ? null : Number(v));
+  if (Array.isArray(per)) entries = per.map((v, i) => [names?.[i] ?? `class ${i}`, val(v)]);
+  else if (per && typeof per === "object") entries = Object.entries(per).map(([k, v]) => [k, val(v)]);
   else return null;
   return h("ul", { class: "per-class" }, entries.map(([name, v]) => h("li", {},
     h("span", { class: "pc-name" }, name),
-    h("span", { class: "bar", role: "img", "aria-label": `${name}: ${pct(v, 1)}` },
-      h("span", { class: "bar-fill", style: { width: `${Math.max(0, Math.min(1, v)) * 100}%` } })),
-    h("span", { class: "pc-val" }, pct(v, 1)))));
+    h("span", { class: "bar", role: "img", "aria-label": v === null ? `${name}: no validation images` : `${name}: ${pct(v, 1)}` },
+      h("span", { class: "bar-fill", style: { width: `${Math.max(0, Math.min(1, v ?? 0)) * 100}%` } })),
+    h("span", { class: "pc-val" }, v === null ? "n/a" : pct(v, 1)))));
 }

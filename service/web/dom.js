@@ -78,9 +78,11 @@ export function progressBar(task, id) {
 
 export function progressLabel(t) {
   const parts = [`${Math.round((t.progress || 0) * 100)}%`];
-  if (t.epoch !== null && t.epoch !== undefined && t.epochs) parts.push(`epoch ${t.epoch}/${t.epochs}`);
+  if (t.epoch !== null && t.epoch !== undefined && t.epochs && t.status !== "succeeded") parts.push(`epoch ${t.epoch}/${t.epochs}`);
   if (t.status === "running" && t.eta_s !== null && t.eta_s !== undefined) parts.push(`ETA ${fmtDuration(t.eta_s)}`);
   if (t.status === "queued") parts.push("waiting for a worker");
+  if (t.status === "succeeded") parts.push("done");
+  if (t.status === "cancelled" || t.status === "cancelling") parts.push(t.status);
   return parts.join(" · ");
 }
 

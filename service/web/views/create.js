@@ -24,7 +24,7 @@ export function createView(root) {
     h("div", { class: "field" },
       h("label", { for: "class-name" }, "Class name"),
       h("div", { class: "inline" }, nameInput, addBtn),
-      h("p", { class: "hint", id: "class-name-hint" }, "Add each class by name (Enter adds it; commas add several), then drop a few images on it. Zero-shot needs names only."),
+      h("p", { class: "hint", id: "class-name-hint" }, "Add each class by name (Enter adds it; commas add several), then drop a few images on each (a zero-shot task uses them to measure accuracy)."),
       slots.classes),
     classList, slots.images);
 
@@ -161,7 +161,6 @@ export function createView(root) {
     const fd = new FormData();
     if (draft.mode === "archive") {
       if (draft.archive) fd.append("archive", draft.archive, draft.archive.name);
-      for (const c of draft.classes) if (!c.files.length) { /* names only, if the user also typed some */ }
     } else {
       for (const c of draft.classes) fd.append("class_names", c.name);
       for (const c of draft.classes) for (const f of c.files) { fd.append("files", f, f.name); fd.append("labels", c.name); }
@@ -175,7 +174,8 @@ export function createView(root) {
     const errs = [];
     if (draft.mode === "classes") {
       if (!draft.classes.length) errs.push(["classes", "Add at least one class."]);
-      else if (draft.method !== "zero-shot") {
+      else if (draft.classes.length < 2) errs.push(["classes", "Add at least two classes."]);
+      else {
         const empty = draft.classes.filter((c) => !c.files.length).map((c) => c.name);
         if (empty.length) errs.push(["images", `Drop at least one image on: ${empty.join(", ")}.`]);
       }
@@ -218,7 +218,7 @@ export function createView(root) {
         if (slot) showError(slot, fe.message); else unmatched.push(fe.field ? `${fe.field}: ${fe.message}` : fe.message);
       }
       if (!err.fieldErrors.length || unmatched.length) showTop(err.title && err.title !== err.message ? `${err.title}: ${err.message}` : err.message, unmatched);
-      else showTop(`${err.message || "Some fields are invalid."}`, []);
+      else showTop("The service refused the task: please fix the highlighted fields.", []);
       const firstBad = form.querySelector("[aria-invalid=true]");
       if (firstBad && err.fieldErrors.length && !unmatched.length) firstBad.focus();
     } finally {

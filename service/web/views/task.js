@@ -94,8 +94,11 @@ export function taskView(root, { id }) {
       ["Shots", c.shots ?? t.shots ?? "all"],
       ["Epochs", t.epochs ?? c.epochs ?? "default"],
       ["Seed", c.seed ?? t.seed ?? "–"],
+      ["Images", t.num_images ?? "–"],
+      ["Backbone", [t.model, t.pretrained && String(t.pretrained).split("/").pop()].filter(Boolean).join(" · ") || "–"],
       ["Created", fmtTime(t.created_at) || "–"],
     ];
+    if (t.finished_at) rows.push(["Finished", fmtTime(t.finished_at)]);
     const known = new Set(["method", "class_names", "shots", "epochs", "seed", "name"]);
     for (const [k, v] of Object.entries(c)) {
       if (known.has(k) || v === null || v === undefined || typeof v === "object") continue;
@@ -130,7 +133,7 @@ export function taskView(root, { id }) {
     const valAcc = m.val_accuracy ?? m.accuracy;
     s.append(h("div", { class: "results-grid" },
       h("div", { class: "big-metric" }, h("span", { class: "big" }, pct(valAcc, 1)), h("span", { class: "muted" }, "validation accuracy"),
-        m.n_val || m.val_size ? h("span", { class: "muted small" }, `on ${m.n_val || m.val_size} held-out images`) : null),
+        m.val_count ? h("span", { class: "muted small" }, `on ${m.val_count} held-out image${m.val_count === 1 ? "" : "s"}${m.train_count ? `, trained on ${m.train_count}` : ""}`) : null),
       m.per_class_accuracy ? h("div", {}, h("h3", {}, "Per class"), perClassBars(m.per_class_accuracy, names)) : null),
       m.confusion_matrix ? h("div", {}, h("h3", {}, "Confusion matrix"), confusionMatrix(m.confusion_matrix, names)) : null);
     s.dataset.rendered = task.status === "succeeded" ? "1" : "";

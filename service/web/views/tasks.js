@@ -108,9 +108,9 @@ export function tasksView(root, { query }) {
           t.created_at ? h("time", { datetime: String(t.created_at) }, fmtTime(t.created_at)) : null)),
       h("div", { class: "tr-progress" },
         t.status === "failed" ? h("p", { class: "tr-error" }, t.error ? String(t.error).slice(0, 160) : "Failed")
-          : t.status === "succeeded" && t.metrics?.val_accuracy !== undefined
-            ? h("p", { class: "tr-result" }, "Validation accuracy ", h("strong", {}, `${(Number(t.metrics.val_accuracy) * 100).toFixed(1)}%`))
-            : progressBar(t, short(t.id))),
+          : [progressBar(t, short(t.id)),
+            t.status === "succeeded" && t.metrics?.val_accuracy !== undefined && t.metrics?.val_accuracy !== null
+              ? h("p", { class: "tr-result" }, "Validation accuracy ", h("strong", {}, `${(Number(t.metrics.val_accuracy) * 100).toFixed(1)}%`)) : null]),
       h("div", { class: "tr-actions" },
         ACTIVE.has(t.status) && t.status !== "cancelling"
           ? h("button", { type: "button", class: "btn", "data-role": "cancel", "aria-label": `Cancel task ${short(t.id)}`, onclick: () => cancel(t.id) }, "Cancel") : null,

@@ -1,0 +1,67 @@
+"""/classify: top-k labels per image, from a finished task's artifact or zero-shot class names."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import MetricsDep, RuntimeDep, StorageDep
+from service.api.tasks import tenant_task
+from service.auth import SessionDep, SettingsDep, TenantDep
+from service.errors import Problem, invalid
+from service.models import TaskStatus
+from service.schemas import ClassifyOut, ImagePrediction, Label
+from service.task_input import check_class_names
+from service.uploads import open_image, parse_form, remove, scratch_dir
+
+router = APIRouter(tags=["classify"])
+
+
+@router.post("/classify", response_model=ClassifyOut)
+async def classify(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+                   runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep) -> ClassifyOut:
+    """Multipart form: `files` (repeated), and `task_id` or `class_names` (repeated); optional `top_k`."""
+    scratch = scratch_dir(storage.root / "tmp")
+    try:
+        form = await parse_form(request, scratch, max_files=settings.max_classify_files,
+                                max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
+        return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics)
+    finally:
+        remove(scratch)
+
+
+def _top_k(raw: str | None, maximum: int) -> int:
+    if raw is None:
+        return 5
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise invalid("top_k", f"must be a whole number from 1 to {maximum}.")
+    return int(raw)
+
+
+def _classify(form, tenant, session, settings, runtime, storage, metrics) -> ClassifyOut:
+    task_id, names = form.one("task_id"), form.many("class_names")
+    top_k = _top_k(form.one("top_k"), settings.max_top_k)
+    files = form.files_of("files")
+    if not files:
+        raise invalid("files", "upload at least one image as `files`.")
+    if task_id and names:
+        raise invalid("task_id", "give either `task_id` (a finished task) or `class_names` (zero-shot), not both.")
+    if not task_id and not names:
+        raise invalid("task_id", "give `task_id` of a finished task, or `class_names` for zero-shot.")
+    if task_id:
+        task = tenant_task(session, tenant, task_id)
+        if task.status != TaskStatus.succeeded.value or not storage.has_artifact(task.id):
+            raise Problem(409, "Task not finished", f"Task {task_id} is {task.status}; classify with it once it has "
+                          "succeeded (poll GET /tasks/{id}).", type="task-not-finished")
+        predictor = runtime.tuned_predictor(task.id, storage.artifact_dir(task.id))
+    else:
+        predictor = runtime.zero_shot_predictor(check_class_names(names, settings))
+    images = [open_image(f.path.read_bytes(), f.filename, "files", settings.max_image_pixels) for f in files]
+    metrics.classify_batch.observe(len(images))
+    results = predictor.predict(images, top_k=min(top_k, len(predictor.class_names)))
+    return ClassifyOut(
+        task_id=task_id, class_names=list(predictor.class_names),
+        predictions=[ImagePrediction(filename=f.filename, labels=[Label(label=p.label, probability=p.probability)
+                                                                  for p in ranked])
+                     for f, ranked in zip(files, results)],
+    )

@@ -1,0 +1,49 @@
+"""/livez, /readyz and /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text
+
+from service.api.deps import MetricsDep, RuntimeDep
+from service.auth import get_sessionmaker
+from service.dispatch import broker_reachable
+from service.schemas import CheckOut, ReadyOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez")
+def livez() -> dict:
+    """The process answers; says nothing about its dependencies."""
+    return {"status": "ok"}
+
+
+def _database() -> tuple[bool, str]:
+    try:
+        with get_sessionmaker()() as session:
+            session.execute(text("SELECT 1"))
+        return True, "reachable"
+    except Exception as error:
+        return False, f"{type(error).__name__}: {error}"
+
+
+@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Database reachable, broker reachable, backbone loadable: 200 when all hold, else 503."""
+    checks = {
+        "database": await run_in_threadpool(_database),
+        "broker": await run_in_threadpool(broker_reachable),
+        "backbone": await run_in_threadpool(runtime.backbone_status),
+    }
+    body = ReadyOut(ready=all(ok for ok, _ in checks.values()),
+                    checks={name: CheckOut(ok=ok, detail=detail) for name, (ok, detail) in checks.items()})
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return metrics.render()

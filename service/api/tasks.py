@@ -1,0 +1,180 @@
+"""/tasks: create (202 + Location), list, get, events, cancel, delete, artifact download."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.api.deps import RuntimeDep, StorageDep
+from service.auth import SessionDep, SettingsDep, TenantDep
+from service.dispatch import enqueue
+from service.errors import Problem, invalid, not_found
+from service.models import FINAL_STATUSES, Task, TaskEvent, TaskStatus, Tenant, new_task_id, utcnow
+from service.schemas import EventOut, EventPage, TaskOut, TaskPage
+from service.settings import Settings
+from service.storage import Storage
+from service.task_input import config_dict, parse_task_form, write_dataset
+from service.uploads import ParsedForm, parse_form, remove, scratch_dir
+
+router = APIRouter(tags=["tasks"])
+
+
+def tenant_task(session: Session, tenant: Tenant, task_id: str) -> Task:
+    """The task if it belongs to this tenant; another tenant's task is indistinguishable from none."""
+    task = session.get(Task, task_id) if task_id.isalnum() and len(task_id) <= 32 else None
+    if task is None or task.tenant_id != tenant.id:
+        raise not_found(f"Task {task_id}")
+    return task
+
+
+def accepted(task: Task, replayed: bool = False) -> JSONResponse:
+    headers = {"Location": f"/tasks/{task.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(TaskOut.of(task).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Task | None:
+    if not key:
+        return None
+    return session.scalar(select(Task).where(Task.tenant_id == tenant.id, Task.idempotency_key == key))
+
+
+@router.post("/tasks", status_code=202, response_model=TaskOut,
+             responses={202: {"description": "Task queued; `Location` names it."}})
+async def create_task(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+                      runtime: RuntimeDep, storage: StorageDep,
+                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+    """Multipart form: `class_names` (repeated), `files` + `labels` (repeated) or one `archive` zip,
+    `method`, optional `shots`, `epochs`, `seed`, `n_ctx`, `depth`, `ctx_init`, `lr`, `batch_size`."""
+    existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
+    if existing is not None:
+        return accepted(existing, replayed=True)
+    await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
+    scratch = scratch_dir(storage.root / "tmp")
+    try:
+        form = await parse_form(request, scratch, max_files=settings.max_files,
+                                max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
+        task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key)
+    finally:
+        remove(scratch)
+    if not replayed:
+        await run_in_threadpool(enqueue, task.id)  # only after the row is committed
+    return accepted(task, replayed)
+
+
+def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, form: ParsedForm,
+            idempotency_key: str | None) -> tuple[Task, bool]:
+    spec = parse_task_form(form, settings)
+    task_id = new_task_id()
+    try:
+        write_dataset(spec, storage.data_dir(task_id), settings)
+        task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key, method=spec.config.method,
+                    config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
+                    model=settings.model, pretrained=settings.pretrained, status=TaskStatus.queued.value,
+                    enqueued_at=utcnow(), epochs=spec.config.epochs)
+        session.add(task)
+        session.commit()
+        return task, False
+    except IntegrityError:  # the same Idempotency-Key raced in from a concurrent retry
+        session.rollback()
+        storage.delete_task(task_id)
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is None:
+            raise
+        return existing, True
+    except BaseException:
+        storage.delete_task(task_id)
+        raise
+
+
+def _encode_cursor(task: Task) -> str:
+    raw = json.dumps([task.created_at.isoformat(), task.id])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, task_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(task_id)
+    except (ValueError, TypeError):
+        raise invalid("cursor", "not a cursor returned by this API; start again without it.")
+
+
+@router.get("/tasks", response_model=TaskPage)
+def list_tasks(tenant: TenantDep, session: SessionDep,
+               status: Annotated[list[TaskStatus] | None, Query()] = None,
+               limit: Annotated[int, Query(ge=1, le=100)] = 20,
+               cursor: str | None = None) -> TaskPage:
+    """Newest first. Pass `next_cursor` back as `cursor` for the next page."""
+    query = select(Task).where(Task.tenant_id == tenant.id)
+    if status:
+        query = query.where(Task.status.in_([s.value for s in status]))
+    if cursor:
+        created, task_id = _decode_cursor(cursor)
+        query = query.where(or_(Task.created_at < created, and_(Task.created_at == created, Task.id < task_id)))
+    tasks = session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)).all()
+    next_cursor = _encode_cursor(tasks[limit - 1]) if len(tasks) > limit else None
+    return TaskPage(items=[TaskOut.of(t) for t in tasks[:limit]], next_cursor=next_cursor)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskOut)
+def get_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut:
+    return TaskOut.of(tenant_task(session, tenant, task_id))
+
+
+@router.get("/tasks/{task_id}/events", response_model=EventPage)
+def task_events(task_id: str, tenant: TenantDep, session: SessionDep) -> EventPage:
+    task = tenant_task(session, tenant, task_id)
+    events = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task.id).order_by(TaskEvent.epoch)).all()
+    return EventPage(task_id=task.id, items=[EventOut.of(e) for e in events])
+
+
+@router.post("/tasks/{task_id}/cancel", status_code=202, response_model=TaskOut)
+def cancel_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut:
+    """A queued task is cancelled at once; a running one stops between two training steps."""
+    task = tenant_task(session, tenant, task_id)
+    if task.status in FINAL_STATUSES:
+        raise Problem(409, "Task finished", f"Task {task_id} is already {task.status}; there is nothing to cancel.",
+                      type="task-finished")
+    # Compare-and-set on the status, so a worker finishing at this instant is not overwritten.
+    for before, after in ((TaskStatus.queued, TaskStatus.cancelled), (TaskStatus.running, TaskStatus.cancelling)):
+        values = {"status": after.value}
+        if after == TaskStatus.cancelled:
+            values["finished_at"] = utcnow()
+        session.execute(update(Task).where(Task.id == task.id, Task.status == before.value).values(**values))
+    session.commit()
+    session.refresh(task)
+    return TaskOut.of(task)
+
+
+@router.delete("/tasks/{task_id}", status_code=204)
+def delete_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep,
+                runtime: RuntimeDep) -> Response:
+    """Removes the row, its history, its uploads and its artifact. A running training stops."""
+    task = tenant_task(session, tenant, task_id)
+    session.delete(task)
+    session.commit()
+    storage.delete_task(task_id)
+    runtime.tuned.discard(task_id)
+    return Response(status_code=204)
+
+
+@router.get("/tasks/{task_id}/artifact", response_class=Response,
+            responses={200: {"content": {"application/zip": {}}}})
+def download_artifact(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Response:
+    task = tenant_task(session, tenant, task_id)
+    if task.status != TaskStatus.succeeded.value or not storage.has_artifact(task_id):
+        raise Problem(409, "No artifact yet", f"Task {task_id} is {task.status}; its artifact exists once it has "
+                      "succeeded.", type="task-not-finished")
+    return Response(storage.artifact_zip(task_id), media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="upt-{task_id}.zip"'})

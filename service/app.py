@@ -1,0 +1,50 @@
+"""The FastAPI application: routes, problem+json errors, metrics, and the web client at `/`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from service.api import classify, health, tasks
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.runtime import Runtime
+from service.settings import Settings, get_settings
+from service.storage import Storage
+from service.uploads import configure_pillow
+
+log = logging.getLogger("upt.service")
+WEB_DIR = Path(__file__).parent / "web"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.check()
+    configure_pillow(settings.max_image_pixels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.preload_backbone:
+            # Load in the background: /livez answers at once, /readyz turns ready when loaded.
+            threading.Thread(target=app.state.runtime.backbone_status, name="backbone-preload", daemon=True).start()
+        yield
+
+    app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,
+                  description="Few-shot prompt tuning of a frozen CLIP, as a service.")
+    app.state.settings = settings
+    app.state.runtime = Runtime(settings)
+    app.state.storage = Storage.from_settings(settings)
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    for module in (tasks, classify, health):
+        app.include_router(module.router)
+    # After the API routes, so that they win over files of the same name.
+    WEB_DIR.mkdir(exist_ok=True)
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    return app

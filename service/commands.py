@@ -1,0 +1,184 @@
+"""`upt serve`, `upt worker`, `upt migrate` and `upt keys`: the service's command-line entry points.
+
+`register(subparsers)` adds them to the `upt` CLI; each sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+WORKER_STOP_GRACE_S = 10.0
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP API (and, unless --no-worker, a worker)")
+    serve.add_argument("--host", help="bind address (UPT_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (UPT_PORT, default 8000)")
+    serve.add_argument("--no-worker", action="store_true", help="API only: workers run elsewhere (`upt worker`)")
+    serve.add_argument("--migrate", action="store_true", help="run `alembic upgrade head` first")
+    serve.add_argument("--json", action="store_true", help="print the start-up summary as JSON")
+    serve.set_defaults(func=serve_command)
+
+    worker = subparsers.add_parser("worker", help="run a Celery worker that trains queued tasks")
+    worker.add_argument("--concurrency", type=int, help="trainings at once (UPT_WORKER_CONCURRENCY, default 1)")
+    worker.add_argument("--json", action="store_true", help="accepted for symmetry; logs stay text")
+    worker.set_defaults(func=lambda args: run_worker(_worker_argv(args)))
+
+    migrate = subparsers.add_parser("migrate", help="create or upgrade the database schema (alembic upgrade head)")
+    migrate.add_argument("--json", action="store_true", help="machine-readable output")
+    migrate.set_defaults(func=migrate_command)
+
+    keys = subparsers.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a tenant and print it (shown once)")
+    create.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    create.add_argument("--json", action="store_true", help="machine-readable output")
+    create.set_defaults(func=keys_create_command)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _apply_overrides(args) -> None:
+    # Through the environment, so the embedded worker process sees the same settings.
+    if getattr(args, "host", None):
+        os.environ["UPT_HOST"] = args.host
+    if getattr(args, "port", None):
+        os.environ["UPT_PORT"] = str(args.port)
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+def serve_command(args) -> int:
+    _apply_overrides(args)
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    try:
+        settings.check()
+    except ValueError as error:
+        print(f"upt serve: {error}", file=sys.stderr)
+        return 2
+    if args.migrate or settings.should_auto_migrate:
+        upgrade(settings)
+    summary = {
+        "url": f"http://{settings.host}:{settings.port}",
+        "database": settings.resolved_database_url.split("@")[-1],
+        "broker": settings.resolved_broker_url.split("@")[-1],
+        "storage": str(settings.storage_dir.resolve()),
+        "api_keys_required": settings.api_keys_required,
+        "worker": not args.no_worker,
+    }
+    _announce(summary, args.json)
+    worker = None if args.no_worker else start_embedded_worker()
+    try:
+        import uvicorn
+
+        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+                    log_level=settings.log_level.lower())
+    finally:
+        if worker is not None:
+            stop_embedded_worker(worker)
+    return 0
+
+
+def _announce(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary), flush=True)
+        return
+    print(f"upt serve: {summary['url']}  database {summary['database']}  broker {summary['broker']}  "
+          f"storage {summary['storage']}", flush=True)
+    if summary["api_keys_required"]:
+        print("upt serve: API keys are required (create one with `upt keys create --tenant NAME`).", flush=True)
+    else:
+        print("upt serve: API keys are NOT required: bound to a loopback address only, every request acts as "
+              "tenant 'local'. Set UPT_HOST to serve others; keys are then required.", flush=True)
+
+
+def start_embedded_worker() -> subprocess.Popen:
+    """A worker process beside the API, in its own process group so Ctrl-C reaches only `serve`."""
+    env = dict(os.environ, UPT_EMBEDDED_PARENT_PID=str(os.getpid()))
+    return subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
+
+
+def stop_embedded_worker(worker: subprocess.Popen) -> None:
+    """Ask the worker to stop; a training still running after the grace period is killed and
+    resumes from its last epoch checkpoint at the next start (recovery re-queues it)."""
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=WORKER_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def _worker_argv(args) -> list[str]:
+    return ["--concurrency", str(args.concurrency)] if args.concurrency else []
+
+
+def run_worker(argv: list[str]) -> int:
+    """`upt worker`: prefork pool, prefetch 1, late acks (configured in worker.celery_app)."""
+    parser = argparse.ArgumentParser(prog="upt worker")
+    parser.add_argument("--concurrency", type=int)
+    args = parser.parse_args(argv)
+    from service.settings import get_settings
+    from worker.celery_app import app
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    celery_argv = ["worker", f"--loglevel={settings.log_level.upper()}", "--pool=prefork",
+                   f"--concurrency={args.concurrency or settings.worker_concurrency}",
+                   "--prefetch-multiplier=1", "-O", "fair", "-Q", settings.queue]
+    if settings.resolved_broker_url.startswith("filesystem"):
+        celery_argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    app.worker_main(celery_argv)
+    return 0
+
+
+def migrate_command(args) -> int:
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    settings = get_settings()
+    upgrade(settings)
+    url = settings.resolved_database_url.split("@")[-1]
+    print(json.dumps({"migrated": True, "database": url}) if args.json else f"Schema is up to date: {url}")
+    return 0
+
+
+def keys_create_command(args) -> int:
+    from service.auth import create_key
+    from service.db import session_scope
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    if get_settings().should_auto_migrate:
+        upgrade(get_settings())
+    with session_scope() as session:
+        key = create_key(session, args.tenant)
+    if args.json:
+        print(json.dumps({"tenant": args.tenant, "key": key}))
+    else:
+        print(key)
+        print(f"(API key for tenant {args.tenant!r}; it is stored hashed and cannot be shown again)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service COMMAND`: the same commands without the rest of the `upt` CLI."""
+    parser = argparse.ArgumentParser(prog="python -m service")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,30 @@
+"""Sending a task id to the broker. Always called after the task row is committed."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("upt.service")
+
+
+def enqueue(task_id: str) -> bool:
+    """Publish the training message; on failure the row stays `queued` and recovery re-sends it."""
+    from worker.celery_app import TRAIN_TASK, app
+
+    try:
+        app.send_task(TRAIN_TASK, args=[task_id])
+        return True
+    except Exception:  # broker down: the database still holds the task, so nothing is lost
+        log.warning("could not enqueue task %s now; it will be re-sent", task_id, exc_info=True)
+        return False
+
+
+def broker_reachable() -> tuple[bool, str]:
+    from worker.celery_app import app
+
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        return True, "reachable"
+    except Exception as error:
+        return False, f"{type(error).__name__}: {error}"

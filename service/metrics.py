@@ -1,0 +1,83 @@
+"""Prometheus metrics: HTTP requests, tasks by status, training durations, classify batch sizes.
+
+Task counts and training durations are read from the database at scrape time: the database is the
+source of truth and the workers run elsewhere, so every API replica reports the same fleet-wide
+numbers without a push gateway.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import case, func, select
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.db import get_sessionmaker
+from service.models import Task, TaskStatus
+
+TRAINING_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+
+
+class TaskCollector:
+    def collect(self):
+        with get_sessionmaker()() as session:
+            counts = dict(session.execute(select(Task.status, func.count()).group_by(Task.status)).all())
+            yield self._by_status(counts)
+            yield self._durations(session)
+
+    @staticmethod
+    def _by_status(counts: dict) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("upt_tasks", "Tasks in the database by status", labels=["status"])
+        for status in TaskStatus:
+            family.add_metric([status.value], counts.get(status.value, 0))
+        return family
+
+    @staticmethod
+    def _durations(session) -> HistogramMetricFamily:
+        finished = select(Task.started_at, Task.finished_at).where(
+            Task.status == TaskStatus.succeeded.value, Task.started_at.is_not(None), Task.finished_at.is_not(None))
+        durations = [(end - start).total_seconds() for start, end in session.execute(finished).all()]
+        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in TRAINING_BUCKETS]
+        buckets.append(("+Inf", len(durations)))
+        family = HistogramMetricFamily("upt_training_duration_seconds",
+                                       "Wall time of succeeded trainings, first claim to finish")
+        family.add_metric([], buckets, sum_value=sum(durations))
+        return family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("upt_http_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("upt_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], registry=self.registry)
+        self.classify_batch = Histogram("upt_classify_batch_size", "Images per /classify request",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.registry.register(TaskCollector())
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def dispatch(self, request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            # The route template, not the path, keeps task ids out of the label set.
+            route = getattr(request.scope.get("route"), "path", None) or "static"
+            self.metrics.requests.labels(request.method, route, str(status)).inc()
+            self.metrics.latency.labels(request.method, route).observe(time.perf_counter() - start)

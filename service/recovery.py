@@ -1,0 +1,107 @@
+"""Finding work the broker lost or a dead worker dropped, from the database (the source of truth).
+
+- A `queued` task whose message was last sent more than UPT_REQUEUE_AFTER_S ago is sent again (the
+  broker may have restarted empty). Duplicates are harmless: a worker claims a task only while it is
+  `queued`, so a second message for the same task finds nothing to do.
+- A `running` task whose heartbeat is older than UPT_HEARTBEAT_TIMEOUT_S lost its worker: it goes
+  back to `queued` (training resumes from its last epoch checkpoint), or to `failed` once it has been
+  tried UPT_MAX_ATTEMPTS times. A `cancelling` task in that state becomes `cancelled`.
+Each change is a compare-and-set on the row, so any number of sweepers can run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from service.db import session_scope
+from service.dispatch import enqueue
+from service.models import Task, TaskStatus, utcnow
+from service.settings import Settings
+
+log = logging.getLogger("upt.recovery")
+
+
+def requeue_lost_messages(settings: Settings) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
+    sent = []
+    with session_scope() as session:
+        rows = session.execute(
+            select(Task.id, Task.enqueued_at).where(Task.status == TaskStatus.queued.value,
+                                                    Task.enqueued_at < cutoff)
+        ).all()
+        for task_id, enqueued_at in rows:
+            claimed = session.execute(
+                update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value,
+                                   Task.enqueued_at == enqueued_at).values(enqueued_at=utcnow())
+            ).rowcount
+            if claimed:
+                sent.append(task_id)
+    for task_id in sent:
+        log.info("re-sending task %s: queued for over %.0fs", task_id, settings.requeue_after_s)
+        enqueue(task_id)
+    return sent
+
+
+def recover_dead_workers(settings: Settings) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
+    requeued = []
+    with session_scope() as session:
+        stale = session.scalars(
+            select(Task).where(Task.status.in_([TaskStatus.running.value, TaskStatus.cancelling.value]),
+                               Task.heartbeat_at < cutoff)
+        ).all()
+        for task in stale:
+            values = _after_worker_loss(task, settings)
+            changed = session.execute(
+                update(Task).where(Task.id == task.id, Task.lease == task.lease, Task.status == task.status)
+                .values(**values)
+            ).rowcount
+            if changed:
+                log.warning("task %s lost its worker (attempt %d): now %s", task.id, task.attempts, values["status"])
+                if values["status"] == TaskStatus.queued.value:
+                    requeued.append(task.id)
+    for task_id in requeued:
+        enqueue(task_id)
+    return requeued
+
+
+def _after_worker_loss(task: Task, settings: Settings) -> dict:
+    now = utcnow()
+    if task.status == TaskStatus.cancelling.value:
+        return {"status": TaskStatus.cancelled.value, "lease": None, "finished_at": now}
+    if task.attempts >= settings.max_attempts:
+        return {"status": TaskStatus.failed.value, "lease": None, "finished_at": now,
+                "error": f"The worker stopped responding {task.attempts} times (no heartbeat for "
+                         f"{settings.heartbeat_timeout_s:.0f}s); giving up after UPT_MAX_ATTEMPTS="
+                         f"{settings.max_attempts}."}
+    return {"status": TaskStatus.queued.value, "lease": None, "enqueued_at": now}
+
+
+def sweep(settings: Settings) -> None:
+    recover_dead_workers(settings)
+    requeue_lost_messages(settings)
+
+
+class Sweeper(threading.Thread):
+    """Runs `sweep` every UPT_SWEEP_INTERVAL_S in the background until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="upt-sweeper", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sweep(self.settings)
+            except Exception:  # a database hiccup must not end recovery for good
+                log.exception("sweep failed; retrying in %.0fs", self.settings.sweep_interval_s)
+            if self.stopped.wait(self.settings.sweep_interval_s):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()

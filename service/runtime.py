@@ -1,0 +1,115 @@
+"""The API process's frozen backbone and its predictors, loaded once and cached.
+
+The backbone loads once per process (seconds to minutes for a real CLIP). A failure to load is kept
+for a short while so /readyz and /classify answer fast instead of retrying a download on every call.
+Tuned predictors (one per artifact) and zero-shot predictors (one per class list) sit in bounded
+LRU caches: building one costs a text-encoder pass, serving from one only an image-encoder pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+from service.errors import Problem
+from service.settings import Settings
+
+FAILURE_TTL_S = 30.0
+
+
+class LruCache:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_create(self, key: Hashable, create: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = create()  # outside the lock: building a predictor must not block cached hits
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._backbone = None
+        self._failure: tuple[float, str] | None = None
+        self._lock = threading.Lock()
+        self.tuned = LruCache(settings.artifact_cache_size)
+        self.zero_shot = LruCache(settings.artifact_cache_size)
+
+    def backbone(self):
+        """The loaded backbone, or a 503 problem that says how to configure one."""
+        from upt.backbone import load_backbone
+        from upt.errors import UptError
+
+        if self._backbone is not None:
+            return self._backbone
+        with self._lock:
+            if self._backbone is not None:
+                return self._backbone
+            if self._failure and time.monotonic() - self._failure[0] < FAILURE_TTL_S:
+                raise self._unavailable(self._failure[1])
+            try:
+                self._backbone = load_backbone(self.settings.model, self.settings.pretrained, self.settings.device)
+            except UptError as error:
+                self._failure = (time.monotonic(), str(error))
+                raise self._unavailable(str(error))
+            self._failure = None
+            return self._backbone
+
+    def backbone_status(self) -> tuple[bool, str]:
+        try:
+            backbone = self.backbone()
+        except Problem as problem:
+            return False, problem.detail
+        return True, f"{backbone.name} ({backbone.pretrained}) on {backbone.device}"
+
+    def _unavailable(self, reason: str) -> Problem:
+        return Problem(
+            503, "Backbone unavailable",
+            f"The backbone {self.settings.model!r} with {self.settings.pretrained!r} cannot be loaded: {reason} "
+            "Set UPT_MODEL and UPT_PRETRAINED (an open_clip model name and a pretrained tag or a local "
+            "checkpoint file), then restart the service.",
+            type="backbone-unavailable",
+        )
+
+    def tuned_predictor(self, task_id: str, artifact_dir: Path):
+        from upt.errors import ArtifactError, BackboneMismatchError
+        from upt.predict import Predictor
+
+        backbone = self.backbone()
+
+        def build():
+            try:
+                return Predictor.from_artifact(backbone, artifact_dir)
+            except BackboneMismatchError as error:
+                raise Problem(409, "Backbone mismatch", f"{error} The service runs {backbone.name} "
+                              f"({backbone.pretrained}); classify with the backbone the task was trained on.",
+                              type="backbone-mismatch")
+            except ArtifactError as error:
+                raise Problem(409, "Artifact unusable", str(error), type="artifact-unusable")
+
+        return self.tuned.get_or_create(task_id, build)
+
+    def zero_shot_predictor(self, class_names: list[str]):
+        from upt.predict import Predictor
+
+        backbone = self.backbone()
+        return self.zero_shot.get_or_create(tuple(class_names), lambda: Predictor.zero_shot(backbone, class_names))

@@ -1,0 +1,97 @@
+"""Response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.models import Task, TaskEvent, as_utc
+
+
+class TaskOut(BaseModel):
+    id: str
+    status: str
+    method: str
+    class_names: list[str]
+    num_images: int
+    config: dict[str, Any]
+    model: str
+    pretrained: str
+    progress: float
+    epoch: int | None
+    epochs: int | None
+    loss: float | None
+    accuracy: float | None
+    eta_s: float | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, task: Task) -> "TaskOut":
+        base = f"/tasks/{task.id}"
+        links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
+        if task.status == "succeeded":
+            links["artifact"] = f"{base}/artifact"
+        return cls(
+            id=task.id, status=task.status, method=task.method, class_names=task.class_names,
+            num_images=task.num_images, config=task.config, model=task.model, pretrained=task.pretrained,
+            progress=task.progress, epoch=task.epoch, epochs=task.epochs, loss=task.loss,
+            accuracy=task.accuracy, eta_s=task.eta_s, metrics=task.metrics, error=task.error,
+            attempts=task.attempts, created_at=as_utc(task.created_at), updated_at=as_utc(task.updated_at),
+            started_at=as_utc(task.started_at), finished_at=as_utc(task.finished_at), links=links,
+        )
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    epoch: int
+    attempt: int
+    created_at: datetime
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: TaskEvent) -> "EventOut":
+        return cls(epoch=event.epoch, attempt=event.attempt, created_at=as_utc(event.created_at), data=event.data)
+
+
+class EventPage(BaseModel):
+    task_id: str
+    items: list[EventOut]
+
+
+class Label(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    filename: str
+    labels: list[Label]
+
+
+class ClassifyOut(BaseModel):
+    task_id: str | None
+    class_names: list[str]
+    predictions: list[ImagePrediction]
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    checks: dict[str, CheckOut]

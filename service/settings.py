@@ -1,0 +1,123 @@
+"""Service settings: every knob comes from `UPT_*` environment variables or a `.env` file.
+
+One `Settings` class serves the API, the worker and the CLI so that embedded and production mode
+differ only in URLs. Derived values (database and broker URLs in local mode) are properties, so the
+defaults stay visible in one place and the README table can quote them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UPT_", env_file=".env", extra="ignore")
+
+    # Backbone (frozen CLIP). A pretrained tag of open_clip or a local checkpoint file.
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    device: str | None = None
+
+    # Where things live. Empty URLs mean "local mode": SQLite and a filesystem broker in data_dir.
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    broker_url: str = ""
+    queue: str = "upt"
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: keys are required unless the API is bound to a loopback address only.
+    require_api_keys: bool | None = None
+    # None: run `alembic upgrade head` at start-up for SQLite (local mode) only.
+    auto_migrate: bool | None = None
+    preload_backbone: bool = True
+
+    # Upload limits, enforced while the request body streams in.
+    max_files: int = Field(2000, ge=1)
+    max_file_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_classes: int = Field(1000, ge=2)
+    max_classify_files: int = Field(64, ge=1)
+    max_epochs: int = Field(500, ge=1)
+
+    # Serving
+    artifact_cache_size: int = Field(8, ge=1)
+    max_top_k: int = Field(100, ge=1)
+
+    # Dependability: heartbeats, re-enqueueing of lost messages, bounded retries.
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    requeue_after_s: float = Field(120.0, gt=0)
+    sweep_interval_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    task_time_limit_s: int = Field(6 * 3600, ge=10)
+    worker_concurrency: int = Field(1, ge=1)
+
+    log_level: str = "info"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'upt.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        # Redis redelivers an unacked message after this; it must outlast the longest task, or a
+        # healthy long training would be handed to a second worker.
+        return self.task_time_limit_s + 3600
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def api_keys_required(self) -> bool:
+        if self.require_api_keys is None:
+            return not self.binds_loopback_only
+        return self.require_api_keys
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    def check(self) -> None:
+        """Refuse configurations that would be unsafe, with a message that says what to change."""
+        if not self.api_keys_required and not self.binds_loopback_only:
+            raise ValueError(
+                f"UPT_REQUIRE_API_KEYS=false is only allowed when UPT_HOST is a loopback address "
+                f"(it is {self.host!r}); create keys with `upt keys create --tenant NAME` instead."
+            )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

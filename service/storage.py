@@ -1,0 +1,59 @@
+"""Local storage of uploads, checkpoints and artifacts: one folder per task.
+
+    <UPT_DATA_DIR>/storage/tasks/<task id>/data/<class index>/<n>.png   uploaded images (re-encoded)
+    <UPT_DATA_DIR>/storage/tasks/<task id>/checkpoint/                   epoch checkpoints (resume)
+    <UPT_DATA_DIR>/storage/tasks/<task id>/artifact/                     adapter_config.json + prompts
+
+In production the storage folder is a volume shared by the API replicas and the workers.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+from service.settings import Settings
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Storage":
+        return cls(settings.storage_dir.resolve())
+
+    def task_dir(self, task_id: str) -> Path:
+        if not task_id.isalnum():  # ids are uuid hex; never let one escape the folder
+            raise ValueError(f"bad task id {task_id!r}")
+        return self.root / "tasks" / task_id
+
+    def data_dir(self, task_id: str) -> Path:
+        return self.task_dir(task_id) / "data"
+
+    def checkpoint_dir(self, task_id: str) -> Path:
+        return self.task_dir(task_id) / "checkpoint"
+
+    def artifact_dir(self, task_id: str) -> Path:
+        return self.task_dir(task_id) / "artifact"
+
+    def has_artifact(self, task_id: str) -> bool:
+        return (self.artifact_dir(task_id) / "adapter_config.json").is_file()
+
+    def delete_task(self, task_id: str) -> None:
+        shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
+
+    def delete_checkpoints(self, task_id: str) -> None:
+        shutil.rmtree(self.checkpoint_dir(task_id), ignore_errors=True)
+
+    def artifact_zip(self, task_id: str) -> bytes:
+        """The artifact folder as a zip (a few hundred KB: prompts and a classifier matrix)."""
+        buffer = io.BytesIO()
+        folder = self.artifact_dir(task_id)
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, Path(task_id) / path.relative_to(folder))
+        return buffer.getvalue()

@@ -1,0 +1,184 @@
+"""Turn a parsed `POST /tasks` form into a validated training configuration and a data folder.
+
+Everything a client can get wrong is checked here, before a task row exists, and reported as a 4xx
+naming the field: class names, labels, images, archive layout, method and hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from service.errors import Problem, invalid
+from service.settings import Settings
+from service.uploads import ParsedForm, UploadedFile, open_image, too_large
+
+# Optional numeric options of POST /tasks and their types; TrainConfig.validate() checks ranges.
+INT_OPTIONS = ("shots", "epochs", "seed", "n_ctx", "depth", "batch_size")
+FLOAT_OPTIONS = ("lr",)
+TEXT_OPTIONS = ("ctx_init",)
+
+
+@dataclass
+class TaskSpec:
+    class_names: list[str]
+    config: Any  # upt.training.TrainConfig
+    images: list[tuple[str, str, bytes | UploadedFile]]  # (class name, source name, content)
+
+
+def parse_config(form: ParsedForm, settings: Settings):
+    from upt.errors import ConfigError
+    from upt.methods import METHODS
+    from upt.training import TrainConfig
+
+    method = form.one("method")
+    if method is None:
+        raise invalid("method", f"choose one of {', '.join(METHODS)}.")
+    if method not in METHODS:
+        raise invalid("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    options: dict[str, Any] = {"method": method}
+    for name in INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS:
+        raw = form.one(name)
+        if raw is None:
+            continue
+        try:
+            options[name] = int(raw) if name in INT_OPTIONS else float(raw) if name in FLOAT_OPTIONS else raw
+        except ValueError:
+            kind = "a whole number" if name in INT_OPTIONS else "a number"
+            raise invalid(name, f"must be {kind}, got {raw!r}.")
+    if options.get("epochs") is not None and options["epochs"] > settings.max_epochs:
+        raise invalid("epochs", f"at most {settings.max_epochs} (UPT_MAX_EPOCHS).")
+    try:
+        config = TrainConfig(**options)
+        config.validate()
+    except (ConfigError, TypeError, ValueError) as error:
+        field = next((n for n in ("method",) + INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS if n in str(error)),
+                     "config")
+        raise invalid(field, str(error))
+    return config
+
+
+def check_class_names(names: list[str], settings: Settings) -> list[str]:
+    names = [n.strip() for n in names]
+    if any(not n for n in names):
+        raise invalid("class_names", "a class name is empty.")
+    for name in names:
+        # Class names become folder names in the task's data folder.
+        if name in (".", "..") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200:
+            raise invalid("class_names", f"{name!r} cannot be used: no slashes, control characters, "
+                          "'.' or '..', at most 200 characters.")
+    seen: dict[str, str] = {}
+    for name in names:
+        if name.casefold() in seen:
+            raise invalid("class_names", f"{name!r} is given twice (class names are compared ignoring case).")
+        seen[name.casefold()] = name
+    if len(names) < 2:
+        raise invalid("class_names", "give at least two classes.")
+    if len(names) > settings.max_classes:
+        raise invalid("class_names", f"at most {settings.max_classes} classes (UPT_MAX_CLASSES).")
+    return names
+
+
+def _labelled_files(form: ParsedForm, class_names: list[str]) -> list[tuple[str, str, UploadedFile]]:
+    files, labels = form.files_of("files"), [label.strip() for label in form.many("labels")]
+    if len(labels) != len(files):
+        raise invalid("labels", f"give one label per file, in the same order: {len(files)} files, "
+                      f"{len(labels)} labels.")
+    known = set(class_names)
+    for index, label in enumerate(labels):
+        if label not in known:
+            raise invalid("labels", f"label {label!r} of file {index + 1} ({files[index].filename}) names "
+                          f"no class; classes are {', '.join(class_names)}.")
+    return [(label, f.filename, f) for label, f in zip(labels, files)]
+
+
+def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple[str, str, bytes]]:
+    """(folder, member name, bytes) per image of a zip of class folders, with bounded reads."""
+    try:
+        archive = zipfile.ZipFile(upload.path)
+    except (zipfile.BadZipFile, OSError):
+        raise invalid("archive", f"{upload.filename} is not a zip file.")
+    with archive:
+        infos = [i for i in archive.infolist() if not i.is_dir() and not _hidden(i.filename)]
+        if len(infos) > settings.max_files:
+            raise too_large(f"The archive holds {len(infos)} files; at most {settings.max_files} (UPT_MAX_FILES).")
+        if sum(i.file_size for i in infos) > settings.max_upload_bytes:
+            raise too_large(f"The archive unpacks to more than {settings.max_upload_bytes} bytes.")
+        paths = [PurePosixPath(i.filename).parts for i in infos]
+        # Accept "class/img.png" and a single wrapping folder "root/class/img.png".
+        strip = 1 if paths and all(len(p) == 3 for p in paths) and len({p[0] for p in paths}) == 1 else 0
+        for info, parts in zip(infos, paths):
+            parts = parts[strip:]
+            if len(parts) != 2:
+                raise invalid("archive", f"{info.filename} is not inside a class folder; lay the zip out as "
+                              "<class name>/<image>.")
+            if info.file_size > settings.max_file_bytes:
+                raise too_large(f"{info.filename} is larger than {settings.max_file_bytes} bytes.")
+            try:
+                with archive.open(info) as member:
+                    data = member.read(settings.max_file_bytes + 1)  # sizes in the header can lie
+            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as error:
+                raise invalid("archive", f"{info.filename} cannot be extracted ({error}).")
+            if len(data) > settings.max_file_bytes:
+                raise too_large(f"{info.filename} is larger than {settings.max_file_bytes} bytes.")
+            yield parts[0], info.filename, data
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
+
+
+def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
+    config = parse_config(form, settings)
+    archives, files = form.files_of("archive"), form.files_of("files")
+    if archives and files:
+        raise invalid("archive", "send either `files` with `labels` or one `archive`, not both.")
+    if len(archives) > 1:
+        raise invalid("archive", "send one archive.")
+    given = form.many("class_names")
+    if archives:
+        members = list(_archive_members(archives[0], settings))
+        folders = sorted({folder for folder, _, _ in members})
+        class_names = check_class_names(given or folders, settings)
+        known = set(class_names)
+        for folder, name, _ in members:
+            if folder.strip() not in known:
+                raise invalid("archive", f"folder {folder!r} ({name}) names no class; classes are "
+                              f"{', '.join(class_names)}.")
+        images = [(folder.strip(), name, data) for folder, name, data in members]
+    else:
+        if not files:
+            raise invalid("files", "upload images as `files` (with `labels`) or one zip as `archive`.")
+        if not given:
+            raise invalid("class_names", "give the class names (one `class_names` field per class).")
+        class_names = check_class_names(given, settings)
+        images = _labelled_files(form, class_names)
+    counts = {name: 0 for name in class_names}
+    for label, _, _ in images:
+        counts[label] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise invalid("files", f"class {empty[0]!r} has no images; every class needs at least one.")
+    return TaskSpec(class_names, config, images)
+
+
+def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
+    """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout."""
+    counters: dict[str, int] = {}
+    for label, name, content in spec.images:
+        data = content.path.read_bytes() if isinstance(content, UploadedFile) else content
+        field = "files" if isinstance(content, UploadedFile) else "archive"
+        image = open_image(data, name, field, settings.max_image_pixels)
+        folder = data_dir / label
+        folder.mkdir(parents=True, exist_ok=True)
+        counters[label] = counters.get(label, 0) + 1
+        image.save(folder / f"{counters[label]:05d}.png", format="PNG")
+
+
+def config_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,201 @@
+"""Streaming multipart parsing with limits, and image validation.
+
+Limits are enforced while the body streams in (count, per-file size, total size), so an oversized
+upload is refused after reading at most one limit's worth of bytes, never spooled whole first.
+Images are checked by size *before* decoding (decompression bombs), then fully decoded (truncated
+files) and re-encoded as PNG, so the worker only ever reads images known to be good.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import python_multipart
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+
+from service.errors import Problem, invalid
+
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 20_000
+
+
+@dataclass
+class UploadedFile:
+    field: str
+    filename: str
+    path: Path
+    size: int = 0
+
+
+@dataclass
+class ParsedForm:
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    files: list[UploadedFile] = field(default_factory=list)
+
+    def one(self, name: str) -> str | None:
+        values = [v for v in self.fields.get(name, []) if v.strip() != ""]
+        if len(values) > 1:
+            raise invalid(name, "give this field once.")
+        return values[0].strip() if values else None
+
+    def many(self, name: str) -> list[str]:
+        return self.fields.get(name, [])
+
+    def files_of(self, name: str) -> list[UploadedFile]:
+        return [f for f in self.files if f.field == name]
+
+
+def too_large(detail: str) -> Problem:
+    return Problem(413, "Upload too large", detail, type="upload-too-large")
+
+
+class _FormCollector:
+    """python-multipart callbacks that write file parts straight to disk, checking limits."""
+
+    def __init__(self, folder: Path, max_files: int, max_file_bytes: int) -> None:
+        self.folder = folder
+        self.max_files = max_files
+        self.max_file_bytes = max_file_bytes
+        self.form = ParsedForm()
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._field: str | None = None
+        self._data = bytearray()
+        self._file: UploadedFile | None = None
+        self._handle = None
+        self._field_count = 0
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": lambda d, s, e: setattr(self, "_header_name", self._header_name + d[s:e]),
+            "on_header_value": lambda d, s, e: setattr(self, "_header_value", self._header_value + d[s:e]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+        }
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._data, self._file = b"", bytearray(), None
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name, self._header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise Problem(400, "Bad request", "A multipart part has no field name.", type="bad-multipart")
+        self._field = options[b"name"].decode("utf-8", "replace")
+        if b"filename" not in options:
+            self._field_count += 1
+            if self._field_count > MAX_FIELDS:
+                raise Problem(400, "Bad request", f"More than {MAX_FIELDS} form fields.", type="bad-multipart")
+            return
+        if len(self.form.files) >= self.max_files:
+            raise too_large(f"Too many files: at most {self.max_files} per request (UPT_MAX_FILES).")
+        index = len(self.form.files)
+        self._file = UploadedFile(self._field, options[b"filename"].decode("utf-8", "replace"),
+                                  self.folder / f"{index:06d}.upload")
+        self._handle = open(self._file.path, "wb")
+        self.form.files.append(self._file)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._file is None:
+            if len(self._data) + len(chunk) > MAX_FIELD_BYTES:
+                raise invalid(self._field or "form", f"a form field is longer than {MAX_FIELD_BYTES} bytes.")
+            self._data.extend(chunk)
+            return
+        self._file.size += len(chunk)
+        if self._file.size > self.max_file_bytes:
+            raise too_large(f"File {self._file.filename!r} is larger than {self.max_file_bytes} bytes "
+                            "(UPT_MAX_FILE_BYTES).")
+        self._handle.write(chunk)
+
+    def on_part_end(self) -> None:
+        if self._file is None:
+            self.form.fields.setdefault(self._field or "", []).append(self._data.decode("utf-8", "replace"))
+        else:
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+async def parse_form(request: Request, folder: Path, *, max_files: int, max_file_bytes: int,
+                     max_total_bytes: int) -> ParsedForm:
+    """Parse a multipart/form-data body into fields and files written under `folder`."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise Problem(415, "Unsupported media type", "Send the request as multipart/form-data.",
+                      type="unsupported-media-type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_total_bytes:
+        raise too_large(f"The request is larger than {max_total_bytes} bytes (UPT_MAX_UPLOAD_BYTES).")
+    folder.mkdir(parents=True, exist_ok=True)
+    collector = _FormCollector(folder, max_files, max_file_bytes)
+    parser = python_multipart.MultipartParser(params[b"boundary"], collector.callbacks())
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_total_bytes:
+                raise too_large(f"The request is larger than {max_total_bytes} bytes (UPT_MAX_UPLOAD_BYTES).")
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as error:
+        raise Problem(400, "Bad request", f"The multipart body is malformed: {error}", type="bad-multipart")
+    finally:
+        collector.close()
+    return collector.form
+
+
+def open_image(data: bytes, name: str, field_name: str, max_pixels: int) -> Image.Image:
+    """Decode one upload into an RGB image, or a 4xx that names the file and the problem."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise invalid(field_name, f"{name} is not an image Pillow can read (PNG, JPEG, WebP, ...).")
+    width, height = image.size
+    # Checked on the header's size, before any pixel is decoded.
+    if width * height > max_pixels:
+        raise too_large(f"{name}: {width}x{height} pixels is more than {max_pixels} (UPT_MAX_IMAGE_PIXELS).")
+    if width < 1 or height < 1:
+        raise invalid(field_name, f"{name} has no pixels.")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise invalid(field_name, f"{name} is truncated or corrupt; upload the whole file again.")
+
+
+def configure_pillow(max_pixels: int) -> None:
+    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; our own check above is the
+    # strict one, this is the backstop for any other code path that opens an image.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def scratch_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+
+def remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Celery worker: trains a task's prompts with the backbone frozen (see worker.tasks)."""
