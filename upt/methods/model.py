@@ -85,9 +85,9 @@ class PromptedCLIP(nn.Module):
         was_training = self.training
         self.eval()
         prompts = self.generate()
-        resolved = {"classifier": self.classifier(prompts).float().contiguous()}
+        resolved = {"classifier": self.classifier(prompts).float().clone()}
         if prompts.visual is not None:
-            resolved["visual_prompts"] = prompts.visual.float().contiguous()
+            resolved["visual_prompts"] = prompts.visual.float().clone()  # not a view of a parameter
         self.train(was_training)
         return resolved
 

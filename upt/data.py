@@ -1,0 +1,125 @@
+"""Image folders, few-shot sampling and the paper's train/test transforms."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+from .backbone import ImageSpec
+from .errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_VALIDATION_PER_CLASS = 4
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """`root/<class name>/<image>`; classes are the sorted folder names unless given."""
+
+    root: Path
+    class_names: list[str]
+    samples: list[LabelledImage]
+
+    def by_class(self) -> list[list[LabelledImage]]:
+        groups: list[list[LabelledImage]] = [[] for _ in self.class_names]
+        for sample in self.samples:
+            groups[sample.label].append(sample)
+        return groups
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    train: list[LabelledImage]
+    val: list[LabelledImage]
+
+
+def scan_image_folder(root: str | Path, class_names: list[str] | None = None) -> ImageFolder:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; expected {root}/<class name>/<image> (ImageFolder layout).")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = list(class_names) if class_names is not None else folders
+    if len(names) < 2:
+        raise DataError(f"{root} holds {len(names)} class folder(s); at least two classes are needed.")
+    missing = [name for name in names if name not in folders]
+    if missing:
+        raise DataError(f"No folder for class(es) {', '.join(missing)} under {root}.")
+    samples = []
+    for label, name in enumerate(names):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"Class {name!r} has no images in {root / name} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        samples.extend(LabelledImage(path, label) for path in files)
+    return ImageFolder(root, names, samples)
+
+
+def sample_few_shot(folder: ImageFolder, shots: int | None, seed: int) -> FewShotSplit:
+    """K images per class for training and min(K, 4) more for validation, drawn with `seed`.
+
+    Validation never takes more than half of a class, so a class with few images still trains; a
+    class of one image has no validation image. `shots=None` trains on everything not held out.
+    """
+    rng = random.Random(seed)
+    train: list[LabelledImage] = []
+    val: list[LabelledImage] = []
+    for group in folder.by_class():
+        group = list(group)
+        rng.shuffle(group)
+        k = shots if shots is not None else len(group)
+        n_val = min(k, MAX_VALIDATION_PER_CLASS, len(group) // 2)
+        n_train = min(k, len(group) - n_val)
+        train.extend(group[:n_train])
+        val.extend(group[n_train: n_train + n_val])
+    return FewShotSplit(train, val)
+
+
+def train_transform(spec: ImageSpec) -> T.Compose:
+    """The paper's augmentation: random resized crop (scale 0.08-1), horizontal flip, CLIP normalisation."""
+    return T.Compose([
+        T.RandomResizedCrop(spec.size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def eval_transform(spec: ImageSpec) -> T.Compose:
+    """Shorter side resized to the input size (bicubic), centre crop: CLIP's test transform."""
+    return T.Compose([
+        T.Resize(spec.size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(spec.size),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise DataError(f"Cannot read image {path}: {error}") from error
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[LabelledImage], transform: T.Compose):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return self.transform(open_image(sample.path)), sample.label

@@ -1,0 +1,87 @@
+"""Serving: a cached classifier W and the visual prompts; one image-encoder pass per batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from PIL import Image
+
+from .artifact import Artifact, load_artifact
+from .backbone import Backbone
+from .data import LabelledImage, eval_transform, open_image
+from .encoders import encode_image
+from .methods.config import DEFAULT_TEMPLATE
+from .methods.model import template_classifier
+from .metrics import classification_report
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "probability": self.probability}
+
+
+class Predictor:
+    """Classifies images into `class_names` with a fixed classifier and optional visual prompts."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_names: list[str],
+        classifier: torch.Tensor,
+        visual_prompts: torch.Tensor | None = None,
+        artifact: Artifact | None = None,
+    ):
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.classifier = classifier.to(backbone.device)
+        self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
+        self.artifact = artifact
+        self.transform = eval_transform(backbone.image)
+
+    @classmethod
+    def from_artifact(cls, backbone: Backbone, path: str | Path) -> "Predictor":
+        artifact = load_artifact(path)
+        artifact.check_backbone(backbone)
+        return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts, artifact)
+
+    @classmethod
+    def zero_shot(cls, backbone: Backbone, class_names: list[str],
+                  templates: Iterable[str] = (DEFAULT_TEMPLATE,)) -> "Predictor":
+        return cls(backbone, class_names, template_classifier(backbone, list(class_names), tuple(templates)))
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        features = encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True)
+        return self.backbone.logit_scale * features @ self.classifier.T
+
+    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
+        if not images:
+            return []
+        probabilities = self.logits(self.preprocess(images)).softmax(dim=-1).cpu()
+        values, indices = probabilities.topk(min(top_k, len(self.class_names)), dim=-1)
+        return [
+            [Prediction(self.class_names[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]
+            for row_p, row_i in zip(values, indices)
+        ]
+
+    def evaluate(self, samples: list[LabelledImage], batch_size: int = 64) -> dict[str, Any]:
+        """Accuracy, per-class accuracy and confusion matrix over labelled images."""
+        predicted, truth = [], []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start: start + batch_size]
+            batch = self.preprocess([open_image(sample.path) for sample in chunk])
+            predicted.append(self.logits(batch).argmax(dim=-1).cpu())
+            truth.append(torch.tensor([sample.label for sample in chunk]))
+        if not predicted:
+            return classification_report(torch.empty(0), torch.empty(0), self.class_names)
+        return classification_report(torch.cat(predicted), torch.cat(truth), self.class_names)

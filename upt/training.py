@@ -1,0 +1,318 @@
+"""The training loop of the paper's protocol (CoOp's): SGD, one constant warm-up epoch, cosine decay.
+
+Everything random is seeded per epoch from (seed, epoch), so a run resumed from an epoch checkpoint
+draws the same crops, flips, batches and dropout masks as one that never stopped, and ends with the
+same artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .artifact import save_artifact
+from .backbone import Backbone
+from .data import FewShotSplit, ImageDataset, sample_few_shot, scan_image_folder, train_transform
+from .errors import ConfigError, DataError, TrainingCancelled
+from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
+from .methods.config import DEFAULT_TEMPLATE
+from .predict import Predictor
+
+CHECKPOINT_FILE = "last.pt"
+
+
+def epochs_for_shots(shots: int | None) -> int:
+    """The paper's schedule: 1 shot → 50 epochs, 2 and 4 → 100, 8 and more → 200."""
+    if shots is not None and shots <= 1:
+        return 50
+    if shots is not None and shots <= 4:
+        return 100
+    return 200
+
+
+@dataclass
+class TrainConfig:
+    """All options of one training run; defaults are the paper's."""
+
+    method: str
+    shots: int | None = None
+    seed: int = 1
+    epochs: int | None = None
+    n_ctx: int = 4
+    depth: int | None = None
+    ctx_init: str | None = None
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    dropout: float = 0.1
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.templates = tuple(self.templates)
+
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(self.method, self.n_ctx, self.depth, self.ctx_init, self.templates, self.dropout)
+
+    def validate(self) -> "TrainConfig":
+        self.prompt_config()  # raises ConfigError for a bad method or prompt option
+        checks = [
+            (self.shots is None or self.shots >= 1, f"shots must be at least 1, not {self.shots}"),
+            (self.epochs is None or 0 <= self.epochs <= 10_000, f"epochs must be between 0 and 10000, not {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be non-negative, not {self.weight_decay}"),
+            (1 <= self.batch_size <= 4096, f"batch_size must be between 1 and 4096, not {self.batch_size}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be non-negative, not {self.warmup_epochs}"),
+            (self.warmup_lr > 0, f"warmup_lr must be positive, not {self.warmup_lr}"),
+            (self.class_names is None or len(set(self.class_names)) == len(self.class_names), "class names must be unique"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message + ".")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        if self.method == ZERO_SHOT:
+            return 0
+        return self.epochs if self.epochs is not None else epochs_for_shots(self.shots)
+
+    def lr_at(self, epoch: int) -> float:
+        """Constant warm-up, then cosine over all epochs (Dassl's schedule, stepped per epoch)."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.total_epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["templates"] = list(self.templates)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"Unknown training options: {', '.join(sorted(unknown))}.")
+        return cls(**data)
+
+
+@dataclass
+class StepReport:
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    accuracy: float
+    progress: float
+    eta_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based: the number of epochs completed
+    epochs: int
+    loss: float
+    accuracy: float
+    lr: float
+    elapsed_s: float
+    eta_s: float | None
+    progress: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainCallbacks:
+    """Hooks into training; subclass and override what you need (all default to doing nothing)."""
+
+    def on_step(self, report: StepReport) -> None:
+        pass
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        """Checked before every step: return True to cancel (TrainingCancelled is raised)."""
+        return False
+
+
+@dataclass
+class TrainResult:
+    artifact_dir: Path
+    metrics: dict[str, Any]
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(
+    backbone: Backbone,
+    data_dir: str | Path,
+    config: TrainConfig,
+    out_dir: str | Path,
+    callbacks: TrainCallbacks | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train `config.method` on the few-shot split of `data_dir` and write the artifact to `out_dir`."""
+    config.validate()
+    callbacks = callbacks or TrainCallbacks()
+    folder = scan_image_folder(data_dir, config.class_names)
+    split = sample_few_shot(folder, config.shots, config.seed)
+    _seed_everything(config.seed, -1)  # prompt initialisation
+    model = PromptedCLIP(backbone, folder.class_names, config.prompt_config())
+    history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
+    exported = model.export()
+    predictor = Predictor(backbone, folder.class_names, exported["classifier"], exported.get("visual_prompts"))
+    metrics = _final_metrics(predictor, split, model, history)
+    tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
+    options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(), "metrics": metrics}
+    out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=folder.class_names,
+                        tensors=tensors, options=options)
+    return TrainResult(out, metrics, config, history)
+
+
+def _final_metrics(predictor: Predictor, split: FewShotSplit, model: PromptedCLIP, history: list) -> dict[str, Any]:
+    report = predictor.evaluate(split.val)
+    return {
+        "val_accuracy": report["accuracy"],
+        "val_count": report["count"],
+        "per_class_accuracy": report["per_class_accuracy"],
+        "confusion_matrix": report["confusion_matrix"],
+        "class_names": report["class_names"],
+        "train_count": len(split.train),
+        "trainable_parameters": model.trainable_parameters(),
+        "epochs": len(history),
+        "final_loss": history[-1]["loss"] if history else None,
+        "final_train_accuracy": history[-1]["accuracy"] if history else None,
+    }
+
+
+def _seed_everything(seed: int, epoch: int) -> torch.Generator:
+    derived = (seed * 1_000_003 + epoch + 1) % (2**31)
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    return torch.Generator().manual_seed(derived)
+
+
+class _Loop:
+    """One training run: optimiser, schedule, epoch checkpoints and progress reports."""
+
+    def __init__(self, model: PromptedCLIP, split: FewShotSplit, config: TrainConfig,
+                 callbacks: TrainCallbacks, checkpoint_dir: str | Path | None):
+        if not split.train:
+            raise DataError("No training images after the few-shot split.")
+        self.model = model
+        self.split = split
+        self.config = config
+        self.callbacks = callbacks
+        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        self.device = model.backbone.device
+        self.amp = self.device.type == "cuda"  # float16 autocast on GPU, float32 on CPU
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay) if params else None
+        self.dataset = ImageDataset(split.train, train_transform(model.backbone.image))
+        batch = min(config.batch_size, len(self.dataset))
+        self.drop_last = len(self.dataset) >= config.batch_size  # as Dassl: keep a lone short batch
+        self.steps_per_epoch = len(self.dataset) // batch if self.drop_last else math.ceil(len(self.dataset) / batch)
+        self.batch = batch
+
+    def run(self) -> list[dict[str, Any]]:
+        epochs = self.config.total_epochs
+        start, history = self._resume()
+        self.started = time.monotonic()
+        self.steps_done_here = 0
+        self.total_steps = epochs * self.steps_per_epoch
+        self.first_step = start * self.steps_per_epoch
+        for epoch in range(start, epochs):
+            history.append(self._epoch(epoch, epochs))
+            self._save(epoch + 1, history)
+        self.model.eval()
+        return history
+
+    def _epoch(self, epoch: int, epochs: int) -> dict[str, Any]:
+        lr = self.config.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        generator = _seed_everything(self.config.seed, epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch, shuffle=True, drop_last=self.drop_last,
+                            generator=generator, num_workers=0)
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, (images, labels) in enumerate(loader):
+            if self.callbacks.should_stop():
+                raise TrainingCancelled(f"Training cancelled during epoch {epoch + 1} of {epochs}.")
+            loss, hits = self._step(images.to(self.device), labels.to(self.device))
+            loss_sum, correct, seen = loss_sum + loss * len(labels), correct + hits, seen + len(labels)
+            self.steps_done_here += 1
+            done = self.first_step + self.steps_done_here
+            self.callbacks.on_step(StepReport(epoch + 1, epochs, step + 1, self.steps_per_epoch, loss,
+                                              hits / len(labels), done / self.total_steps, self._eta(done)))
+        done = self.first_step + self.steps_done_here
+        report = EpochReport(epoch + 1, epochs, loss_sum / seen, correct / seen, lr,
+                             time.monotonic() - self.started, self._eta(done), done / self.total_steps)
+        self.callbacks.on_epoch_end(report)
+        return report.as_dict()
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), int((logits.argmax(dim=-1) == labels).sum())
+
+    def _eta(self, done: int) -> float | None:
+        if not self.steps_done_here:
+            return None
+        per_step = (time.monotonic() - self.started) / self.steps_done_here
+        return per_step * (self.total_steps - done)
+
+    def _save(self, epochs_done: int, history: list[dict[str, Any]]) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "epochs_done": epochs_done,
+            "history": history,
+            "config": self.config.to_dict(),
+            "prompts": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)  # a crash mid-write keeps the previous epoch's checkpoint
+
+    def _resume(self) -> tuple[int, list[dict[str, Any]]]:
+        if self.checkpoint is None or not self.checkpoint.is_file() or self.optimizer is None:
+            return 0, []
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        if state["config"] != self.config.to_dict():
+            raise ConfigError(f"{self.checkpoint} belongs to a run with other options; remove it to start afresh.")
+        self.model.load_state_dict(state["prompts"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        return state["epochs_done"], list(state["history"])
