@@ -69,9 +69,9 @@ def check_class_names(names: list[str], settings: Settings) -> list[str]:
         raise invalid("class_names", "a class name is empty.")
     for name in names:
         # Class names become folder names in the task's data folder.
-        if name in (".", "..") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200:
-            raise invalid("class_names", f"{name!r} cannot be used: no slashes, control characters, "
-                          "'.' or '..', at most 200 characters.")
+        if name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200:
+            raise invalid("class_names", f"{name!r} cannot be used: no slashes or control characters, not "
+                          "starting with '.', at most 200 characters.")
     seen: dict[str, str] = {}
     for name in names:
         if name.casefold() in seen:
@@ -164,6 +164,7 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
         raise invalid("files", f"class {empty[0]!r} has no images; every class needs at least one.")
+    config.class_names = class_names  # the client's order, which predictions and metrics follow
     return TaskSpec(class_names, config, images)
 
 
@@ -181,4 +182,4 @@ def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
 
 
 def config_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    return config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)

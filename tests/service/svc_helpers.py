@@ -1,0 +1,163 @@
+"""Helpers of the service tests: fixture images, forms, subprocesses and polling."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "fashion_mnist"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_DB = 11
+CLASSES = sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def images(split: str, per_class: int) -> list[tuple[str, Path]]:
+    """(class, path) for the first `per_class` Fashion-MNIST images of each class."""
+    return [(name, path) for name in CLASSES
+            for path in sorted((FIXTURES / split / name).glob("*.png"))[:per_class]]
+
+
+def task_form(per_class: int = 4, method: str = "coop", **options) -> tuple[dict, list]:
+    """(data, files) for httpx: `class_names`, `labels` and `files` as the HTTP contract wants them."""
+    chosen = images("train", per_class)
+    data = {"class_names": list(CLASSES), "method": method, "labels": [c for c, _ in chosen]}
+    data.update({k: str(v) for k, v in options.items()})
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for _, p in chosen]
+    return data, files
+
+
+def zip_of_classes(per_class: int = 4) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, path in images("train", per_class):
+            archive.write(path, f"{name}/{path.name}")
+    return buffer.getvalue()
+
+
+class Proc:
+    """A service or worker subprocess with its output in a log file, shown when a test fails."""
+
+    def __init__(self, argv: list[str], env: dict, log: Path) -> None:
+        self.log = log
+        self.handle = open(log, "ab")
+        self.popen = subprocess.Popen(argv, env=env, cwd=env.get("UPT_TEST_CWD", ROOT), stdout=self.handle,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and its children, as when a machine or container dies."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=30)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.send(sig)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            return -9
+        finally:
+            self.handle.close()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_http(base_url: str, proc: Proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise AssertionError(f"server exited early:\n{proc.tail()}")
+        try:
+            if httpx.get(f"{base_url}/livez", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server did not answer within {timeout}s:\n{proc.tail()}")
+
+
+def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    task = {}
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task.get("status") in statuses:
+            return task
+        time.sleep(0.3)
+    raise AssertionError(f"task {task_id} not in {statuses} after {timeout}s: {task}")
+
+
+def base_env(data_dir: Path, tiny_checkpoint: Path, **overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
+    env.update({
+        "UPT_MODEL": "upt-tiny",
+        "UPT_PRETRAINED": str(tiny_checkpoint),
+        "UPT_DEVICE": "cpu",
+        "UPT_DATA_DIR": str(data_dir),
+        # Fast recovery, so that tests of it take seconds rather than minutes.
+        "UPT_HEARTBEAT_INTERVAL_S": "0.5",
+        "UPT_HEARTBEAT_TIMEOUT_S": "5",
+        "UPT_REQUEUE_AFTER_S": "3",
+        "UPT_SWEEP_INTERVAL_S": "1",
+        "UPT_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    })
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class Stack:
+    """PostgreSQL + Redis + an API process; workers are started by the tests that need them."""
+
+    def __init__(self, env: dict, tmp: Path) -> None:
+        self.env, self.tmp = env, tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api: Proc | None = None
+        self.keys: dict[str, str] = {}
+
+    def command(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "service", *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def start_api(self) -> None:
+        self.api = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(self.port)],
+                        self.env, self.tmp / "api.log")
+        wait_http(self.url, self.api)
+
+    def start_worker(self, name: str = "worker") -> Proc:
+        return Proc([sys.executable, "-m", "worker"], self.env, self.tmp / f"{name}.log")
+
+    def client(self, tenant: str = "acme") -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {self.keys[tenant]}"})
+
+

@@ -1,0 +1,90 @@
+"""The whole flow through real HTTP: PostgreSQL, Redis, uvicorn and a real celery worker process."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from PIL import Image
+
+from svc_helpers import CLASSES, images, task_form, wait_for
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+
+def test_create_train_classify_cancel_delete(stack, tiny_checkpoint, tmp_path):
+    client = stack.client("acme")
+    worker = stack.start_worker()
+    try:
+        data, files = task_form(per_class=4, method="coop", shots=2, epochs=2, seed=3, batch_size=4)
+        created = client.post("/tasks", data=data, files=files)
+        assert created.status_code == 202, created.text
+        task = created.json()
+        assert created.headers["location"] == f"/tasks/{task['id']}"
+        assert task["status"] == "queued" and task["class_names"] == CLASSES and task["num_images"] == 16
+
+        done = wait_for(client, task["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded", (done, worker.tail())
+        assert done["progress"] == 1.0 and done["epoch"] == 2 and done["attempts"] == 1
+        assert set(done["metrics"]) >= {"val_accuracy", "per_class_accuracy", "confusion_matrix"}
+        assert 0.0 <= done["metrics"]["val_accuracy"] <= 1.0
+
+        events = client.get(f"/tasks/{task['id']}/events").json()["items"]
+        assert [e["epoch"] for e in events] == [1, 2]
+        assert all(e["data"]["loss"] > 0 for e in events)
+
+        # Classify equals the core's own predictor on the downloaded artifact and the same images.
+        test_images = images("test", 2)
+        classify = client.post("/classify", data={"task_id": task["id"], "top_k": "3"},
+                               files=[("files", (p.name, p.read_bytes(), "image/png")) for _, p in test_images])
+        assert classify.status_code == 200, classify.text
+        served = classify.json()["predictions"]
+        assert len(served) == len(test_images) and all(len(p["labels"]) == 3 for p in served)
+
+        archive = client.get(f"/tasks/{task['id']}/artifact")
+        assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+        zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
+        from upt.backbone import load_backbone
+        from upt.predict import Predictor
+
+        predictor = Predictor.from_artifact(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"),
+                                            tmp_path / task["id"])
+        expected = predictor.predict([Image.open(p).convert("RGB") for _, p in test_images], top_k=3)
+        for got, want in zip(served, expected):
+            assert [x["label"] for x in got["labels"]] == [w.label for w in want]
+            assert [x["probability"] for x in got["labels"]] == pytest.approx([w.probability for w in want], abs=1e-5)
+
+        # Cancel another task while it trains (or before it starts): it ends cancelled.
+        data, files = task_form(per_class=8, method="vpt-shallow", shots=8, epochs=50, batch_size=2)
+        other = client.post("/tasks", data=data, files=files).json()
+        wait_for(client, other["id"], {"running"})
+        cancel = client.post(f"/tasks/{other['id']}/cancel")
+        assert cancel.status_code == 202 and cancel.json()["status"] in {"cancelling", "cancelled"}
+        cancelled = wait_for(client, other["id"], {"cancelled", "succeeded", "failed"}, timeout=30)
+        assert cancelled["status"] == "cancelled" and cancelled["epoch"] < 50
+        assert client.post(f"/tasks/{other['id']}/cancel").status_code == 409
+        assert client.post("/classify", data={"task_id": other["id"]},
+                           files=[("files", ("a.png", test_images[0][1].read_bytes(), "image/png"))]).status_code == 409
+
+        listed = client.get("/tasks", params={"status": "succeeded"}).json()["items"]
+        assert [t["id"] for t in listed] == [task["id"]]
+
+        # Delete removes the row, the uploads and the artifact.
+        task_dir = stack.tmp / "data" / "storage" / "tasks" / task["id"]
+        assert (task_dir / "artifact" / "adapter_config.json").is_file()
+        assert client.delete(f"/tasks/{task['id']}").status_code == 204
+        assert not task_dir.exists()
+        assert client.get(f"/tasks/{task['id']}").status_code == 404
+        assert client.get(f"/tasks/{task['id']}/artifact").status_code == 404
+
+        metrics = client.get("/metrics").text
+        assert 'upt_tasks{status="cancelled"} 1.0' in metrics
+        assert "upt_classify_batch_size_count 1.0" in metrics
+        assert 'upt_http_requests_total{method="POST",route="/tasks",status="202"}' in metrics
+        assert "upt_training_duration_seconds_count" in metrics
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"], ready.text
+        client.delete(f"/tasks/{other['id']}")
+    finally:
+        worker.stop()
