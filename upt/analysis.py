@@ -1,0 +1,77 @@
+"""The data diagnostics of the paper's appendix A: intra-class visual and inter-class text variance.
+
+Both are computed on L2-normalised features, the space in which the cosine classifier works, so the
+numbers of different data sets and backbones are comparable (each lies between 0 and 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+from .data import eval_transform, open_image, scan_image_folder
+from .encoders import encode_image
+from .methods.config import DEFAULT_TEMPLATE
+from .methods.model import template_classifier
+
+
+@dataclass(frozen=True)
+class VarianceReport:
+    intra_class_visual: float
+    inter_class_text: float
+    per_class_visual: dict[str, float]
+    classes: int
+    images: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"interpretation": self.interpretation()}
+
+    def interpretation(self) -> str:
+        """What the paper's analysis (section 2.2) suggests for these two numbers."""
+        visual, text = self.intra_class_visual, self.inter_class_text
+        if visual >= text:
+            return (f"Images within a class vary more ({visual:.3f}) than the class names differ ({text:.3f}): "
+                    "text-only tuning (CoOp) tends to struggle here; visual prompts (VPT-deep) or UPT adapt the "
+                    "image features.")
+        return (f"Class names differ more ({text:.3f}) than images within a class vary ({visual:.3f}): text "
+                "prompts (CoOp) can separate the classes well; UPT tunes both sides when unsure.")
+
+
+def intra_class_variance(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per class: mean squared distance of its features from the class mean (eq. 6)."""
+    per_class = torch.zeros(classes)
+    for label in range(classes):
+        members = features[labels == label]
+        per_class[label] = ((members - members.mean(dim=0)) ** 2).sum(dim=-1).mean()
+    return per_class
+
+
+def inter_class_variance(class_features: torch.Tensor) -> float:
+    """Mean squared distance of the class text features from their mean (eq. 8)."""
+    return float(((class_features - class_features.mean(dim=0)) ** 2).sum(dim=-1).mean())
+
+
+@torch.no_grad()
+def analyze(backbone: Backbone, data_dir: str | Path, templates: tuple[str, ...] = (DEFAULT_TEMPLATE,),
+            batch_size: int = 64) -> VarianceReport:
+    folder = scan_image_folder(data_dir)
+    transform = eval_transform(backbone.image)
+    features, labels = [], []
+    for start in range(0, len(folder.samples), batch_size):
+        chunk = folder.samples[start: start + batch_size]
+        batch = torch.stack([transform(open_image(s.path)) for s in chunk]).to(backbone.device)
+        features.append(encode_image(backbone.clip, batch, normalize=True).float().cpu())
+        labels.extend(s.label for s in chunk)
+    per_class = intra_class_variance(torch.cat(features), torch.tensor(labels), len(folder.class_names))
+    text = template_classifier(backbone, folder.class_names, templates).float().cpu()
+    return VarianceReport(
+        intra_class_visual=float(per_class.mean()),
+        inter_class_text=inter_class_variance(text),
+        per_class_visual={name: float(v) for name, v in zip(folder.class_names, per_class)},
+        classes=len(folder.class_names),
+        images=len(folder.samples),
+    )

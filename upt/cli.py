@@ -1,0 +1,301 @@
+"""The `upt` command line: train, evaluate, predict and analyse without starting the service.
+
+Every command accepts --json for machine-readable output on stdout; training shows a progress bar on
+stderr. The service commands (serve, worker, migrate, keys) come from the `service` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UptError
+from .methods.config import DESCRIPTIONS, ENSEMBLE_TEMPLATES, METHODS
+
+DEFAULT_MODEL = os.environ.get("UPT_MODEL", "ViT-B-16")
+DEFAULT_PRETRAINED = os.environ.get("UPT_PRETRAINED", "openai")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except UptError as error:
+        return _fail(args, error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_zero_shot(sub)
+    _add_analyze(sub)
+    _add_tiny_checkpoint(sub)
+    _add_methods(sub)
+    _register_service_commands(sub)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import EpochProgressBar
+    from .training import TrainConfig, train
+
+    backbone = _backbone(args)
+    config = TrainConfig(
+        method=args.method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
+        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
+        batch_size=args.batch_size,
+    ).validate()
+    with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
+        result = train(backbone, args.data, config, args.out, progress, args.checkpoint_dir)
+    payload = {"artifact": str(result.artifact_dir), "method": config.method, "backbone": backbone.describe(),
+               "trainable_parameters": result.metrics["trainable_parameters"], "metrics": result.metrics}
+    if args.eval_data:
+        payload["eval"] = _predictor(args, result.artifact_dir, backbone).evaluate(_samples(args.eval_data, result))
+    return _emit(args, payload, _summarise_training)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import scan_image_folder
+
+    predictor = _predictor(args, args.artifact)
+    folder = scan_image_folder(args.data, predictor.class_names)
+    return _emit(args, predictor.evaluate(folder.samples), _summarise_eval)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    return _emit_predictions(args, _predictor(args, args.artifact))
+
+
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    from .predict import Predictor
+
+    classes = [name.strip() for name in args.classes.split(",") if name.strip()]
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise UptError("--classes needs at least two distinct, comma-separated class names.")
+    return _emit_predictions(args, Predictor.zero_shot(_backbone(args), classes, _templates(args)))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    report = analyze(_backbone(args), args.data, _templates(args))
+    return _emit(args, report.as_dict(), lambda d: (
+        f"intra-class visual variance: {d['intra_class_visual']:.4f}\n"
+        f"inter-class text variance:   {d['inter_class_text']:.4f}\n{d['interpretation']}"))
+
+
+def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from .tiny import TINY_MODEL, write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(args.path, seed=args.seed)
+    return _emit(args, {"path": str(path), "model": TINY_MODEL, "seed": args.seed}, lambda d: (
+        f"wrote random weights for {d['model']} to {d['path']} (use: --model {d['model']} --pretrained {d['path']})"))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    rows = [{"method": m, "description": DESCRIPTIONS[m]} for m in METHODS]
+    if args.model:
+        from .parameters import trainable_parameters_by_method
+
+        counts = trainable_parameters_by_method(args.model)
+        rows = [row | {"trainable_parameters": counts[row["method"]]} for row in rows]
+    return _emit(args, {"methods": rows, "model": args.model}, lambda d: "\n".join(
+        f"{r['method']:<12} {str(r.get('trainable_parameters', '')):>10}  {r['description']}" for r in d["methods"]))
+
+
+# -- parsers --------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, backbone: bool = True) -> None:
+    if backbone:
+        parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name (default: %(default)s)")
+        parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                            help="open_clip pretrained tag or checkpoint file (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def _template_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average CLIP's 7 ImageNet templates instead of 'a photo of a {}.'")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="learn prompts on a few-shot split of an image folder")
+    p.add_argument("--data", required=True, type=Path, help="ImageFolder: DIR/<class name>/<image>")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--shots", type=int, default=None, help="images per class (default: all but validation)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None, help="default: the paper's schedule by shots")
+    p.add_argument("--out", required=True, type=Path, help="artifact folder to write")
+    p.add_argument("--n-ctx", type=int, default=4, help="prompt length (default: 4)")
+    p.add_argument("--depth", type=int, default=None, help="layers that receive prompts (default: per method)")
+    p.add_argument("--ctx-init", default=None, help="initialise the text context from words, e.g. 'a photo of a'")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="save each epoch here and resume from it")
+    p.add_argument("--eval-data", type=Path, default=None, help="also evaluate the artifact on this image folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _template_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of an artifact")
+    p.add_argument("--artifact", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    _artifact_backbone_options(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k labels of images with a trained artifact")
+    p.add_argument("--artifact", required=True, type=Path)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    _artifact_backbone_options(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_zero_shot(sub) -> None:
+    p = sub.add_parser("zero-shot", help="top-k labels of images for class names, without training")
+    p.add_argument("--classes", required=True, help='comma-separated class names: "cat,dog,bird"')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    _template_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_zero_shot)
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="the paper's intra-class visual and inter-class text variances")
+    p.add_argument("--data", required=True, type=Path)
+    _template_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_analyze)
+
+
+def _add_tiny_checkpoint(sub) -> None:
+    p = sub.add_parser("tiny-checkpoint", help="write random weights for the project's tiny test model")
+    p.add_argument("path", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p, backbone=False)
+    p.set_defaults(func=cmd_tiny_checkpoint)
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="list the methods (with trainable parameter counts for --model)")
+    p.add_argument("--model", default=None, help="count parameters for this architecture (no weights needed)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+
+def _artifact_backbone_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", default=None,
+                        help="weights to load (default: those recorded in the artifact); must be the same weights")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", action="store_true")
+
+
+def _register_service_commands(sub) -> None:
+    """serve, worker, migrate and keys live with the service; the core never imports it otherwise."""
+    try:
+        commands = importlib.import_module("service.commands")
+    except ModuleNotFoundError as error:
+        if error.name not in ("service", "service.commands"):
+            raise
+        return
+    commands.register(sub)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _backbone(args: argparse.Namespace):
+    from .backbone import load_backbone
+
+    return load_backbone(args.model, args.pretrained, args.device)
+
+
+def _predictor(args: argparse.Namespace, artifact_dir: Path, backbone=None):
+    from .artifact import load_artifact
+    from .backbone import load_backbone
+    from .predict import Predictor
+
+    if backbone is None:
+        recorded = load_artifact(artifact_dir).config["backbone"]
+        backbone = load_backbone(recorded["model"], args.pretrained or recorded["pretrained"], args.device)
+    return Predictor.from_artifact(backbone, artifact_dir)
+
+
+def _samples(data_dir: Path, result):
+    from .data import scan_image_folder
+
+    return scan_image_folder(data_dir, result.metrics["class_names"]).samples
+
+
+def _templates(args: argparse.Namespace) -> tuple[str, ...]:
+    from .methods.config import DEFAULT_TEMPLATE
+
+    return ENSEMBLE_TEMPLATES if args.ensemble else (DEFAULT_TEMPLATE,)
+
+
+def _emit_predictions(args: argparse.Namespace, predictor) -> int:
+    from .data import open_image
+
+    images = [open_image(path) for path in args.images]
+    results = predictor.predict(images, top_k=args.top_k)
+    payload = {"predictions": [{"image": str(path), "top": [p.as_dict() for p in top]}
+                               for path, top in zip(args.images, results)]}
+    return _emit(args, payload, lambda d: "\n".join(
+        f"{row['image']}: " + ", ".join(f"{p['label']} {p['probability']:.3f}" for p in row["top"])
+        for row in d["predictions"]))
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> int:
+    print(json.dumps(payload, indent=2) if args.json else text(payload))
+    return 0
+
+
+def _fail(args: argparse.Namespace, error: UptError) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"type": type(error).__name__, "message": str(error)}}))
+    print(f"upt: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _summarise_training(d: dict[str, Any]) -> str:
+    m = d["metrics"]
+    lines = [f"artifact: {d['artifact']}", f"method: {d['method']} ({d['trainable_parameters']} trainable parameters)",
+             f"validation accuracy: {_percent(m['val_accuracy'])} on {m['val_count']} images"]
+    if "eval" in d:
+        lines.append(f"evaluation accuracy: {_percent(d['eval']['accuracy'])} on {d['eval']['count']} images")
+    return "\n".join(lines)
+
+
+def _summarise_eval(d: dict[str, Any]) -> str:
+    per_class = ", ".join(f"{name} {_percent(acc)}" for name, acc in d["per_class_accuracy"].items())
+    return f"accuracy: {_percent(d['accuracy'])} on {d['count']} images\nper class: {per_class}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
