@@ -1,10 +1,12 @@
 // SVG plot of loss and accuracy per epoch, a confusion matrix and per-class bars. Plain DOM, no library.
 import { h, pct, fmtNum } from "./dom.js";
 
-const W = 640, H = 260, PAD = { l: 48, r: 48, t: 16, b: 36 };
+const PAD = { l: 48, r: 48, t: 16, b: 36 };
 
-/** Loss (left axis) and accuracy (right axis, 0–100%) per epoch. */
-export function lossAccChart(events, { epochs } = {}) {
+/** Loss (left axis) and accuracy (right axis, 0–100%) per epoch; drawn at the container's width so text stays legible. */
+export function lossAccChart(events, { epochs, width } = {}) {
+  const W = Math.round(Math.min(640, Math.max(280, width || 640)));
+  const H = W < 480 ? 220 : 260;
   const pts = events.filter((e) => e.epoch !== null);
   const maxEpoch = Math.max(epochs || 0, ...pts.map((e) => e.epoch), 1);
   const minEpoch = Math.min(1, ...pts.map((e) => e.epoch));
@@ -21,7 +23,7 @@ export function lossAccChart(events, { epochs } = {}) {
     g.push(h("svg:text", { x: PAD.l - 6, y: y + 4, "text-anchor": "end", class: "tick loss-tick" }, fmtNum(maxLoss * (1 - i / 4), 2)));
     g.push(h("svg:text", { x: W - PAD.r + 6, y: y + 4, "text-anchor": "start", class: "tick acc-tick" }, `${100 - i * 25}%`));
   }
-  const step = Math.max(1, Math.ceil((maxEpoch - minEpoch + 1) / 10));
+  const step = Math.max(1, Math.ceil((maxEpoch - minEpoch + 1) / Math.max(2, Math.floor(W / 60))));
   for (let ep = minEpoch; ep <= maxEpoch; ep += step) {
     g.push(h("svg:text", { x: x(ep), y: H - PAD.b + 16, "text-anchor": "middle", class: "tick" }, String(ep)));
   }
@@ -64,7 +66,7 @@ export function lossAccChart(events, { epochs } = {}) {
 function niceCeil(v) {
   if (!(v > 0)) return 1;
   const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 2, 4, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 

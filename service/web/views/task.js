@@ -118,7 +118,7 @@ export function taskView(root, { id }) {
         : h("p", { class: "muted" }, "No epochs were recorded."));
       return;
     }
-    s.append(lossAccChart(events, { epochs: task.epochs }));
+    s.append(lossAccChart(events, { epochs: task.epochs, width: s.clientWidth - 40 }));
     if (wasOpen) s.querySelector("details").open = true;
   }
 
@@ -193,10 +193,22 @@ export function taskView(root, { id }) {
     finally { btn.disabled = false; btn.textContent = label; }
   }
 
+  let resizeTimer = null, lastWidth = 0;
+  const onResize = () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => {
+      const w = sections.training.clientWidth;
+      if (task && Math.abs(w - lastWidth) > 30) { lastWidth = w; renderTraining(); }
+    }, 200);
+  };
+  window.addEventListener("resize", onResize);
   const onVisible = () => { if (!document.hidden && task && ACTIVE.has(task.status)) { clearTimeout(timer); load(false); } };
   document.addEventListener("visibilitychange", onVisible);
   load(true);
-  return () => { dead = true; clearTimeout(timer); ctrl.abort(); document.removeEventListener("visibilitychange", onVisible); };
+  return () => {
+    dead = true; clearTimeout(timer); clearTimeout(resizeTimer); ctrl.abort();
+    document.removeEventListener("visibilitychange", onVisible); window.removeEventListener("resize", onResize);
+  };
 }
 
 /**
