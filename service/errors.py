@@ -69,8 +69,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body", "message": e.get("msg", "")}
-                  for e in exc.errors()]
+        # loc is ("query", "status", 0) and the like: the client wants the field's name.
+        errors = [{"field": next((str(p) for p in e.get("loc", ())[1:] if isinstance(p, str)), "body"),
+                   "message": e.get("msg", "")} for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem_response(Problem(422, "Invalid input", detail, type="invalid-input", errors=errors), request)
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import python_multipart
 from fastapi import Request
@@ -139,6 +140,8 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
                      max_total_bytes: int) -> ParsedForm:
     """Parse a multipart/form-data body into fields and files written under `folder`."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type == b"application/x-www-form-urlencoded":
+        return await _parse_urlencoded(request)  # a form without files: answered with what is missing
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise Problem(415, "Unsupported media type", "Send the request as multipart/form-data.",
                       type="unsupported-media-type")
@@ -161,6 +164,22 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
     finally:
         collector.close()
     return collector.form
+
+
+async def _parse_urlencoded(request: Request) -> ParsedForm:
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_FIELD_BYTES * 16:
+            raise too_large(f"A form without files is limited to {MAX_FIELD_BYTES * 16} bytes.")
+    form = ParsedForm()
+    try:
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:
+        raise Problem(400, "Bad request", f"More than {MAX_FIELDS} form fields.", type="bad-multipart")
+    for name, value in pairs:
+        form.fields.setdefault(name, []).append(value)
+    return form
 
 
 def open_image(data: bytes, name: str, field_name: str, max_pixels: int) -> Image.Image:
