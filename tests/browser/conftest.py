@@ -142,7 +142,9 @@ def real_service(tmp_path_factory):
     base_cmd = _upt_command()
     env = dict(os.environ, UPT_DATA_DIR=str(tmp / "data"), UPT_MODEL="upt-tiny", UPT_PRETRAINED=str(checkpoint),
                UPT_HOST="127.0.0.1", UPT_REQUIRE_API_KEYS="true", UPT_LOG_LEVEL="warning", PYTHONUNBUFFERED="1",
-               UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2")
+               UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2",
+               # This checkout first, whatever an older editable install registered (namespace packages).
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if base_cmd[-1] == "service":  # no `upt` CLI yet: write the tiny checkpoint with the library
         from upt.tiny import write_tiny_checkpoint
 

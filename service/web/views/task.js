@@ -100,12 +100,14 @@ export function taskView(root, { id }) {
     ];
     if (t.finished_at) rows.push(["Finished", fmtTime(t.finished_at)]);
     const known = new Set(["method", "class_names", "shots", "epochs", "seed", "name"]);
+    const extra = [];
     for (const [k, v] of Object.entries(c)) {
       if (known.has(k) || v === null || v === undefined || typeof v === "object") continue;
-      rows.push([k.replace(/_/g, " "), String(v)]);
+      extra.push([k, String(v)]);
     }
-    clear(sections.settings).append(h("h2", { id: "s-settings" }, "Settings"),
-      h("dl", { class: "kv" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))])));
+    const dl = (list) => h("dl", { class: "kv" }, list.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+    clear(sections.settings).append(h("h2", { id: "s-settings" }, "Settings"), dl(rows),
+      extra.length ? h("details", { class: "kv-more" }, h("summary", {}, `All training options (${extra.length})`), dl(extra)) : null);
   }
 
   function renderTraining() {
@@ -132,18 +134,25 @@ export function taskView(root, { id }) {
     const names = m.class_names || task.class_names;
     const valAcc = m.val_accuracy ?? m.accuracy;
     s.append(h("div", { class: "results-grid" },
-      h("div", { class: "big-metric" }, h("span", { class: "big" }, pct(valAcc, 1)), h("span", { class: "muted" }, "validation accuracy"),
-        m.val_count ? h("span", { class: "muted small" }, `on ${m.val_count} held-out image${m.val_count === 1 ? "" : "s"}${m.train_count ? `, trained on ${m.train_count}` : ""}`) : null),
-      m.per_class_accuracy ? h("div", {}, h("h3", {}, "Per class"), perClassBars(m.per_class_accuracy, names)) : null),
-      m.confusion_matrix ? h("div", {}, h("h3", {}, "Confusion matrix"), confusionMatrix(m.confusion_matrix, names)) : null);
+      h("div", {},
+        h("div", { class: "big-metric" }, h("span", { class: "big" }, pct(valAcc, 1)), h("span", { class: "muted" }, "validation accuracy"),
+          m.val_count ? h("span", { class: "muted small" }, `on ${m.val_count} held-out image${m.val_count === 1 ? "" : "s"}${m.train_count ? `, trained on ${m.train_count}` : ""}`) : null),
+        m.per_class_accuracy ? h("div", { class: "per-class-box" }, h("h3", {}, "Per class"), perClassBars(m.per_class_accuracy, names)) : null),
+      m.confusion_matrix ? h("div", { class: "cm-box" }, h("h3", {}, "Confusion matrix"), confusionMatrix(m.confusion_matrix, names)) : null));
     s.dataset.rendered = task.status === "succeeded" ? "1" : "";
   }
 
   function renderVariances() {
     const s = sections.variances;
     const v = task.metrics?.variances || task.metrics?.variance || task.variances;
-    s.hidden = !v;
-    if (!v || s.dataset.rendered === "1") return;
+    s.hidden = !v && task.status !== "succeeded";
+    if (s.hidden || s.dataset.rendered === "1") return;
+    if (!v) {
+      clear(s).append(h("h2", { id: "s-variances" }, "Your data, as the paper measures it"),
+        h("p", { class: "muted" }, "This service did not report the two data variances of the paper (intra-class visual, ",
+          "inter-class text) for this task. ", h("code", {}, "upt analyze --data DIR"), " computes them from the same images."));
+      return;
+    }
     const intra = Number(v.intra_class_visual ?? v.intra_class_visual_variance ?? v.intra);
     const inter = Number(v.inter_class_text ?? v.inter_class_text_variance ?? v.inter);
     clear(s).append(h("h2", { id: "s-variances" }, "Your data, as the paper measures it"),
