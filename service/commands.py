@@ -79,8 +79,9 @@ def serve_command(args) -> int:
         "api_keys_required": settings.api_keys_required,
         "worker": not args.no_worker,
     }
-    _announce(summary, args.json)
     worker = None if args.no_worker else start_embedded_worker()
+    summary["worker_pid"] = worker.pid if worker else None
+    _announce(summary, args.json)
     try:
         import uvicorn
 
@@ -98,6 +99,8 @@ def _announce(summary: dict, as_json: bool) -> None:
         return
     print(f"upt serve: {summary['url']}  database {summary['database']}  broker {summary['broker']}  "
           f"storage {summary['storage']}", flush=True)
+    if summary["worker_pid"]:
+        print(f"upt serve: started a worker (pid {summary['worker_pid']}); stop both with Ctrl-C", flush=True)
     if summary["api_keys_required"]:
         print("upt serve: API keys are required (create one with `upt keys create --tenant NAME`).", flush=True)
     else:

@@ -13,7 +13,8 @@ from service.settings import Settings
 
 def alembic_config(settings: Settings) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # __path__ rather than __file__: an editable install may expose the folder as a namespace package.
+    config.set_main_option("script_location", str(Path(list(migrations.__path__)[0])))
     config.set_main_option("sqlalchemy.url", settings.resolved_database_url.replace("%", "%%"))
     return config
 
