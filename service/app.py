@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.preload_backbone:
             # Load in the background: /livez answers at once, /readyz turns ready when loaded.
-            threading.Thread(target=app.state.runtime.backbone_status, name="backbone-preload", daemon=True).start()
+            app.state.runtime.start_loading()
         yield
 
     app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,

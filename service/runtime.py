@@ -1,7 +1,7 @@
 """The API process's frozen backbone and its predictors, loaded once and cached.
 
 The backbone loads once per process (seconds to minutes for a real CLIP). A failure to load is kept
-for a short while so /readyz and /classify answer fast instead of retrying a download on every call.
+for FAILURE_TTL_S so /readyz and /classify answer fast instead of retrying a download on every call.
 Tuned predictors (one per artifact) and zero-shot predictors (one per class list) sit in bounded
 LRU caches: building one costs a text-encoder pass, serving from one only an image-encoder pass.
 """
@@ -19,6 +19,7 @@ from service.errors import Problem
 from service.settings import Settings
 
 FAILURE_TTL_S = 30.0
+LOAD_WAIT_S = 60.0  # how long a request waits for a load in progress
 
 
 class LruCache:
@@ -46,37 +47,63 @@ class LruCache:
 
 
 class Runtime:
+    """Loads the backbone in a background thread, so a slow or failing load (a real CLIP download
+    can take minutes, or a minute to time out offline) never holds up /livez or /readyz."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._backbone = None
         self._failure: tuple[float, str] | None = None
+        self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
         self.tuned = LruCache(settings.artifact_cache_size)
         self.zero_shot = LruCache(settings.artifact_cache_size)
 
-    def backbone(self):
-        """The loaded backbone, or a 503 problem that says how to configure one."""
+    def start_loading(self) -> threading.Thread | None:
+        """Start a load unless one runs, it succeeded, or it failed less than FAILURE_TTL_S ago."""
+        with self._lock:
+            if self._backbone is not None:
+                return None
+            if self._loading is not None and self._loading.is_alive():
+                return self._loading
+            if self._failure and time.monotonic() - self._failure[0] < FAILURE_TTL_S:
+                return None
+            self._loading = threading.Thread(target=self._load, name="backbone-load", daemon=True)
+            self._loading.start()
+            return self._loading
+
+    def _load(self) -> None:
         from upt.backbone import load_backbone
         from upt.errors import UptError
 
+        try:
+            backbone = load_backbone(self.settings.model, self.settings.pretrained, self.settings.device)
+        except UptError as error:
+            self._failure = (time.monotonic(), str(error))
+            return
+        except Exception as error:  # an unexpected failure is reported the same way, with its type
+            self._failure = (time.monotonic(), f"{type(error).__name__}: {error}")
+            return
+        self._failure = None
+        self._backbone = backbone
+
+    def backbone(self, wait_s: float = LOAD_WAIT_S):
+        """The loaded backbone, or a 503 problem that says how to configure one (or to retry)."""
         if self._backbone is not None:
             return self._backbone
-        with self._lock:
-            if self._backbone is not None:
-                return self._backbone
-            if self._failure and time.monotonic() - self._failure[0] < FAILURE_TTL_S:
-                raise self._unavailable(self._failure[1])
-            try:
-                self._backbone = load_backbone(self.settings.model, self.settings.pretrained, self.settings.device)
-            except UptError as error:
-                self._failure = (time.monotonic(), str(error))
-                raise self._unavailable(str(error))
-            self._failure = None
+        loading = self.start_loading()
+        if loading is not None:
+            loading.join(wait_s)
+        if self._backbone is not None:
             return self._backbone
+        if self._failure is not None:
+            raise self._unavailable(self._failure[1])
+        raise Problem(503, "Backbone loading", f"The backbone {self.settings.model!r} is still loading; retry "
+                      "in a little while.", type="backbone-loading", headers={"Retry-After": "10"})
 
     def backbone_status(self) -> tuple[bool, str]:
         try:
-            backbone = self.backbone()
+            backbone = self.backbone(wait_s=0.5)
         except Problem as problem:
             return False, problem.detail
         return True, f"{backbone.name} ({backbone.pretrained}) on {backbone.device}"

@@ -26,6 +26,13 @@ def start(env: dict, tmp: Path, name: str) -> tuple[Proc, str]:
     return proc, url
 
 
+def wait_ready(client: httpx.Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.get("/readyz").json()["ready"]:
+        assert time.monotonic() < deadline, client.get("/readyz").text
+        time.sleep(0.3)
+
+
 def worker_pid(proc: Proc) -> int:
     for line in proc.log.read_text().splitlines():
         if "started a worker (pid" in line:
@@ -51,7 +58,7 @@ def test_upt_serve_alone_runs_everything_and_keeps_it_across_restarts(tmp_path, 
     client = httpx.Client(base_url=url, timeout=60)  # no key: bound to 127.0.0.1 only
     try:
         assert "API keys are NOT required" in first.log.read_text()
-        assert client.get("/readyz").json()["ready"]
+        wait_ready(client)
         assert "<html" in client.get("/").text.lower()  # the web client
         created = client.post("/tasks", data={"method": "coop", "shots": "2", "epochs": "2"},
                               files={"archive": ("fashion.zip", zip_of_classes(4), "application/zip")})
