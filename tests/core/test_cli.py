@@ -1,0 +1,80 @@
+"""Every method, end to end through the `upt` command line, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from upt.methods import METHODS
+
+# The README's table comes from these settings (see "What each method reached").
+TRAIN_OPTIONS = ["--shots", "16", "--epochs", "100", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
+
+
+def upt_cli(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "upt", *args, "--json"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def train_and_evaluate(method: str, tiny_checkpoint: Path, train_dir: Path, test_dir: Path, out: Path) -> dict:
+    return upt_cli("train", "--data", str(train_dir), "--method", method, *TRAIN_OPTIONS, "--model", "upt-tiny",
+                   "--pretrained", str(tiny_checkpoint), "--out", str(out), "--eval-data", str(test_dir), "--quiet")
+
+
+@pytest.fixture(scope="module")
+def zero_shot_accuracy(tiny_checkpoint, fashion_train, fashion_test, tmp_path_factory) -> float:
+    out = tmp_path_factory.mktemp("zero-shot")
+    return train_and_evaluate("zero-shot", tiny_checkpoint, fashion_train, fashion_test, out)["eval"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "zero-shot"])
+def test_each_tuned_method_beats_zero_shot(method, tiny_checkpoint, fashion_train, fashion_test, tmp_path,
+                                           zero_shot_accuracy):
+    result = train_and_evaluate(method, tiny_checkpoint, fashion_train, fashion_test, tmp_path / method)
+    assert result["method"] == method and result["trainable_parameters"] > 0
+    assert result["eval"]["count"] == 40
+    assert result["eval"]["accuracy"] > zero_shot_accuracy, (method, result["eval"]["accuracy"], zero_shot_accuracy)
+
+
+@pytest.mark.slow
+def test_eval_and_predict_agree_with_training(tiny_checkpoint, fashion_train, fashion_test, tmp_path):
+    trained = upt_cli("train", "--data", str(fashion_train), "--method", "coop", "--shots", "4", "--epochs", "2",
+                      "--model", "upt-tiny", "--pretrained", str(tiny_checkpoint), "--out", str(tmp_path / "a"),
+                      "--eval-data", str(fashion_test))
+    assert upt_cli("eval", "--artifact", str(tmp_path / "a"), "--data", str(fashion_test)) == trained["eval"]
+    image = sorted((fashion_test / "bag").iterdir())[0]
+    predicted = upt_cli("predict", "--artifact", str(tmp_path / "a"), "--top-k", "2", str(image))
+    top = predicted["predictions"][0]["top"]
+    assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
+
+
+def test_zero_shot_command_ranks_every_class(tiny_checkpoint, fashion_test):
+    image = sorted((fashion_test / "sneaker").iterdir())[0]
+    result = upt_cli("zero-shot", "--model", "upt-tiny", "--pretrained", str(tiny_checkpoint),
+                     "--classes", "bag,sneaker,trouser", "--ensemble", str(image))
+    top = result["predictions"][0]["top"]
+    assert sorted(p["label"] for p in top) == ["bag", "sneaker", "trouser"]
+    assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_analyze_reports_both_variances(tiny_checkpoint, fashion_test):
+    result = upt_cli("analyze", "--data", str(fashion_test), "--model", "upt-tiny",
+                     "--pretrained", str(tiny_checkpoint))
+    assert result["classes"] == 4 and result["images"] == 40
+    assert 0 < result["intra_class_visual"] < 2 and 0 < result["inter_class_text"] < 2
+    assert result["interpretation"]
+
+
+def test_errors_are_one_line_and_json(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "upt", "eval", "--artifact", str(tmp_path), "--data",
+                             str(tmp_path), "--json"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["type"] == "ArtifactError"
+    assert "adapter_config.json is missing" in result.stderr and "Traceback" not in result.stderr

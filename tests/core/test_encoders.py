@@ -1,0 +1,62 @@
+"""With prompts switched off, the prompted encoders are open_clip's own encoders."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from upt.encoders import encode_image, encode_text
+
+CLASS_PROMPTS = ["a photo of a bag.", "a photo of a pair of trousers.", "x", "a photo of a very long name of a thing."]
+
+
+@pytest.fixture(scope="module")
+def vit_b_16():
+    """ViT-B-16 with random weights: the architecture is what the equivalence is about."""
+    torch.manual_seed(0)
+    return open_clip.create_model("ViT-B-16", pretrained=None).eval(), open_clip.get_tokenizer("ViT-B-16")
+
+
+def _check_equivalence(clip, tokenizer, image_size):
+    tokens = tokenizer(CLASS_PROMPTS)
+    images = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text(clip, tokens), clip.encode_text(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(encode_image(clip, images), clip.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_tiny_encoders_match_open_clip(tiny):
+    _check_equivalence(tiny.clip, tiny.tokenizer, tiny.image.size)
+
+
+@pytest.mark.slow
+def test_vit_b_16_encoders_match_open_clip(vit_b_16):
+    clip, tokenizer = vit_b_16
+    _check_equivalence(clip, tokenizer, 224)
+
+
+def test_text_is_encoded_only_up_to_the_longest_prompt(tiny, monkeypatch):
+    lengths = []
+    block = tiny.clip.transformer.resblocks[0]
+    handle = block.register_forward_hook(lambda module, args, out: lengths.append(out.shape[1]))
+    try:
+        tokens = tiny.tokenizer(["a bag.", "a photo of a pair of trousers."])
+        encode_text(tiny.clip, tokens)
+    finally:
+        handle.remove()
+    assert lengths == [int(tokens.argmax(dim=-1).max()) + 1]
+    assert lengths[0] < tokens.shape[1] == 77
+
+
+def test_prompts_change_the_features(tiny):
+    tokens = tiny.tokenizer(["X X a bag."])
+    images = torch.randn(1, 3, tiny.image.size, tiny.image.size)
+    context = torch.randn(1, 2, tiny.text_width)
+    visual = torch.randn(2, 3, tiny.vision_width)  # two layers of three visual tokens
+    with torch.no_grad():
+        assert not torch.allclose(encode_text(tiny.clip, tokens, context), encode_text(tiny.clip, tokens))
+        shallow = encode_image(tiny.clip, images, visual[:1])
+        deep = encode_image(tiny.clip, images, visual)
+        assert not torch.allclose(shallow, encode_image(tiny.clip, images))
+        assert not torch.allclose(deep, shallow)  # the second layer's prompts replace the first's outputs

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from upt.backbone import Backbone, _image_spec
+from upt.errors import ConfigError
+from upt.methods import METHODS, PromptConfig, PromptedCLIP, UnifiedTransformerLayer
+from upt.parameters import trainable_parameters_by_method
+
+CLASSES = ["bag", "trouser", "sneaker"]
+
+
+def _images(backbone: Backbone, n: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(n, 3, backbone.image.size, backbone.image.size)
+
+
+def test_upt_self_attention_mixes_the_prompt_tokens():
+    torch.manual_seed(0)
+    theta = UnifiedTransformerLayer(width=64, dropout=0.0).eval()
+    u = torch.randn(1, 8, 64)
+    changed = u.clone()
+    changed[0, 0] += 1.0
+    with torch.no_grad():
+        before, after = theta(u), theta(changed)
+    others = slice(1, None)
+    assert not torch.allclose(before[0, others], after[0, others])  # token 0 reached every other token
+
+
+def test_mlp_ablation_does_not_mix_tokens(tiny):
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig("mlp", dropout=0.0)).eval()
+    mlp = model.prompts.mixer
+    u = torch.randn(1, 8, tiny.text_width)
+    changed = u.clone()
+    changed[0, 0] += 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(u)[0, 1:], mlp(changed)[0, 1:])
+
+
+def test_upt_generator_runs_once_per_step_for_both_towers(tiny):
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig("upt"))
+    calls = []
+    model.prompts.mixer.register_forward_hook(lambda *args: calls.append(1))
+    model.train()
+    loss = model(_images(tiny)).logsumexp(dim=-1).mean()
+    loss.backward()
+    assert len(calls) == 1
+
+
+def test_coop_initialised_from_a_template_starts_at_zero_shot(tiny):
+    zero_shot = PromptedCLIP(tiny, CLASSES, PromptConfig("zero-shot", templates=("a photo of a {}.",)))
+    coop = PromptedCLIP(tiny, CLASSES, PromptConfig("coop", ctx_init="a photo of a"))
+    images = _images(tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(coop(images), zero_shot(images), atol=1e-5, rtol=0)
+    assert coop.n_ctx == 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_prompt_parameters_receive_gradients(tiny, method):
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig(method))
+    logits = model(_images(tiny))
+    assert logits.shape == (4, len(CLASSES))
+    if method == "zero-shot":
+        assert model.trainable_parameters() == 0
+        return
+    logits.logsumexp(dim=-1).mean().backward()
+    assert all(p.grad is None for p in tiny.clip.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_depth_gives_layer_wise_prompts(tiny):
+    deep = PromptedCLIP(tiny, CLASSES, PromptConfig("upt", depth=3)).generate()
+    assert deep.text.shape == (3, 4, tiny.text_width)
+    assert deep.visual.shape == (3, 4, tiny.vision_width)
+    vpt = PromptedCLIP(tiny, CLASSES, PromptConfig("vpt-deep")).generate()
+    assert vpt.visual.shape == (tiny.vision_layers, 4, tiny.vision_width) and vpt.text is None
+    joint = PromptedCLIP(tiny, CLASSES, PromptConfig("joint", n_ctx=2)).generate()
+    assert joint.text.shape == (1, 2, tiny.text_width) and joint.visual.shape[0] == tiny.vision_layers
+    with pytest.raises(ConfigError, match="exceeds"):
+        PromptedCLIP(tiny, CLASSES, PromptConfig("upt", depth=tiny.vision_layers + 1))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "nope"}, "Unknown method"),
+    ({"method": "coop", "n_ctx": 0}, "n_ctx"),
+    ({"method": "vpt-shallow", "depth": 2}, "vpt-deep"),
+    ({"method": "upt", "ctx_init": "a photo of a"}, "ctx_init"),
+    ({"method": "zero-shot", "templates": ("no placeholder",)}, "template"),
+])
+def test_bad_prompt_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        PromptConfig(**options)
+
+
+@pytest.mark.slow
+def test_trainable_parameter_counts_on_vit_b_16():
+    d_t, d_v, m, layers = 512, 768, 4, 12
+    theta = (4 * d_t * d_t + 4 * d_t) + 2 * 2 * d_t + (d_t * 4 * d_t + 4 * d_t + 4 * d_t * d_t + d_t)
+    to_vision = d_t * d_v + d_v
+    expected = {
+        "zero-shot": 0,
+        "coop": m * d_t,
+        "vpt-shallow": m * d_v,
+        "vpt-deep": layers * m * d_v,
+        "upt": 2 * m * d_t + theta + to_vision,
+        "joint": m * d_t + layers * m * d_v,
+        "shared": m * d_t + to_vision,
+        "mlp": 2 * m * d_t + 2 * (d_t * d_t + d_t) + to_vision,
+    }
+    assert trainable_parameters_by_method("ViT-B-16") == expected
