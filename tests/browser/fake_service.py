@@ -28,6 +28,13 @@ def problem(status: int, title: str, detail: str, errors=None):
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 
+def _zip_classes(upload) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(upload.file) as z:
+        return sorted({n.split("/")[0] for n in z.namelist() if "/" in n})
+
+
 def create_app(api_key: str | None = None, epoch_seconds: float = 1.0) -> FastAPI:
     app = FastAPI()
     tasks: dict[str, dict] = {}
@@ -106,7 +113,7 @@ def create_app(api_key: str | None = None, epoch_seconds: float = 1.0) -> FastAP
             return problem(422, "Unprocessable Content", "The task is invalid.", errors)
         tid = f"{next(counter):04d}{uuid.uuid4().hex[:12]}"
         epochs = int(form.get("epochs") or 5)
-        t = {"id": tid, "status": "queued", "method": method, "class_names": names or ["a", "b"], "progress": 0.0,
+        t = {"id": tid, "status": "queued", "method": method, "class_names": names or _zip_classes(form.get("archive")), "progress": 0.0,
              "epoch": 0, "epochs": epochs, "loss": None, "accuracy": None, "eta_s": None, "metrics": None, "error": None,
              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "num_images": len(files), "model": "upt-tiny", "pretrained": "/tmp/tiny.pt",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,11 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     page.goto(base + "/")
     enter_key(page, key)
     assert page.evaluate("localStorage.getItem('upt.apiKey')") == key
-    page.get_by_role("heading", name="Tasks").wait_for()
+    page.get_by_role("heading", name="Tasks", exact=True).wait_for()
 
     # Create: classes by name, images on each, method, options. An API validation error shows by its field.
     page.get_by_role("link", name="New task").first.click()
-    page.get_by_role("heading", name="New task").wait_for()
+    page.get_by_role("heading", name="New task", exact=True).wait_for()
     add_classes(page, fixture_images, shots=4)
     page.check('input[name=method][value="upt"]')
     page.fill("#opt-shots", "4")
@@ -157,7 +158,7 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
 
     # Zero-shot with typed class names.
     page.get_by_role("link", name="Try it").first.click()
-    page.get_by_role("heading", name="Try it").wait_for()
+    page.get_by_role("heading", name="Try it", exact=True).wait_for()
     page.check('input[name=try-mode][value="zero"]')
     page.fill("#try-names", "a bag, a pullover, a sneaker, a trouser, a dress, a coat")
     page.locator("form.classify .dz-input").set_input_files(tests[:1])
@@ -171,6 +172,11 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     phone.goto(base + "/#/")
     phone.locator(f'.task-row[data-task-id="{task_id}"]').wait_for()
     shot(phone, screenshots_dir, "phone-task-list.png", full_page=False)
+    phone.goto(base + "/#/new")
+    phone.fill("#class-name", "bag, sneaker")
+    phone.press("#class-name", "Enter")
+    phone.locator('.class-card[data-class-name="bag"] .dz-input').set_input_files(images(fixture_images, "train", "bag", 4))
+    shot(phone, screenshots_dir, "phone-create.png", full_page=False)
     phone.goto(f"{base}/#/tasks/{task_id}")
     phone.locator("table.cm").wait_for()
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "horizontal scroll on a phone"
@@ -264,6 +270,23 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     row.get_by_role("button", name=re.compile("Delete")).click()
     row.wait_for(state="detached")
     assert page.locator(f'.task-row[data-task-id="{first}"]').count() == 1
+
+    # One zip of class folders instead of images per class.
+    archive = tmp_path / "fashion.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for cls in ("bag", "trouser"):
+            for path in images(fixture_images, "train", cls, 2):
+                z.write(path, f"{cls}/{Path(path).name}")
+    page.goto(base + "/#/new")
+    page.check('input[name=mode][value="archive"]')
+    assert page.locator("#panel-classes").is_hidden()
+    page.locator("#panel-archive .dz-input").set_input_files(str(archive))
+    page.get_by_text("Chosen: fashion.zip").wait_for()
+    page.check('input[name=method][value="coop"]')
+    page.fill("#opt-epochs", "2")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"#/tasks/\w+$"))
+    page.locator(".badge.st-succeeded").wait_for()
 
     # Zero-shot needs two names; then top labels with bars.
     page.goto(base + "/#/try")

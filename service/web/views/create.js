@@ -31,13 +31,13 @@ export function createView(root) {
   // ---- archive ----
   const archiveInfo = h("p", { class: "archive-info", "aria-live": "polite" });
   const archiveZone = dropZone({
-    label: "Drop one zip of class folders", hint: "archive.zip/<class name>/<image>. Drop it here, or press Enter to choose.",
+    label: "Drop one zip of class folders", hint: "Laid out as <class name>/<image> inside the zip. Drop it here, or press Enter to choose.",
     accept: ".zip,application/zip,application/x-zip-compressed", multiple: false, name: "archive", describedBy: "err-archive",
     onFiles: (files) => { draft.archive = files[0]; renderArchive(); clearErrors(); },
   });
   const archiveBox = h("div", { class: "mode-panel", id: "panel-archive" }, archiveZone, archiveInfo, slots.archive);
 
-  const modeRadios = [["classes", "Images per class"], ["archive", "One zip of class folders"]].map(([v, label]) =>
+  const modeRadios = [["classes", "Images per class"], ["archive", "One zip file"]].map(([v, label]) =>
     h("label", { class: "seg" }, h("input", { type: "radio", name: "mode", value: v, checked: draft.mode === v, onchange: () => { draft.mode = v; renderMode(); } }), label));
 
   // ---- method ----
