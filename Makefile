@@ -1,0 +1,31 @@
+# The README's two commands: `make serve` and `make test`. Both install into .venv with the pins
+# of constraints.txt (torch and torchvision live there and nowhere else).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: serve test install install-test system-test-deps bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) -e .
+
+install-test: $(BIN)/python
+	$(PIP) -e '.[test]'
+
+# Debian's Chromium drives the browser tests (never a browser download).
+system-test-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+serve: install
+	$(BIN)/upt serve
+
+test: install-test system-test-deps
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/text_truncation.py
+	$(BIN)/python bench/serving.py
