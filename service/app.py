@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from service.api import classify, health, tasks
+from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.runtime import Runtime
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = Runtime(settings)
     app.state.storage = Storage.from_settings(settings)
     app.state.metrics = Metrics()
+    app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
+                                     observe=app.state.metrics.encoder_batch.observe)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for module in (tasks, classify, health):

@@ -58,6 +58,9 @@ class Metrics:
                                  ["method", "route"], registry=self.registry)
         self.classify_batch = Histogram("upt_classify_batch_size", "Images per /classify request",
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.encoder_batch = Histogram("upt_classify_encoder_batch_size",
+                                       "Images per image-encoder pass (concurrent requests micro-batched)",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.registry.register(TaskCollector())
 
     def render(self) -> Response:

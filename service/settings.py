@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # Serving
     artifact_cache_size: int = Field(8, ge=1)
+    batch_window_ms: float = Field(5.0, ge=0)
+    max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
 
     # Dependability: heartbeats, re-enqueueing of lost messages, bounded retries.

@@ -245,6 +245,16 @@ def _fresh_connections(**_) -> None:
     from service.db import get_engine
 
     get_engine().dispose(close=False)
+    # Load the backbone now rather than on the first task, but in the background: process init has
+    # a timeout of a few seconds and a real CLIP takes longer.
+    threading.Thread(target=_preload_backbone, name="backbone-preload", daemon=True).start()
+
+
+def _preload_backbone() -> None:
+    try:
+        get_backbone()
+    except Exception as error:  # reported again, as the task's error, when a task needs it
+        log.warning("cannot load the backbone yet: %s", error)
 
 
 @signals.worker_ready.connect

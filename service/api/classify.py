@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import MetricsDep, RuntimeDep, StorageDep
+from service.api.deps import BatcherDep, MetricsDep, RuntimeDep, StorageDep
 from service.api.tasks import tenant_task
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.errors import Problem, invalid
@@ -19,13 +19,15 @@ router = APIRouter(tags=["classify"])
 
 @router.post("/classify", response_model=ClassifyOut)
 async def classify(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                   runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep) -> ClassifyOut:
+                   runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep,
+                   batcher: BatcherDep) -> ClassifyOut:
     """Multipart form: `files` (repeated), and `task_id` or `class_names` (repeated); optional `top_k`."""
     scratch = scratch_dir(storage.root / "tmp")
     try:
         form = await parse_form(request, scratch, max_files=settings.max_classify_files,
                                 max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
-        return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics)
+        return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics,
+                                       batcher)
     finally:
         remove(scratch)
 
@@ -38,7 +40,7 @@ def _top_k(raw: str | None, maximum: int) -> int:
     return int(raw)
 
 
-def _classify(form, tenant, session, settings, runtime, storage, metrics) -> ClassifyOut:
+def _classify(form, tenant, session, settings, runtime, storage, metrics, batcher) -> ClassifyOut:
     task_id, names = form.one("task_id"), form.many("class_names")
     top_k = _top_k(form.one("top_k"), settings.max_top_k)
     files = form.files_of("files")
@@ -58,10 +60,13 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics) -> Cla
         predictor = runtime.zero_shot_predictor(check_class_names(names, settings))
     images = [open_image(f.path.read_bytes(), f.filename, "files", settings.max_image_pixels) for f in files]
     metrics.classify_batch.observe(len(images))
-    results = predictor.predict(images, top_k=min(top_k, len(predictor.class_names)))
+    logits = batcher.logits(predictor, predictor.preprocess(images))
+    # The same ranking as Predictor.predict (softmax, then top-k), on micro-batched logits.
+    probabilities, indices = logits.softmax(dim=-1).cpu().topk(min(top_k, len(predictor.class_names)), dim=-1)
     return ClassifyOut(
         task_id=task_id, class_names=list(predictor.class_names),
-        predictions=[ImagePrediction(filename=f.filename, labels=[Label(label=p.label, probability=p.probability)
-                                                                  for p in ranked])
-                     for f, ranked in zip(files, results)],
+        predictions=[ImagePrediction(filename=f.filename,
+                                     labels=[Label(label=predictor.class_names[i], probability=p)
+                                             for p, i in zip(row_p.tolist(), row_i.tolist())])
+                     for f, row_p, row_i in zip(files, probabilities, indices)],
     )

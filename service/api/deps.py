@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.batching import MicroBatcher
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.storage import Storage
@@ -19,6 +20,10 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -26,3 +31,4 @@ def get_metrics(request: Request) -> Metrics:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]

@@ -210,3 +210,31 @@ def test_health_and_metrics(stack):
     text = httpx.get(f"{stack.url}/metrics").text
     assert "upt_http_request_duration_seconds_bucket" in text and 'upt_tasks{status="queued"}' in text
     assert_problem(httpx.get(f"{stack.url}/tasks/x/nothing-here", headers={"X-API-Key": stack.keys["acme"]}), 404)
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_concurrent_classify_requests_share_encoder_passes(stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = stack.client("acme")
+    chosen = images("test", 2)
+    data = {"class_names": CLASSES, "top_k": "4"}
+
+    def one(index: int) -> dict:
+        name, path = chosen[index]
+        response = client.post("/classify", data=data, files=[("files", (path.name, path.read_bytes(), "image/png"))])
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]
+
+    alone = [one(i) for i in range(len(chosen))]  # one request at a time
+    passes_before = metric(client.get("/metrics").text, "upt_classify_encoder_batch_size_count")
+    with ThreadPoolExecutor(len(chosen)) as pool:
+        together = list(pool.map(one, range(len(chosen))))
+    passes = metric(client.get("/metrics").text, "upt_classify_encoder_batch_size_count") - passes_before
+    assert passes < len(chosen)  # several requests went through one encoder pass
+    for a, b in zip(alone, together):
+        assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        assert [x["probability"] for x in a["labels"]] == pytest.approx([x["probability"] for x in b["labels"]], abs=1e-5)

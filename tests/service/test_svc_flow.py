@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import pytest
@@ -75,6 +76,18 @@ def test_create_train_classify_cancel_delete(stack, tiny_checkpoint, tmp_path):
         assert client.post(f"/tasks/{other['id']}/cancel").status_code == 409
         assert client.post("/classify", data={"task_id": other["id"]},
                            files=[("files", ("a.png", test_images[0][1].read_bytes(), "image/png"))]).status_code == 409
+
+        # Deleting a task while it trains stops the training and leaves no files behind.
+        data, files = task_form(per_class=8, method="coop", shots=8, epochs=50, batch_size=2)
+        doomed = client.post("/tasks", data=data, files=files).json()
+        wait_for(client, doomed["id"], {"running"})
+        doomed_dir = stack.tmp / "data" / "storage" / "tasks" / doomed["id"]
+        assert doomed_dir.is_dir()
+        assert client.delete(f"/tasks/{doomed['id']}").status_code == 204
+        deadline = time.monotonic() + 15
+        while doomed_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not doomed_dir.exists(), worker.tail()
 
         listed = client.get("/tasks", params={"status": "succeeded"}).json()["items"]
         assert [t["id"] for t in listed] == [task["id"]]
