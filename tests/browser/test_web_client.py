@@ -301,3 +301,44 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     # Not found.
     page.goto(base + "/#/tasks/nope")
     page.get_by_text("There is no task nope").wait_for()
+
+
+def test_local_mode_error_and_loading_states(fake_service, open_page, fixture_images):
+    """Local mode (no keys): no key dialog. A failing request shows an error with a retry that recovers."""
+    base = fake_service(api_key=None, epoch_seconds=0.3)
+    page, _ = open_page(base)
+    fail = {"on": True}
+
+    def maybe_fail(route):
+        if fail["on"]:
+            route.fulfill(status=503, content_type="application/problem+json",
+                          body='{"type":"about:blank","title":"Service unavailable","status":503,"detail":"The backbone is loading."}')
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/tasks(\?.*)?$"), maybe_fail)
+    page.goto(base + "/")
+    page.locator(".error-box").filter(has_text="The backbone is loading.").wait_for()
+    assert page.locator("#key-dialog").is_hidden()
+    fail["on"] = False
+    page.get_by_role("button", name="Try again").click()
+    page.get_by_text("No tasks yet").wait_for()
+    page.locator("#health[data-state=ok]").wait_for()
+
+    # A finished task offers "Try" from the list, which preselects it.
+    page.goto(base + "/#/new")
+    page.fill("#class-name", "bag, sneaker")
+    page.press("#class-name", "Enter")
+    for cls in ("bag", "sneaker"):
+        page.locator(f'.class-card[data-class-name="{cls}"] .dz-input').set_input_files(images(fixture_images, "train", cls, 2))
+    page.fill("#opt-epochs", "2")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"#/tasks/\w+$"))
+    task_id = page.url.rsplit("/", 1)[-1]
+    page.locator(".badge.st-succeeded").wait_for()
+    page.goto(base + "/#/")
+    page.locator(f'.task-row[data-task-id="{task_id}"]').get_by_role("link", name=re.compile("Try")).click()
+    page.get_by_role("heading", name="Try it", exact=True).wait_for()
+    page.wait_for_function(f"document.querySelector('#try-task').value === {task_id!r}")
+    page.locator("form.classify .dz-input").set_input_files(images(fixture_images, "test", "bag", 1))
+    page.locator(".result-card .topk li").nth(1).wait_for()
