@@ -95,12 +95,39 @@ export async function request(method, path, { params, body, headers: extra, sign
   return res.text();
 }
 
+/**
+ * A POST through XMLHttpRequest, for its upload progress events (fetch has none): onProgress(fraction).
+ * Same result and errors as request().
+ */
+export function upload(path, body, { headers: extra, onProgress } = {}) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", apiUrl(path));
+    headers(extra).forEach((v, k) => xhr.setRequestHeader(k, v));
+    if (onProgress) xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+    xhr.addEventListener("error", () => reject(new ApiError(0, { title: "Network error", detail: "The service cannot be reached. Is it running?" })));
+    xhr.addEventListener("load", () => {
+      const text = xhr.responseText || "";
+      let data = null;
+      try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+      if (xhr.status >= 200 && xhr.status < 300) { resolve(data); return; }
+      let problem = data && typeof data === "object" ? data : { detail: text.slice(0, 300) || xhr.statusText };
+      if (Array.isArray(problem.detail)) problem = { ...problem, errors: problem.errors || problem.detail, detail: "Some fields are invalid." };
+      else if (problem.detail && typeof problem.detail !== "string") problem.detail = JSON.stringify(problem.detail);
+      const err = new ApiError(xhr.status, { status: xhr.status, title: xhr.statusText, ...problem });
+      if (xhr.status === 401 || xhr.status === 403) listeners.forEach((fn) => fn(err));
+      reject(err);
+    });
+    xhr.send(body);
+  });
+}
+
 export const api = {
   listTasks: (params, signal) => request("GET", "tasks", { params, signal }),
   getTask: (id, signal) => request("GET", `tasks/${encodeURIComponent(id)}`, { signal }),
   events: (id, signal) => request("GET", `tasks/${encodeURIComponent(id)}/events`, { signal }),
-  createTask: (form, idempotencyKey) =>
-    request("POST", "tasks", { body: form, headers: idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {} }),
+  createTask: (form, idempotencyKey, onProgress) =>
+    upload("tasks", form, { headers: idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {}, onProgress }),
   cancelTask: (id) => request("POST", `tasks/${encodeURIComponent(id)}/cancel`),
   deleteTask: (id) => request("DELETE", `tasks/${encodeURIComponent(id)}`),
   artifact: (id) => request("GET", `tasks/${encodeURIComponent(id)}/artifact`, { raw: true }),

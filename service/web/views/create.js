@@ -201,9 +201,14 @@ export function createView(root) {
     draft.idem = draft.idem || randomId();
     submit.disabled = true; submit.classList.add("busy"); form.setAttribute("aria-busy", "true");
     const n = draft.classes.reduce((a, c) => a + c.files.length, 0);
-    status.textContent = draft.mode === "archive" ? "Uploading the zip…" : `Uploading ${n} image${n === 1 ? "" : "s"}…`;
+    const what = draft.mode === "archive" ? "the zip" : `${n} image${n === 1 ? "" : "s"}`;
+    const bar = h("progress", { max: "100", value: "0", "aria-label": "Upload progress" });
+    clear(status).append(`Uploading ${what}… `, bar);
     try {
-      const task = normTask(await api.createTask(buildForm(), draft.idem));
+      const task = normTask(await api.createTask(buildForm(), draft.idem, (f) => {
+        bar.value = Math.round(f * 100);
+        if (f >= 1) { clear(status).append("Uploaded; the service is checking the images…"); }
+      }));
       status.textContent = "Task created.";
       Object.assign(draft, { classes: [], archive: null, idem: null });
       announce("Task created. Opening it.");
