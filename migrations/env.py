@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from logging.config import fileConfig
+from pathlib import Path
 
 from alembic import context
+from sqlalchemy.engine import make_url
 
 import service.models  # noqa: F401  (registers the tables on Base.metadata)
 from service.db import Base, make_engine
@@ -30,8 +32,9 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     url = database_url()
-    if url.startswith("sqlite"):
-        get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    database = make_url(url).database
+    if url.startswith("sqlite") and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = make_engine(url)
     with engine.connect() as connection:
         # Batch mode lets later migrations alter SQLite tables (it has no ALTER COLUMN).

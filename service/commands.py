@@ -137,10 +137,11 @@ def run_worker(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int)
     args = parser.parse_args(argv)
     from service.settings import get_settings
-    from worker.celery_app import app
+    from worker.celery_app import app, ensure_broker_folder
 
     settings = get_settings()
     _configure_logging(settings.log_level)
+    ensure_broker_folder(settings)
     celery_argv = ["worker", f"--loglevel={settings.log_level.upper()}", "--pool=prefork",
                    f"--concurrency={args.concurrency or settings.worker_concurrency}",
                    "--prefetch-multiplier=1", "-O", "fair", "-Q", settings.queue]

@@ -9,9 +9,11 @@ log = logging.getLogger("upt.service")
 
 def enqueue(task_id: str) -> bool:
     """Publish the training message; on failure the row stays `queued` and recovery re-sends it."""
-    from worker.celery_app import TRAIN_TASK, app
+    from service.settings import get_settings
+    from worker.celery_app import TRAIN_TASK, app, ensure_broker_folder
 
     try:
+        ensure_broker_folder(get_settings())
         app.send_task(TRAIN_TASK, args=[task_id])
         return True
     except Exception:  # broker down: the database still holds the task, so nothing is lost
@@ -20,9 +22,11 @@ def enqueue(task_id: str) -> bool:
 
 
 def broker_reachable() -> tuple[bool, str]:
-    from worker.celery_app import app
+    from service.settings import get_settings
+    from worker.celery_app import app, ensure_broker_folder
 
     try:
+        ensure_broker_folder(get_settings())
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
         return True, "reachable"

@@ -24,10 +24,8 @@ def make_celery(settings: Settings) -> Celery:
     transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
     filesystem = settings.resolved_broker_url.startswith("filesystem")
     if filesystem:
-        folder = settings.broker_folder
-        folder.mkdir(parents=True, exist_ok=True)
-        transport_options.update(data_folder_in=str(folder), data_folder_out=str(folder),
-                                 store_processed=False)
+        folder = str(settings.broker_folder)  # created by ensure_broker_folder before first use
+        transport_options.update(data_folder_in=folder, data_folder_out=folder, store_processed=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -46,6 +44,12 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
     )
     return app
+
+
+def ensure_broker_folder(settings: Settings) -> None:
+    """The filesystem transport (local mode) needs its folder to exist before sending or consuming."""
+    if settings.resolved_broker_url.startswith("filesystem"):
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
 
 
 app = make_celery(get_settings())

@@ -1,0 +1,83 @@
+"""Recovery decisions on the database alone: bounded retries, cancellation of orphans, and the
+Celery settings that make redelivery safe. (The end-to-end behaviour is in test_svc_recovery.py.)"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from service import db, recovery
+from service.migrate import upgrade
+from service.models import Task, Tenant, utcnow
+from service.settings import Settings, get_settings
+
+
+@pytest.fixture
+def database(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+    settings = get_settings()
+    upgrade(settings)
+    sent: list[str] = []
+    monkeypatch.setattr(recovery, "enqueue", sent.append)  # record instead of publishing
+    yield settings, sent
+    db.get_engine().dispose()
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+
+
+def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0) -> str:
+    now = utcnow()
+    with db.session_scope() as session:
+        tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
+        session.add(tenant)
+        session.flush()
+        task = Task(tenant_id=tenant.id, status=status, method="coop", config={"method": "coop"},
+                    class_names=["a", "b"], num_images=2, model="upt-tiny", pretrained="x", attempts=attempts,
+                    lease="l" if status != "queued" else None, heartbeat_at=now - timedelta(seconds=heartbeat_age_s),
+                    enqueued_at=now - timedelta(seconds=enqueued_age_s))
+        session.add(task)
+        session.flush()
+        return task.id
+
+
+def status_of(task_id: str) -> Task:
+    with db.session_scope() as session:
+        return session.get(Task, task_id)
+
+
+def test_dead_worker_is_retried_then_failed_never_left_running(database):
+    settings, sent = database
+    fresh = add_task("running", attempts=1, heartbeat_age_s=1)
+    retry = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
+    spent = add_task("running", attempts=settings.max_attempts, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
+    orphan = add_task("cancelling", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
+    recovery.recover_dead_workers(settings)
+    assert status_of(fresh).status == "running"  # still heart-beating: left alone
+    assert status_of(retry).status == "queued" and status_of(retry).lease is None
+    failed = status_of(spent)
+    assert failed.status == "failed" and "UPT_MAX_ATTEMPTS" in failed.error and failed.finished_at
+    assert status_of(orphan).status == "cancelled"
+    assert sent == [retry]
+
+
+def test_lost_messages_are_sent_again_once_per_period(database):
+    settings, sent = database
+    recent = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=1)
+    lost = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=settings.requeue_after_s + 5)
+    recovery.requeue_lost_messages(settings)
+    recovery.requeue_lost_messages(settings)  # a second sweeper right after: nothing more to send
+    assert sent == [lost]
+    assert recent not in sent
+
+
+def test_celery_redelivery_settings():
+    from worker.celery_app import make_celery
+
+    settings = Settings(broker_url="redis://127.0.0.1:6379/0", task_time_limit_s=3600)
+    conf = make_celery(settings).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit == 3600
