@@ -62,6 +62,24 @@ def add_classes(page, root: Path, shots: int) -> None:
         page.locator(f'.class-card[data-class-name="{cls}"] .count').filter(has_text=f"{shots} images").wait_for()
 
 
+A11Y_PROBLEMS = r"""
+() => {
+  const out = [];
+  for (const el of document.querySelectorAll('input, select, textarea, button')) {
+    const named = el.labels?.length || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby') ||
+      (el.tagName === 'BUTTON' && el.textContent.trim());
+    if (!named) out.push(`unlabelled ${el.tagName.toLowerCase()}#${el.id || '?'}`);
+  }
+  const ids = [...document.querySelectorAll('[id]')].map((e) => e.id);
+  ids.filter((id, i) => ids.indexOf(id) !== i).forEach((id) => out.push(`duplicate id ${id}`));
+  for (const el of document.querySelectorAll('[aria-describedby], [aria-labelledby]'))
+    for (const ref of (el.getAttribute('aria-describedby') + ' ' + el.getAttribute('aria-labelledby')).split(/\s+/))
+      if (ref && ref !== 'null' && !document.getElementById(ref)) out.push(`dangling reference ${ref}`);
+  return out;
+}
+"""
+
+
 def shot(page, dir_: Path, name: str, full_page: bool = True) -> None:
     page.evaluate("window.scrollTo(0, 0)")
     page.wait_for_timeout(150)  # let transitions settle
@@ -288,6 +306,8 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     page.wait_for_url(re.compile(r"#/tasks/\w+$"))
     page.locator(".badge.st-succeeded").wait_for()
 
+    assert page.evaluate(A11Y_PROBLEMS) == []
+
     # Zero-shot needs two names; then top labels with bars.
     page.goto(base + "/#/try")
     page.check('input[name=try-mode][value="zero"]')
@@ -297,6 +317,14 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     page.fill("#try-names", "cat, dog, bag")
     page.click("form.classify button[type=submit]")
     page.locator(".result-card .topk li").nth(2).wait_for()
+
+    assert page.evaluate(A11Y_PROBLEMS) == []
+    page.goto(f"{base}/#/tasks/{first}")
+    page.locator("table.cm").wait_for()
+    assert page.evaluate(A11Y_PROBLEMS) == []
+    page.goto(base + "/#/")
+    page.locator(".task-row").first.wait_for()
+    assert page.evaluate(A11Y_PROBLEMS) == []
 
     # Not found.
     page.goto(base + "/#/tasks/nope")
