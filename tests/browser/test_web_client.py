@@ -255,6 +255,7 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     }""", base64.b64encode(PNG_1PX).decode())
     page.locator('.class-card[data-class-name="bag"] .count').filter(has_text="1 image").wait_for()
     page.locator('.class-card[data-class-name="sneaker"] .dz-input').set_input_files(images(fixture_images, "train", "sneaker", 2))
+    assert page.evaluate(A11Y_PROBLEMS) == []
 
     # API validation errors land next to their field.
     page.fill("#opt-epochs", "999")
