@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from svc_helpers import CLASSES, images, task_form, wait_for
 
@@ -22,7 +25,7 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in metrics")
 
 
-def test_create_train_classify_cancel_delete(stack, tiny_checkpoint, tmp_path):
+def test_create_train_classify_cancel_delete(stack, tmp_path):
     client = stack.client("acme")
     worker = stack.start_worker()
     try:
@@ -44,7 +47,7 @@ def test_create_train_classify_cancel_delete(stack, tiny_checkpoint, tmp_path):
         assert all(e["data"]["loss"] > 0 for e in events)
 
         batches_before = metric(client.get("/metrics").text, "upt_classify_batch_size_count")
-        # Classify equals the core's own predictor on the downloaded artifact and the same images.
+        # Classify equals `upt predict` on the downloaded artifact and the same images.
         test_images = images("test", 2)
         classify = client.post("/classify", data={"task_id": task["id"], "top_k": "3"},
                                files=[("files", (p.name, p.read_bytes(), "image/png")) for _, p in test_images])
@@ -55,15 +58,15 @@ def test_create_train_classify_cancel_delete(stack, tiny_checkpoint, tmp_path):
         archive = client.get(f"/tasks/{task['id']}/artifact")
         assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
         zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
-        from upt.backbone import load_backbone
-        from upt.predict import Predictor
-
-        predictor = Predictor.from_artifact(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"),
-                                            tmp_path / task["id"])
-        expected = predictor.predict([Image.open(p).convert("RGB") for _, p in test_images], top_k=3)
+        cli = subprocess.run([str(Path(sys.executable).parent / "upt"), "predict", "--artifact",
+                              str(tmp_path / task["id"]), "--top-k", "3", "--device", "cpu", "--json",
+                              *[str(p) for _, p in test_images]], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        expected = json.loads(cli.stdout)["predictions"]
         for got, want in zip(served, expected):
-            assert [x["label"] for x in got["labels"]] == [w.label for w in want]
-            assert [x["probability"] for x in got["labels"]] == pytest.approx([w.probability for w in want], abs=1e-5)
+            assert [x["label"] for x in got["labels"]] == [w["label"] for w in want["top"]]
+            assert [x["probability"] for x in got["labels"]] == pytest.approx([w["probability"] for w in want["top"]],
+                                                                              abs=1e-5)
 
         # Cancel another task while it trains (or before it starts): it ends cancelled.
         data, files = task_form(per_class=8, method="vpt-shallow", shots=8, epochs=50, batch_size=2)
