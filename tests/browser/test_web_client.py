@@ -75,6 +75,9 @@ A11Y_PROBLEMS = r"""
   for (const el of document.querySelectorAll('[aria-describedby], [aria-labelledby]'))
     for (const ref of (el.getAttribute('aria-describedby') + ' ' + el.getAttribute('aria-labelledby')).split(/\s+/))
       if (ref && ref !== 'null' && !document.getElementById(ref)) out.push(`dangling reference ${ref}`);
+  const text = document.body.innerText;
+  const stray = text.match(/\bnull\b|\bundefined\b|\bNaN\b|\[object Object\]/);
+  if (stray) out.push(`stray text: ${stray[0]}`);
   return out;
 }
 """
@@ -110,6 +113,7 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     assert "500" in err.inner_text() or "epoch" in err.inner_text().lower()
     assert page.get_attribute("#opt-epochs", "aria-invalid") == "true"
     page.fill("#opt-epochs", "3")
+    assert page.evaluate(A11Y_PROBLEMS) == []
     shot(page, screenshots_dir, "create-task.png")
 
     page.click("button[type=submit]")
@@ -154,6 +158,7 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     assert cm.locator("tbody tr").count() == len(CLASSES)
     assert page.locator(".per-class li").count() == len(CLASSES)
     assert re.search(r"\d+(\.\d)?%", page.locator(".big-metric .big").inner_text())
+    assert page.evaluate(A11Y_PROBLEMS) == []
     shot(page, screenshots_dir, "task-detail.png")
 
     # Try it with the tuned task: top labels with probability bars for each image dropped.

@@ -106,8 +106,8 @@ export function taskView(root, { id }) {
       extra.push([k, String(v)]);
     }
     const dl = (list) => h("dl", { class: "kv" }, list.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
-    clear(sections.settings).append(h("h2", { id: "s-settings" }, "Settings"), dl(rows),
-      extra.length ? h("details", { class: "kv-more" }, h("summary", {}, `All training options (${extra.length})`), dl(extra)) : null);
+    clear(sections.settings).append(h("h2", { id: "s-settings" }, "Settings"), dl(rows));
+    if (extra.length) sections.settings.append(h("details", { class: "kv-more" }, h("summary", {}, `All training options (${extra.length})`), dl(extra)));
   }
 
   function renderTraining() {
