@@ -3,7 +3,8 @@
 - A `queued` task whose message was last sent more than UPT_REQUEUE_AFTER_S ago is sent again (the
   broker may have restarted empty). Duplicates are harmless: a worker claims a task only while it is
   `queued`, so a second message for the same task finds nothing to do.
-- A `running` task whose heartbeat is older than UPT_HEARTBEAT_TIMEOUT_S lost its worker: it goes
+- A `running` task whose heartbeat is older than UPT_HEARTBEAT_TIMEOUT_S (or whose worker process
+  on this host is gone) lost its worker: it goes
   back to `queued` (training resumes from its last epoch checkpoint), or to `failed` once it has been
   tried UPT_MAX_ATTEMPTS times. A `cancelling` task in that state becomes `cancelled`.
 Each change is a compare-and-set on the row, so any number of sweepers can run at once.
@@ -12,6 +13,8 @@ Each change is a compare-and-set on the row, so any number of sweepers can run a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from datetime import timedelta
 
@@ -19,7 +22,7 @@ from sqlalchemy import select, update
 
 from service.db import session_scope
 from service.dispatch import enqueue
-from service.models import Task, TaskStatus, utcnow
+from service.models import Task, TaskStatus, as_utc, utcnow
 from service.settings import Settings
 
 log = logging.getLogger("upt.recovery")
@@ -46,14 +49,30 @@ def requeue_lost_messages(settings: Settings) -> list[str]:
     return sent
 
 
+def dead_on_this_host(worker: str | None) -> bool:
+    """True when `worker` ("host:pid", see worker.tasks.worker_name) ran here and its process is gone:
+    no need to wait for the heartbeat timeout (a restarted `upt serve`, a pool process killed)."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 def recover_dead_workers(settings: Settings) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
     requeued = []
     with session_scope() as session:
-        stale = session.scalars(
-            select(Task).where(Task.status.in_([TaskStatus.running.value, TaskStatus.cancelling.value]),
-                               Task.heartbeat_at < cutoff)
+        active = session.scalars(
+            select(Task).where(Task.status.in_([TaskStatus.running.value, TaskStatus.cancelling.value]))
         ).all()
+        stale = [t for t in active if t.heartbeat_at is None or as_utc(t.heartbeat_at) < cutoff
+                 or dead_on_this_host(t.worker)]
         for task in stale:
             values = _after_worker_loss(task, settings)
             changed = session.execute(

@@ -3,6 +3,10 @@ Celery settings that make redelivery safe. (The end-to-end behaviour is in test_
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -28,7 +32,8 @@ def database(tmp_path, monkeypatch):
         cached.cache_clear()
 
 
-def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0) -> str:
+def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0,
+             worker: str | None = None) -> str:
     now = utcnow()
     with db.session_scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
@@ -37,7 +42,7 @@ def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s:
         task = Task(tenant_id=tenant.id, status=status, method="coop", config={"method": "coop"},
                     class_names=["a", "b"], num_images=2, model="upt-tiny", pretrained="x", attempts=attempts,
                     lease="l" if status != "queued" else None, heartbeat_at=now - timedelta(seconds=heartbeat_age_s),
-                    enqueued_at=now - timedelta(seconds=enqueued_age_s))
+                    enqueued_at=now - timedelta(seconds=enqueued_age_s), worker=worker)
         session.add(task)
         session.flush()
         return task.id
@@ -81,3 +86,16 @@ def test_celery_redelivery_settings():
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit == 3600
+
+
+def test_a_gone_worker_process_on_this_host_is_not_waited_for(database):
+    settings, sent = database
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host = socket.gethostname()
+    gone = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{finished.pid}")
+    alive = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{os.getpid()}")
+    elsewhere = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"other-{host}:{finished.pid}")
+    recovery.recover_dead_workers(settings)
+    assert status_of(gone).status == "queued" and sent == [gone]
+    assert status_of(alive).status == status_of(elsewhere).status == "running"
