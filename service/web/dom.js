@@ -76,6 +76,17 @@ export function progressBar(task, id) {
     h("span", { class: "progress-text" }, label));
 }
 
+/** Re-render `el` with `render()`, letting its progress bar slide from where it was instead of jumping. */
+export function keepProgress(el, render) {
+  const before = el.querySelector(".progress-fill")?.style.width;
+  render();
+  const fill = el.querySelector(".progress-fill");
+  if (!before || !fill || fill.style.width === before) return;
+  const target = fill.style.width;
+  fill.style.width = before;
+  requestAnimationFrame(() => requestAnimationFrame(() => { fill.style.width = target; }));
+}
+
 export function progressLabel(t) {
   const parts = [`${Math.round((t.progress || 0) * 100)}%`];
   if (t.epoch !== null && t.epoch !== undefined && t.epochs && t.status !== "succeeded") parts.push(`epoch ${t.epoch}/${t.epochs}`);

@@ -1,6 +1,6 @@
 // One task: settings, live loss/accuracy plot from /events, results, the paper's data variances, try it.
 import { api, normTask, normEvents, ACTIVE } from "../api.js";
-import { h, clear, announce, statusBadge, progressBar, fmtTime, fmtNum, pct, loading, errorBox } from "../dom.js";
+import { h, clear, announce, statusBadge, progressBar, fmtTime, fmtNum, pct, loading, errorBox, keepProgress } from "../dom.js";
 import { lossAccChart, confusionMatrix, perClassBars } from "../charts.js";
 import { methodName } from "../widgets.js";
 import { classifyPanel } from "./try.js";
@@ -62,12 +62,14 @@ export function taskView(root, { id }) {
     title.textContent = `${t.name || t.config?.name || methodName(t.method)} `;
     title.append(h("span", { class: "tr-id" }, `#${short(t.id)}`));
     renderActions();
-    clear(statusLine);
-    statusLine.append(statusBadge(t.status), " ",
-      t.status === "failed" ? h("span", { class: "tr-error" }, t.error || "Training failed.")
-        : t.status === "cancelled" ? h("span", {}, "Training was cancelled.")
-        : t.status === "succeeded" ? h("span", {}, "Training finished.")
-        : progressBar(t));
+    keepProgress(statusLine, () => {
+      clear(statusLine);
+      statusLine.append(statusBadge(t.status), " ",
+        t.status === "failed" ? h("span", { class: "tr-error" }, t.error || "Training failed.")
+          : t.status === "cancelled" ? h("span", {}, "Training was cancelled.")
+          : t.status === "succeeded" ? h("span", {}, "Training finished.")
+          : progressBar(t));
+    });
 
     if (!prev || prev.status !== t.status) renderSettings();
     renderTraining();

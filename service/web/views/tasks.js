@@ -1,6 +1,6 @@
 // The task list: status, live progress with ETA (polling GET /tasks/{id} while anything runs), cancel, delete.
 import { api, normTask, ACTIVE } from "../api.js";
-import { h, clear, announce, statusBadge, progressBar, fmtTime, loading, errorBox, emptyState } from "../dom.js";
+import { h, clear, announce, statusBadge, progressBar, fmtTime, loading, errorBox, emptyState, keepProgress } from "../dom.js";
 import { methodName } from "../widgets.js";
 
 const POLL_MS = 1500;
@@ -87,7 +87,7 @@ export function tasksView(root, { query }) {
     const li = rows.get(t.id);
     if (!li) return;
     const focused = document.activeElement && li.contains(document.activeElement) ? document.activeElement.dataset.role : null;
-    fill(li, t);
+    keepProgress(li, () => fill(li, t));
     if (focused) li.querySelector(`[data-role="${focused}"]`)?.focus();
   }
 
