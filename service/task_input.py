@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from service.errors import Problem, invalid
+from service.errors import invalid
 from service.settings import Settings
 from service.uploads import ParsedForm, UploadedFile, open_image, too_large
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import BatcherDep, MetricsDep, RuntimeDep, StorageDep
+from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.errors import Problem, invalid
@@ -17,7 +18,7 @@ from service.uploads import open_image, parse_form, remove, scratch_dir
 router = APIRouter(tags=["classify"])
 
 
-@router.post("/classify", response_model=ClassifyOut)
+@router.post("/classify", response_model=ClassifyOut, openapi_extra=CLASSIFY_FORM)
 async def classify(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                    runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep,
                    batcher: BatcherDep) -> ClassifyOut:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.deps import RuntimeDep, StorageDep
+from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found
@@ -49,7 +50,7 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Ta
     return session.scalar(select(Task).where(Task.tenant_id == tenant.id, Task.idempotency_key == key))
 
 
-@router.post("/tasks", status_code=202, response_model=TaskOut,
+@router.post("/tasks", status_code=202, response_model=TaskOut, openapi_extra=TASK_FORM,
              responses={202: {"description": "Task queued; `Location` names it."}})
 async def create_task(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                       runtime: RuntimeDep, storage: StorageDep,

@@ -1,0 +1,38 @@
+"""OpenAPI descriptions of the multipart forms the routes parse themselves (to stream with limits)."""
+
+from __future__ import annotations
+
+from upt.methods import METHODS
+
+
+def _multipart(properties: dict, required: list[str]) -> dict:
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "properties": properties, "required": required}}}}}
+
+
+_text = {"type": "string"}
+_texts = {"type": "array", "items": {"type": "string"}}
+_files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+
+TASK_FORM = _multipart({
+    "class_names": {**_texts, "description": "one field per class (optional with `archive`: its folders)"},
+    "files": {**_files, "description": "images, with `labels` in the same order"},
+    "labels": {**_texts, "description": "the class of each file"},
+    "archive": {"type": "string", "format": "binary", "description": "a zip of <class name>/<image> folders"},
+    "method": {**_text, "enum": list(METHODS)},
+    "shots": {"type": "integer", "minimum": 1},
+    "epochs": {"type": "integer", "minimum": 0},
+    "seed": {"type": "integer"},
+    "n_ctx": {"type": "integer", "minimum": 1},
+    "depth": {"type": "integer", "minimum": 1},
+    "ctx_init": _text,
+    "lr": {"type": "number", "exclusiveMinimum": 0},
+    "batch_size": {"type": "integer", "minimum": 1},
+}, ["method"])
+
+CLASSIFY_FORM = _multipart({
+    "files": _files,
+    "task_id": {**_text, "description": "a succeeded task"},
+    "class_names": {**_texts, "description": "zero-shot classes, instead of task_id"},
+    "top_k": {"type": "integer", "minimum": 1, "default": 5},
+}, ["files"])
