@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: serve test install install-test system-test-deps bench
+.PHONY: serve serve-tiny test install install-test system-test-deps bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,9 @@ test: install-test system-test-deps
 bench: install
 	$(BIN)/python bench/text_truncation.py
 	$(BIN)/python bench/serving.py
+
+# Offline demo: the project's tiny backbone with random weights, named explicitly (never a silent
+# fallback). Predictions are meaningless; everything else is the real service.
+serve-tiny: install
+	$(BIN)/upt tiny-checkpoint var/upt-tiny.pt
+	UPT_MODEL=upt-tiny UPT_PRETRAINED=var/upt-tiny.pt $(BIN)/upt serve
