@@ -40,6 +40,14 @@ def register(subparsers) -> None:
     create.add_argument("--tenant", required=True, help="tenant name (created if new)")
     create.add_argument("--json", action="store_true", help="machine-readable output")
     create.set_defaults(func=keys_create_command)
+    listing = keys_sub.add_parser("list", help="list keys (prefixes only) and their tenants")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=keys_list_command)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key, given the key or its prefix from `keys list`")
+    revoke.add_argument("key", help="the key, or its first 12 characters")
+    revoke.add_argument("--json", action="store_true", help="machine-readable output")
+    revoke.set_defaults(func=keys_revoke_command)
 
 
 def _configure_logging(level: str) -> None:
@@ -177,6 +185,45 @@ def keys_create_command(args) -> int:
     else:
         print(key)
         print(f"(API key for tenant {args.tenant!r}; it is stored hashed and cannot be shown again)", file=sys.stderr)
+    return 0
+
+
+def keys_list_command(args) -> int:
+    from sqlalchemy import select
+
+    from service.db import session_scope
+    from service.models import ApiKey, Tenant
+
+    with session_scope() as session:
+        query = select(ApiKey, Tenant.name).join(Tenant).order_by(Tenant.name, ApiKey.id)
+        if args.tenant:
+            query = query.where(Tenant.name == args.tenant)
+        rows = [{"tenant": name, "prefix": key.prefix, "created_at": key.created_at.isoformat(),
+                 "revoked": key.revoked_at is not None} for key, name in session.execute(query).all()]
+    if args.json:
+        print(json.dumps(rows))
+    for row in [] if args.json else rows:
+        print(f"{row['prefix']}  {row['tenant']}  created {row['created_at']}{'  revoked' if row['revoked'] else ''}")
+    return 0
+
+
+def keys_revoke_command(args) -> int:
+    from sqlalchemy import update
+
+    from service.auth import hash_key
+    from service.db import session_scope
+    from service.models import ApiKey, utcnow
+
+    prefix = args.key[:12]
+    with session_scope() as session:
+        matches = session.query(ApiKey).filter(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)).all()
+        if len(args.key) > 12:  # a whole key: match it exactly
+            matches = [key for key in matches if key.key_hash == hash_key(args.key)]
+        if len(matches) != 1:
+            print(f"upt keys revoke: {len(matches)} active keys match {prefix!r}; give the whole key.", file=sys.stderr)
+            return 1
+        session.execute(update(ApiKey).where(ApiKey.id == matches[0].id).values(revoked_at=utcnow()))
+    print(json.dumps({"revoked": prefix}) if args.json else f"Revoked {prefix}")
     return 0
 
 

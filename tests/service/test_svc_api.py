@@ -238,3 +238,15 @@ def test_concurrent_classify_requests_share_encoder_passes(stack):
     for a, b in zip(alone, together):
         assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
         assert [x["probability"] for x in a["labels"]] == pytest.approx([x["probability"] for x in b["labels"]], abs=1e-5)
+
+
+def test_revoked_key_is_refused(stack):
+    import json
+
+    key = json.loads(stack.command("keys", "create", "--tenant", "acme", "--json"))["key"]
+    assert httpx.get(f"{stack.url}/tasks", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    listed = json.loads(stack.command("keys", "list", "--tenant", "acme", "--json"))
+    assert key[:12] in [row["prefix"] for row in listed] and all(key not in json.dumps(row) for row in listed)
+    stack.command("keys", "revoke", key)
+    assert_problem(httpx.get(f"{stack.url}/tasks", headers={"Authorization": f"Bearer {key}"}), 401)
+    assert httpx.get(f"{stack.url}/tasks", headers={"Authorization": f"Bearer {stack.keys['acme']}"}).status_code == 200
