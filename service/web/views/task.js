@@ -14,10 +14,12 @@ export function taskView(root, { id }) {
 
   const title = h("h1", { id: "task-title" }, `Task #${short(id)}`);
   const head = h("div", { class: "view-head" }, title, h("div", { class: "head-actions" }));
-  const statusLine = h("div", { class: "status-line", role: "status", "aria-live": "polite" });
+  // Not a live region: it changes every poll. Status changes are announced once, through the announcer.
+  const statusLine = h("div", { class: "status-line" });
+  const notice = h("p", { class: "notice-line", role: "status" });
   const content = h("div", { class: "task-content", "aria-busy": "true" }, loading("Loading the task…"));
   root.append(h("section", { class: "view", "aria-labelledby": "task-title" },
-    h("p", { class: "crumbs" }, h("a", { href: "#/" }, "← All tasks")), head, statusLine, content));
+    h("p", { class: "crumbs" }, h("a", { href: "#/" }, "← All tasks")), head, statusLine, notice, content));
 
   const sections = {
     settings: h("section", { class: "card", "aria-labelledby": "s-settings" }),
@@ -40,6 +42,7 @@ export function taskView(root, { id }) {
         clear(content);
         content.append(h("div", { class: "detail-grid" }, sections.settings, sections.training), sections.results, sections.variances, sections.tryit);
       }
+      if (notice.textContent.startsWith("Lost contact")) notice.textContent = "";
       render(prev);
       if (prev && prev.status !== task.status) announce(`Task ${short(id)} is now ${task.status}.`);
       content.setAttribute("aria-busy", "false");
@@ -51,7 +54,7 @@ export function taskView(root, { id }) {
         clear(content);
         content.append(errorBox(err.status === 404 ? { title: "Not found", message: `There is no task ${id}. It may have been deleted.` } : err, () => { clear(content); content.append(loading()); load(true); }));
       } else if (!dead) {
-        statusLine.textContent = `Lost contact with the service (${err.message}); retrying…`;
+        notice.textContent = `Lost contact with the service (${err.message}); retrying…`;
         timer = setTimeout(() => load(false), POLL_MS * 3);
       }
     }
@@ -178,13 +181,13 @@ export function taskView(root, { id }) {
 
   async function cancel() {
     try { const r = await api.cancelTask(id); if (r && r.id) task = normTask(r); else task = { ...task, status: "cancelling" }; render(null); announce("Cancelling."); clearTimeout(timer); timer = setTimeout(() => load(false), POLL_MS); }
-    catch (err) { statusLine.textContent = `Could not cancel: ${err.message}`; }
+    catch (err) { notice.textContent = `Could not cancel: ${err.message}`; }
   }
 
   async function del() {
     if (!window.confirm(`Delete task ${short(id)} and its artifact?`)) return;
     try { await api.deleteTask(id); announce("Task deleted."); location.hash = "#/"; }
-    catch (err) { statusLine.textContent = `Could not delete: ${err.message}`; }
+    catch (err) { notice.textContent = `Could not delete: ${err.message}`; }
   }
 
   async function download(e) {
@@ -200,7 +203,7 @@ export function taskView(root, { id }) {
       document.body.append(a); a.click(); a.remove();
       setTimeout(() => URL.revokeObjectURL(url), 10000);
       announce("Artifact downloaded.");
-    } catch (err) { statusLine.textContent = `Could not download: ${err.message}`; }
+    } catch (err) { notice.textContent = `Could not download: ${err.message}`; }
     finally { btn.disabled = false; btn.textContent = label; }
   }
 
