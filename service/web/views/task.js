@@ -149,7 +149,8 @@ export function taskView(root, { id }) {
 
   function renderVariances() {
     const s = sections.variances;
-    const v = task.metrics?.variances || task.metrics?.variance || task.variances;
+    const m = task.metrics || {};
+    const v = m.variances || m.variance || m.data_variances || m.analysis || task.variances;
     s.hidden = !v && task.status !== "succeeded";
     if (s.hidden || s.dataset.rendered === "1") return;
     if (!v) {
@@ -167,6 +168,11 @@ export function taskView(root, { id }) {
         h("div", { class: "vbox" }, h("span", { class: "big" }, fmtNum(inter, 3)), h("span", {}, "inter-class text variance"),
           h("span", { class: "muted small" }, "how far apart the class names are for CLIP's text encoder"))),
       h("p", { class: "advice" }, v.advice || v.suggestion || v.interpretation || varianceAdvice(intra, inter)));
+    const perClass = v.per_class_visual && typeof v.per_class_visual === "object" ? Object.entries(v.per_class_visual) : [];
+    if (perClass.length) {
+      s.append(h("details", { class: "kv-more" }, h("summary", {}, "Visual variance per class"),
+        h("dl", { class: "kv" }, perClass.map(([k, x]) => [h("dt", {}, k), h("dd", {}, fmtNum(x, 3))]))));
+    }
     s.dataset.rendered = "1";
   }
 
