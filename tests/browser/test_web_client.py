@@ -247,6 +247,13 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
         if page.evaluate("document.activeElement.classList.contains('dz-input')"):
             break
     assert page.evaluate("document.activeElement.classList.contains('dz-input')")
+    # ...where Space opens the file chooser.
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(images(fixture_images, "train", "bag", 2))
+    page.locator('.class-card[data-class-name="bag"] .count').filter(has_text="2 images").wait_for()
+    page.locator('.class-card[data-class-name="bag"]').get_by_role("button", name="Remove the images of bag").click()
+    assert page.evaluate("document.activeElement.classList.contains('dz-input')")  # focus stays in the card
 
     page.fill("#class-name", "sneaker")
     page.press("#class-name", "Enter")

@@ -123,7 +123,10 @@ export function createView(root) {
       classList.append(h("li", { class: "class-card", dataset: { className: c.name } },
         h("div", { class: "class-head" },
           h("h3", {}, c.name, h("span", { class: "count" }, ` · ${c.files.length} image${c.files.length === 1 ? "" : "s"}`)),
-          c.files.length ? h("button", { type: "button", class: "btn btn-ghost btn-sm", onclick: () => { c.files = []; renderClasses(); }, "aria-label": `Remove the images of ${c.name}` }, "Clear images") : null,
+          c.files.length ? h("button", { type: "button", class: "btn btn-ghost btn-sm", onclick: () => {
+            c.files = []; renderClasses(); announce(`Removed the images of ${c.name}.`);
+            classList.querySelectorAll(".dz-input")[i]?.focus();
+          }, "aria-label": `Remove the images of ${c.name}` }, "Clear images") : null,
           h("button", { type: "button", class: "btn btn-ghost btn-sm", "aria-label": `Remove class ${c.name}`, onclick: () => {
             draft.classes.splice(i, 1); renderClasses(); announce(`Removed ${c.name}.`); nameInput.focus();
           } }, "Remove")),
