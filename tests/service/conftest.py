@@ -1,27 +1,19 @@
 """Real parts for the service tests: PostgreSQL, Redis, uvicorn and celery worker subprocesses.
 
 Each test session gets its own PostgreSQL database, its own Redis database index and queue name,
-and a tiny open_clip checkpoint (upt-tiny, random weights) standing in for a real CLIP.
+and the tiny open_clip checkpoint of tests/conftest.py (upt-tiny, random weights) for a real CLIP.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
 from svc_helpers import PG_ADMIN, REDIS_DB, Stack, base_env
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from upt.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "upt-tiny.pt")
 
 
 @pytest.fixture(scope="session")
