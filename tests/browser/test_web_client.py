@@ -205,11 +205,27 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "horizontal scroll on a phone"
     shot(phone, screenshots_dir, "phone-task-detail.png")
 
-    # Delete from the list.
+    # A long training, cancelled from the list: cancelling, then cancelled once the worker stops.
+    page.goto(base + "/#/new")
+    page.fill("#class-name", "bag, sneaker")
+    page.press("#class-name", "Enter")
+    for cls in ("bag", "sneaker"):
+        page.locator(f'.class-card[data-class-name="{cls}"] .dz-input').set_input_files(images(fixture_images, "train", cls, 4))
+    page.check('input[name=method][value="coop"]')
+    page.fill("#opt-epochs", "400")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"#/tasks/[A-Za-z0-9]+$"))
+    long_id = page.url.rsplit("/", 1)[-1]
     page.goto(base + "/#/")
-    row = page.locator(f'.task-row[data-task-id="{task_id}"]')
-    row.get_by_role("button", name=re.compile("Delete")).click()
-    row.wait_for(state="detached")
+    long_row = page.locator(f'.task-row[data-task-id="{long_id}"]')
+    long_row.locator('[data-role="cancel"]').click()
+    page.locator(f'.task-row[data-task-id="{long_id}"][data-status="cancelled"]').wait_for(timeout=120_000)
+
+    # Delete from the list.
+    for tid in (long_id, task_id):
+        row = page.locator(f'.task-row[data-task-id="{tid}"]')
+        row.get_by_role("button", name=re.compile("Delete")).click()
+        row.wait_for(state="detached")
     page.get_by_text("No tasks yet").wait_for()
 
 
