@@ -63,12 +63,12 @@ def parse_config(form: ParsedForm, settings: Settings):
     return config
 
 
-def check_class_names(names: list[str], settings: Settings) -> list[str]:
+def check_class_names(names: list[str], settings: Settings, as_folders: bool = True) -> list[str]:
     names = [n.strip() for n in names]
     if any(not n for n in names):
         raise invalid("class_names", "a class name is empty.")
-    for name in names:
-        # Class names become folder names in the task's data folder.
+    for name in names if as_folders else []:
+        # A task's class names become folder names in its data folder (zero-shot has none).
         if name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200:
             raise invalid("class_names", f"{name!r} cannot be used: no slashes or control characters, not "
                           "starting with '.', at most 200 characters.")

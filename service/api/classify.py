@@ -58,7 +58,7 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
                           "succeeded (poll GET /tasks/{id}).", type="task-not-finished")
         predictor = runtime.tuned_predictor(task.id, storage.artifact_dir(task.id))
     else:
-        predictor = runtime.zero_shot_predictor(check_class_names(names, settings))
+        predictor = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False))
     images = [open_image(f.path.read_bytes(), f.filename, "files", settings.max_image_pixels) for f in files]
     metrics.classify_batch.observe(len(images))
     logits = batcher.logits(predictor, predictor.preprocess(images))

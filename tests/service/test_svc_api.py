@@ -193,6 +193,8 @@ def test_zero_shot_classify_and_its_errors(stack):
     predictions = response.json()["predictions"]
     assert len(predictions) == 4 and all(len(p["labels"]) == 2 for p in predictions)
     assert all(0 <= label["probability"] <= 1 and label["label"] in CLASSES for p in predictions for label in p["labels"])
+    slashed = client.post("/classify", data={"class_names": ["T-shirt/top", "trouser"]}, files=files)
+    assert slashed.status_code == 200 and slashed.json()["class_names"] == ["T-shirt/top", "trouser"]
     assert_problem(client.post("/classify", data={"class_names": CLASSES}), 422, "files")
     assert_problem(client.post("/classify", data={}, files=files), 422, "task_id")
     assert_problem(client.post("/classify", data={"class_names": CLASSES, "top_k": "0"}, files=files), 422, "top_k")
