@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import python_multipart
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
@@ -161,6 +162,8 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
         parser.finalize()
     except FormParserError as error:
         raise Problem(400, "Bad request", f"The multipart body is malformed: {error}", type="bad-multipart")
+    except ClientDisconnect:  # nobody is left to read an answer; nothing was stored
+        raise Problem(400, "Bad request", "The client went away during the upload.", type="client-disconnected")
     finally:
         collector.close()
     return collector.form
