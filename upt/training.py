@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .data import FewShotSplit, ImageDataset, sample_few_shot, scan_image_folder
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
 from .methods.config import DEFAULT_TEMPLATE
+from .options import JsonOptions
 from .predict import Predictor
 
 CHECKPOINT_FILE = "last.pt"
@@ -41,7 +42,7 @@ def epochs_for_shots(shots: int | None) -> int:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonOptions):
     """All options of one training run; defaults are the paper's."""
 
     method: str
@@ -60,6 +61,8 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     class_names: list[str] | None = None
+
+    options_kind = "training options"
 
     def __post_init__(self) -> None:
         self.templates = tuple(self.templates)
@@ -96,19 +99,6 @@ class TrainConfig:
         if epoch < self.warmup_epochs:
             return self.warmup_lr
         return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.total_epochs))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["templates"] = list(self.templates)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"Unknown training options: {', '.join(sorted(unknown))}.")
-        return cls(**data)
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..options import JsonOptions
 
 ZERO_SHOT = "zero-shot"
 METHODS: tuple[str, ...] = (ZERO_SHOT, "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp")
@@ -40,7 +40,7 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class PromptConfig:
+class PromptConfig(JsonOptions):
     """Prompt options of one method.
 
     depth: how many layers receive prompts. None means the method's own default: every vision layer
@@ -58,6 +58,8 @@ class PromptConfig:
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
     dropout: float = 0.1
     init_std: float = 0.02
+
+    options_kind = "prompt options"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "templates", tuple(self.templates))
@@ -91,17 +93,4 @@ class PromptConfig:
     @property
     def learns_visual(self) -> bool:
         return self.method in VISUAL_METHODS
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["templates"] = list(self.templates)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PromptConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"Unknown prompt options: {', '.join(sorted(unknown))}.")
-        return cls(**data)
 
