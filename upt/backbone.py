@@ -133,7 +133,8 @@ def _missing_weights_advice(model: str, pretrained: str, is_file: bool, error: E
         f"Could not get the {pretrained!r} weights of {model} ({error}). They are downloaded on first use "
         f"and cached (HF_HOME / ~/.cache/huggingface). Without network access, download the checkpoint "
         f"elsewhere and pass its path instead of the tag: --pretrained /path/to/open_clip_model.safetensors "
-        f"(or UPT_PRETRAINED for the service)."
+        f"(or UPT_PRETRAINED for the service). OpenAI's weights from a file need the QuickGELU variant of the "
+        f"model name, e.g. --model ViT-B-16-quickgelu."
     )
 
 
