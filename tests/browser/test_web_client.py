@@ -116,6 +116,7 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     assert page.evaluate(A11Y_PROBLEMS) == []
     shot(page, screenshots_dir, "create-task.png")
 
+    page.evaluate(WATCH_PROGRESS)  # from here on (one document: the router only changes the hash)
     page.click("button[type=submit]")
     page.wait_for_url(re.compile(r"#/tasks/[A-Za-z0-9]+$"))
     task_id = page.url.rsplit("/", 1)[-1]
@@ -124,7 +125,6 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     page.goto(base + "/#/")
     row = page.locator(f'.task-row[data-task-id="{task_id}"]')
     row.wait_for()
-    page.evaluate(WATCH_PROGRESS)
     took_progress_shot = False
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
             break
         page.wait_for_timeout(100)
     assert row.get_attribute("data-status") == "succeeded", row.inner_text()
-    values = [v for _, v in page.evaluate("window.__progress")]
+    values = [v for _, v in page.evaluate("window.__progress")]  # the task page's bar, then the list's
     assert values and values[-1] == 100 and len(set(values)) >= 2, f"the progress bar did not move: {values}"
     assert values == sorted(values), f"the progress went backwards: {values}"
     if not took_progress_shot:
