@@ -13,6 +13,7 @@ from service.api import classify, health, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.recovery import Sweeper
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -32,7 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.preload_backbone:
             # Load in the background: /livez answers at once, /readyz turns ready when loaded.
             app.state.runtime.start_loading()
+        # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
+        # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
+        sweeper = Sweeper(settings)
+        sweeper.start()
         yield
+        sweeper.stop()
 
     app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,
                   description="Few-shot prompt tuning of a frozen CLIP, as a service.")

@@ -39,6 +39,9 @@ def test_killed_worker_resumes_from_checkpoint(stack):
     finally:
         first.kill_group()  # SIGKILL, pool children included: no chance to clean up
     assert running["epoch"] < epochs
+    # Even with no worker up, the API's own sweep takes the task out of `running`.
+    requeued = wait_for(client, task["id"], {"queued", "failed", "succeeded"}, timeout=30)
+    assert requeued["status"] == "queued" and requeued["attempts"] == 1
 
     second = stack.start_worker("worker-resumed")
     try:
