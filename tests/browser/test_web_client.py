@@ -112,7 +112,9 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     err.wait_for(state="visible")
     assert "500" in err.inner_text() or "epoch" in err.inner_text().lower()
     assert page.get_attribute("#opt-epochs", "aria-invalid") == "true"
-    page.fill("#opt-epochs", "3")
+    shot(page, screenshots_dir, "create-task-error.png")
+    page.fill("#opt-epochs", "3")  # editing the field clears its message
+    assert err.is_hidden() and page.locator(".form-error").is_hidden()
     assert page.evaluate(A11Y_PROBLEMS) == []
     shot(page, screenshots_dir, "create-task.png")
 

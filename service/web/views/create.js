@@ -44,7 +44,7 @@ export function createView(root) {
   const methodField = h("fieldset", { class: "methods", "aria-describedby": "err-method" },
     h("legend", {}, "Method"),
     METHODS.map((m) => h("label", { class: "method" },
-      h("input", { type: "radio", name: "method", value: m.id, checked: draft.method === m.id, onchange: () => { draft.method = m.id; } }),
+      h("input", { type: "radio", name: "method", value: m.id, checked: draft.method === m.id, onchange: () => { draft.method = m.id; clearError("method"); } }),
       h("span", { class: "method-name" }, m.name, m.recommended ? h("span", { class: "tag" }, "recommended") : null),
       h("span", { class: "method-line" }, m.line))),
     slots.method);
@@ -52,7 +52,7 @@ export function createView(root) {
   // ---- options ----
   const numField = (name, label, hint, attrs) => {
     const input = h("input", { id: `opt-${name}`, name, type: "number", inputmode: "numeric", value: draft[name], "aria-describedby": `hint-${name} err-${name}`, ...attrs,
-      oninput: (e) => { draft[name] = e.target.value; } });
+      oninput: (e) => { draft[name] = e.target.value; clearError(name); } });
     return h("div", { class: "field" }, h("label", { for: `opt-${name}` }, label), input, h("p", { class: "hint", id: `hint-${name}` }, hint), slots[name]);
   };
   const options = h("fieldset", { class: "options" }, h("legend", {}, "Options ", h("span", { class: "muted" }, "(optional)")),
@@ -122,7 +122,7 @@ export function createView(root) {
         c.files.length > 12 ? h("li", { class: "more" }, `+${c.files.length - 12}`) : null);
       classList.append(h("li", { class: "class-card", dataset: { className: c.name } },
         h("div", { class: "class-head" },
-          h("h3", {}, c.name, h("span", { class: "count" }, ` · ${c.files.length} image${c.files.length === 1 ? "" : "s"}`)),
+          h("h3", {}, c.name, h("span", { class: "count" }, `${c.files.length} image${c.files.length === 1 ? "" : "s"}`)),
           c.files.length ? h("button", { type: "button", class: "btn btn-ghost btn-sm", onclick: () => {
             c.files = []; renderClasses(); announce(`Removed the images of ${c.name}.`);
             classList.querySelectorAll(".dz-input")[i]?.focus();
@@ -144,6 +144,16 @@ export function createView(root) {
     const inputs = { classes: [nameInput], images: [...classList.querySelectorAll(".dz-input")], archive: [archiveZone.input], method: [...methodField.querySelectorAll("input")], shots: [form.querySelector("#opt-shots")], epochs: [form.querySelector("#opt-epochs")], seed: [form.querySelector("#opt-seed")] }[slot] || [];
     inputs.forEach((x) => x?.setAttribute("aria-invalid", "true"));
     el.closest(".field, fieldset, .mode-panel")?.classList.add("has-error");
+  }
+
+  /** The user is fixing one field: drop its message, and the summary once no field is marked. */
+  function clearError(slot) {
+    const el = slots[slot];
+    if (!el || el.hidden) return;
+    el.hidden = true; el.textContent = "";
+    el.closest(".has-error")?.classList.remove("has-error");
+    form.querySelector(`#opt-${slot}`)?.removeAttribute("aria-invalid");
+    if (!Object.values(slots).some((x) => !x.hidden)) { topError.hidden = true; clear(topError); }
   }
 
   function clearErrors() {
