@@ -1,8 +1,8 @@
 """Dependability: a worker killed mid-training, and a broker that lost its messages.
 
-The database is the source of truth: recovery (run by every worker) re-queues a task whose worker
-stopped heart-beating, training resumes from the last epoch checkpoint, and a queued task whose
-message vanished from Redis is sent again.
+The database is the source of truth: recovery (run by every worker and API process) re-queues a
+task whose worker stopped heart-beating, training resumes from the last epoch checkpoint, and a
+queued task whose message vanished from Redis is sent again.
 """
 
 from __future__ import annotations
