@@ -52,6 +52,9 @@ BAD_TASKS = {
                         422, "files"),
     "decompression bomb": (lambda: with_files(files=[("files", ("bomb.png", forged_png(60000, 60000), "image/png"))] * 8),
                            413, None),
+    # Over UPT_MAX_IMAGE_PIXELS (4M here) but under Pillow's own error threshold (twice that): our check.
+    "image over the pixel limit": (lambda: with_files(files=[("files", ("wide.png", forged_png(2500, 2000), "image/png"))] * 8),
+                                   413, None),
     "too many files": (lambda: with_files(files=[("files", ("a.png", PNG, "image/png"))] * 49,
                                           labels=[CLASSES[0]] * 49), 413, None),
     "file too large": (lambda: with_files(files=[("files", ("big.png", b"\0" * 400_000, "image/png"))] * 8), 413, None),
