@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("upt.service")
 
-PROBLEM_TYPE_BASE = "https://upt.dev/problems/"
+# Relative URI references (RFC 9457 allows them): they resolve against wherever the API is served.
+PROBLEM_TYPE_BASE = "/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
