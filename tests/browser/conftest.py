@@ -140,7 +140,9 @@ def real_service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("upt-service")
     checkpoint = tmp / "upt-tiny.pt"
     base_cmd = _upt_command()
-    env = dict(os.environ, UPT_DATA_DIR=str(tmp / "data"), UPT_MODEL="upt-tiny", UPT_PRETRAINED=str(checkpoint),
+    # Only this test's settings: nothing inherited (another test's UPT_DATABASE_URL would point elsewhere).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
+    env = dict(inherited, UPT_DATA_DIR=str(tmp / "data"), UPT_MODEL="upt-tiny", UPT_PRETRAINED=str(checkpoint),
                UPT_HOST="127.0.0.1", UPT_REQUIRE_API_KEYS="true", UPT_LOG_LEVEL="warning", PYTHONUNBUFFERED="1",
                UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2",
                # This checkout first, whatever an older editable install registered (namespace packages).
