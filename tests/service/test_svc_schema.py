@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -12,7 +16,7 @@ from alembic.migration import MigrationContext
 from service.db import Base, make_engine
 from service.migrate import upgrade
 from service.settings import Settings
-from svc_helpers import PG_ADMIN
+from svc_helpers import PG_ADMIN, ROOT
 
 
 def schema_diff(url: str) -> list:
@@ -31,9 +35,13 @@ def test_postgres_migrations_match_models():
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        upgrade(Settings(database_url=url))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")} | {"UPT_DATABASE_URL": url}
+        alembic = subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT,
+                                 env=env, capture_output=True, text=True, timeout=120)  # the README's command
+        assert alembic.returncode == 0, alembic.stderr
         assert schema_diff(url) == []
-        upgrade(Settings(database_url=url))  # idempotent: a second run changes nothing
+        upgrade(Settings(database_url=url))  # `upt migrate` afterwards: idempotent, changes nothing
+        assert schema_diff(url) == []
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
