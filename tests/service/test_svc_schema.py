@@ -13,6 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import service.models  # noqa: F401  (registers the tables on Base.metadata)
 from service.db import Base, make_engine
 from service.migrate import upgrade
 from service.settings import Settings
