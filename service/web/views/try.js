@@ -61,9 +61,9 @@ export function classifyPanel({ taskId, getSource, idPrefix = "try" }) {
 export function tryView(root, { query }) {
   const preset = query.get("task") || "";
   const ctrl = new AbortController();
-  let mode = preset ? "task" : "task";
-  const select = h("select", { id: "try-task", "aria-describedby": "try-task-hint" }, h("option", { value: "" }, "Loading tasks…"));
-  const names = h("input", { id: "try-names", type: "text", autocomplete: "off", placeholder: "cat, dog, bird", "aria-describedby": "try-names-hint" });
+  let mode = "task"; // switched to zero-shot below when there is no finished task
+  const select = h("select", { id: "try-task", "aria-describedby": "try-task-hint try-err" }, h("option", { value: "" }, "Loading tasks…"));
+  const names = h("input", { id: "try-names", type: "text", autocomplete: "off", placeholder: "cat, dog, bird", "aria-describedby": "try-names-hint try-err" });
   const taskBox = h("div", { class: "field" }, h("label", { for: "try-task" }, "Finished task"), select,
     h("p", { class: "hint", id: "try-task-hint" }, "Tasks that finished training. Their tuned prompts classify the images."));
   const namesBox = h("div", { class: "field" }, h("label", { for: "try-names" }, "Class names"), names,
