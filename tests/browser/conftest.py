@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Where the screenshots for the README go; UPT_SCREENSHOTS_DIR sends them elsewhere (keeps a checkout clean).
+SCREENSHOTS = Path(os.environ.get("UPT_SCREENSHOTS_DIR") or ROOT / "docs" / "screenshots")
 CHROMIUM = os.environ.get("UPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
