@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .backbone import Backbone
-from .data import eval_transform, open_image, scan_image_folder
+from .data import LabelledImage, eval_transform, open_image, scan_image_folder
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
@@ -55,23 +55,30 @@ def inter_class_variance(class_features: torch.Tensor) -> float:
     return float(((class_features - class_features.mean(dim=0)) ** 2).sum(dim=-1).mean())
 
 
-@torch.no_grad()
 def analyze(backbone: Backbone, data_dir: str | Path, templates: tuple[str, ...] = (DEFAULT_TEMPLATE,),
             batch_size: int = 64) -> VarianceReport:
+    """Both variances over every image of an image folder."""
     folder = scan_image_folder(data_dir)
+    return analyze_samples(backbone, folder.class_names, folder.samples, templates, batch_size)
+
+
+@torch.no_grad()
+def analyze_samples(backbone: Backbone, class_names: list[str], samples: list[LabelledImage],
+                    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,), batch_size: int = 64) -> VarianceReport:
+    """Both variances over labelled images (training reports them for its few-shot split)."""
     transform = eval_transform(backbone.image)
     features, labels = [], []
-    for start in range(0, len(folder.samples), batch_size):
-        chunk = folder.samples[start: start + batch_size]
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start: start + batch_size]
         batch = torch.stack([transform(open_image(s.path)) for s in chunk]).to(backbone.device)
         features.append(encode_image(backbone.clip, batch, normalize=True).float().cpu())
         labels.extend(s.label for s in chunk)
-    per_class = intra_class_variance(torch.cat(features), torch.tensor(labels), len(folder.class_names))
-    text = template_classifier(backbone, folder.class_names, templates).float().cpu()
+    per_class = intra_class_variance(torch.cat(features), torch.tensor(labels), len(class_names))
+    text = template_classifier(backbone, class_names, templates).float().cpu()
     return VarianceReport(
         intra_class_visual=float(per_class.mean()),
         inter_class_text=inter_class_variance(text),
-        per_class_visual={name: float(v) for name, v in zip(folder.class_names, per_class)},
-        classes=len(folder.class_names),
-        images=len(folder.samples),
+        per_class_visual={name: float(v) for name, v in zip(class_names, per_class)},
+        classes=len(class_names),
+        images=len(samples),
     )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .analysis import analyze_samples
 from .artifact import save_artifact
 from .backbone import Backbone
 from .data import FewShotSplit, ImageDataset, sample_few_shot, scan_image_folder, train_transform
@@ -172,6 +173,8 @@ def train(
     exported = model.export()
     predictor = Predictor(backbone, folder.class_names, exported["classifier"], exported.get("visual_prompts"))
     metrics = _final_metrics(predictor, split, model, history)
+    metrics["variances"] = analyze_samples(backbone, folder.class_names, split.train + split.val,
+                                           config.templates).as_dict()
     tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
     options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(), "metrics": metrics}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=folder.class_names,

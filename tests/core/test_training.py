@@ -108,6 +108,8 @@ def test_progress_reports_reach_the_end(tiny, fashion_train, tmp_path):
     assert metrics["val_count"] == 16 and len(metrics["confusion_matrix"]) == 4
     assert sum(map(sum, metrics["confusion_matrix"])) == 16
     assert set(metrics["per_class_accuracy"]) == {"bag", "pullover", "sneaker", "trouser"}
+    variances = metrics["variances"]  # the paper's two numbers, for the few-shot images of this run
+    assert variances["images"] == 32 and variances["intra_class_visual"] > 0 and variances["inter_class_text"] > 0
 
 
 def test_bad_training_options_and_data_are_refused(tiny, tmp_path, fashion_train):
