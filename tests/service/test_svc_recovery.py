@@ -22,18 +22,18 @@ def wait_for_epoch(client, task_id: str, epoch: int, timeout: float = 90) -> lis
         events = client.get(f"/tasks/{task_id}/events").json()["items"]
         if len(events) >= epoch:
             return events
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"task {task_id} did not reach epoch {epoch}")
 
 
 def test_killed_worker_resumes_from_checkpoint(stack):
     client = stack.client("acme")
-    epochs = 8
+    epochs = 12
     data, files = task_form(per_class=12, method="coop", shots=8, epochs=epochs, batch_size=4, seed=5)
     task = client.post("/tasks", data=data, files=files).json()
     first = stack.start_worker("worker-killed")
     try:
-        before = wait_for_epoch(client, task["id"], 2)
+        before = wait_for_epoch(client, task["id"], 1)
         running = client.get(f"/tasks/{task['id']}").json()
         assert running["status"] == "running", running
     finally:
