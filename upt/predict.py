@@ -67,7 +67,11 @@ class Predictor:
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
         if not images:
             return []
-        probabilities = self.logits(self.preprocess(images)).softmax(dim=-1).cpu()
+        return self.rank(self.logits(self.preprocess(images)), top_k)
+
+    def rank(self, logits: torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
+        """Per row of logits, the top-k labels with their softmax probabilities, most likely first."""
+        probabilities = logits.softmax(dim=-1).cpu()
         values, indices = probabilities.topk(min(top_k, len(self.class_names)), dim=-1)
         return [
             [Prediction(self.class_names[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]

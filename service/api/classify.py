@@ -62,12 +62,10 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
     images = [open_image(f.path.read_bytes(), f.filename, "files", settings.max_image_pixels) for f in files]
     metrics.classify_batch.observe(len(images))
     logits = batcher.logits(predictor, predictor.preprocess(images))
-    # The same ranking as Predictor.predict (softmax, then top-k), on micro-batched logits.
-    probabilities, indices = logits.softmax(dim=-1).cpu().topk(min(top_k, len(predictor.class_names)), dim=-1)
+    ranked = predictor.rank(logits, top_k)  # the same ranking as Predictor.predict, on micro-batched logits
     return ClassifyOut(
         task_id=task_id, class_names=list(predictor.class_names),
         predictions=[ImagePrediction(filename=f.filename,
-                                     labels=[Label(label=predictor.class_names[i], probability=p)
-                                             for p, i in zip(row_p.tolist(), row_i.tolist())])
-                     for f, row_p, row_i in zip(files, probabilities, indices)],
+                                     labels=[Label(label=p.label, probability=p.probability) for p in top])
+                     for f, top in zip(files, ranked)],
     )
