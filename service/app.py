@@ -53,6 +53,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (tasks, classify, health):
         app.include_router(module.router)
     # After the API routes, so that they win over files of the same name.
-    WEB_DIR.mkdir(exist_ok=True)
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app

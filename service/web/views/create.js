@@ -59,7 +59,7 @@ export function createView(root) {
     h("div", { class: "grid3" },
       numField("shots", "Shots", "Images per class used for training (few-shot K). Default: all you gave.", { min: "1", step: "1", placeholder: "all" }),
       numField("epochs", "Epochs", "Passes over the shots. Default: the method's own.", { min: "1", step: "1", placeholder: "default" }),
-      numField("seed", "Seed", "Fixes the sampling of shots and the initialisation.", { min: "0", step: "1", placeholder: "0" })));
+      numField("seed", "Seed", "Fixes the sampling of shots and the initialisation.", { min: "0", step: "1", placeholder: "1" })));
 
   const submit = h("button", { type: "submit", class: "btn btn-primary btn-lg" }, "Create task");
   const status = h("p", { class: "submit-status", role: "status", "aria-live": "polite" });
