@@ -16,9 +16,11 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(PIP) -e '.[test]'
 
-# Debian's Chromium drives the browser tests (never a browser download).
+# Debian's Chromium drives the browser tests (never a browser download); Debian's docker-compose
+# checks docker-compose.yml (`docker-compose config` needs no Docker engine).
 system-test-deps:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	@command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium docker-compose)
 
 serve: install
 	$(BIN)/upt serve

@@ -60,7 +60,7 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, l
 @pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        pytest.fail(f"no Chromium at {CHROMIUM}: `make test` installs it (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -216,5 +216,5 @@ def screenshots_dir():
 def fixture_images():
     root = ROOT / "tests" / "fixtures" / "fashion_mnist"
     if not root.exists():
-        pytest.skip("tests/fixtures/fashion_mnist is missing")
+        pytest.fail("tests/fixtures/fashion_mnist is missing (scripts/make_fashion_fixture.py writes it)")
     return root
