@@ -170,7 +170,7 @@ def _add_eval(sub) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k labels of images with a trained artifact")
     p.add_argument("--artifact", required=True, type=Path)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     _artifact_backbone_options(p)
     p.set_defaults(func=cmd_predict)
@@ -179,7 +179,7 @@ def _add_predict(sub) -> None:
 def _add_zero_shot(sub) -> None:
     p = sub.add_parser("zero-shot", help="top-k labels of images for class names, without training")
     p.add_argument("--classes", required=True, help='comma-separated class names: "cat,dog,bird"')
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     _template_options(p)
     _common(p)
@@ -207,6 +207,13 @@ def _add_methods(sub) -> None:
     p.add_argument("--model", default=None, help="count parameters for this architecture (no weights needed)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _artifact_backbone_options(parser: argparse.ArgumentParser) -> None:
