@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,8 @@ from service.uploads import ParsedForm, UploadedFile, open_image, too_large
 INT_OPTIONS = ("shots", "epochs", "seed", "n_ctx", "depth", "batch_size")
 FLOAT_OPTIONS = ("lr",)
 TEXT_OPTIONS = ("ctx_init",)
+MAX_CLASS_NAME_BYTES = 200
+CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -69,9 +72,12 @@ def check_class_names(names: list[str], settings: Settings, as_folders: bool = T
         raise invalid("class_names", "a class name is empty.")
     for name in names if as_folders else []:
         # A task's class names become folder names in its data folder (zero-shot has none).
-        if name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200:
+        # Bytes, not characters: a folder name is at most 255 bytes (NAME_MAX), and 200 characters
+        # of emoji or CJK are 800 or 600 bytes in UTF-8.
+        if (name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200
+                or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES):
             raise invalid("class_names", f"{name!r} cannot be used: no slashes or control characters, not "
-                          "starting with '.', at most 200 characters.")
+                          f"starting with '.', at most 200 characters and {MAX_CLASS_NAME_BYTES} bytes in UTF-8.")
     seen: dict[str, str] = {}
     for name in names:
         if name.casefold() in seen:
@@ -97,8 +103,11 @@ def _labelled_files(form: ParsedForm, class_names: list[str]) -> list[tuple[str,
     return [(label, f.filename, f) for label, f in zip(labels, files)]
 
 
-def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple[str, str, bytes]]:
-    """(folder, member name, bytes) per image of a zip of class folders, with bounded reads."""
+def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple[str, str, UploadedFile]]:
+    """(folder, member name, extracted file) per image of a zip of class folders, with bounded reads.
+
+    Members are extracted to files beside the upload (its scratch folder), not kept in memory: an
+    archive may unpack to UPT_MAX_UPLOAD_BYTES, and write_dataset decodes them one at a time."""
     try:
         archive = zipfile.ZipFile(upload.path)
     except (zipfile.BadZipFile, OSError):
@@ -112,21 +121,29 @@ def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple
         paths = [PurePosixPath(i.filename).parts for i in infos]
         # Accept "class/img.png" and a single wrapping folder "root/class/img.png".
         strip = 1 if paths and all(len(p) == 3 for p in paths) and len({p[0] for p in paths}) == 1 else 0
-        for info, parts in zip(infos, paths):
+        unpacked = 0
+        for index, (info, parts) in enumerate(zip(infos, paths)):
             parts = parts[strip:]
             if len(parts) != 2:
                 raise invalid("archive", f"{info.filename} is not inside a class folder; lay the zip out as "
                               "<class name>/<image>.")
             if info.file_size > settings.max_file_bytes:
                 raise too_large(f"{info.filename} is larger than {settings.max_file_bytes} bytes.")
+            target = upload.path.with_name(f"{upload.path.stem}-{index:06d}.member")
+            extracted = UploadedFile("archive", info.filename, target)
             try:
-                with archive.open(info) as member:
-                    data = member.read(settings.max_file_bytes + 1)  # sizes in the header can lie
-            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as error:
+                with archive.open(info) as member, open(extracted.path, "wb") as out:
+                    while chunk := member.read(CHUNK_BYTES):
+                        extracted.size += len(chunk)
+                        unpacked += len(chunk)
+                        if extracted.size > settings.max_file_bytes:  # sizes in the header can lie
+                            raise too_large(f"{info.filename} is larger than {settings.max_file_bytes} bytes.")
+                        if unpacked > settings.max_upload_bytes:  # and so can their sum
+                            raise too_large(f"The archive unpacks to more than {settings.max_upload_bytes} bytes.")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
                 raise invalid("archive", f"{info.filename} cannot be extracted ({error}).")
-            if len(data) > settings.max_file_bytes:
-                raise too_large(f"{info.filename} is larger than {settings.max_file_bytes} bytes.")
-            yield parts[0], info.filename, data
+            yield parts[0], info.filename, extracted
 
 
 def _hidden(name: str) -> bool:
@@ -173,7 +190,7 @@ def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
     counters: dict[str, int] = {}
     for label, name, content in spec.images:
         data = content.path.read_bytes() if isinstance(content, UploadedFile) else content
-        field = "files" if isinstance(content, UploadedFile) else "archive"
+        field = content.field if isinstance(content, UploadedFile) else "archive"
         image = open_image(data, name, field, settings.max_image_pixels)
         folder = data_dir / label
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import python_multipart
 from fastapi import Request
 from starlette.requests import ClientDisconnect
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
@@ -191,7 +191,7 @@ def open_image(data: bytes, name: str, field_name: str, max_pixels: int) -> Imag
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Exception:  # UnidentifiedImageError, OSError, ... and whatever a Pillow plugin raises on junk
         raise invalid(field_name, f"{name} is not an image Pillow can read (PNG, JPEG, WebP, ...).")
     width, height = image.size
     # Checked on the header's size, before any pixel is decoded.
@@ -204,7 +204,7 @@ def open_image(data: bytes, name: str, field_name: str, max_pixels: int) -> Imag
         return image.convert("RGB")
     except Image.DecompressionBombError:
         raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
-    except (OSError, ValueError, SyntaxError, EOFError):
+    except Exception:  # OSError, EOFError, and e.g. NotImplementedError from a DDS with unknown flags
         raise invalid(field_name, f"{name} is truncated or corrupt; upload the whole file again.")
 
 

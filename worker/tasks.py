@@ -178,15 +178,21 @@ def run_task(task_id: str) -> None:
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:
     final = storage.artifact_dir(task_id)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)  # atomic: readers see no artifact or a whole one
     with session_scope() as session:
+        # The row is marked first and the artifact published inside the same transaction: the UPDATE
+        # holds the row (PostgreSQL) or the database (SQLite) until the commit, so recovery cannot hand
+        # the task to another worker between the lease check and the rename, and a worker that lost
+        # its lease (presumed dead, but still running) never replaces the artifact of the one holding it.
         done = lease.update(session, status=TaskStatus.succeeded.value, progress=1.0, metrics=_jsonable(metrics),
                             finished_at=utcnow(), eta_s=0.0, lease=None)
+        if done:
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)  # atomic: readers see no artifact or a whole one
     if done:
         storage.delete_checkpoints(task_id)
         log.info("task %s succeeded", task_id)
     else:
+        shutil.rmtree(partial, ignore_errors=True)
         _forget_if_deleted(task_id, storage)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -36,9 +37,11 @@ async def classify(request: Request, tenant: TenantDep, session: SessionDep, set
 def _top_k(raw: str | None, maximum: int) -> int:
     if raw is None:
         return 5
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # isdigit() alone admits "²", which int() refuses; and int() refuses over 4300 digits.
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else 0
+    if not 1 <= value <= maximum:
         raise invalid("top_k", f"must be a whole number from 1 to {maximum}.")
-    return int(raw)
+    return value
 
 
 def _classify(form, tenant, session, settings, runtime, storage, metrics, batcher) -> ClassifyOut:
@@ -59,9 +62,12 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
         predictor = runtime.tuned_predictor(task.id, storage.artifact_dir(task.id))
     else:
         predictor = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False))
-    images = [open_image(f.path.read_bytes(), f.filename, "files", settings.max_image_pixels) for f in files]
-    metrics.classify_batch.observe(len(images))
-    logits = batcher.logits(predictor, predictor.preprocess(images))
+    # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
+    # while their preprocessed tensors are a few hundred KB each.
+    batch = torch.cat([predictor.preprocess([open_image(f.path.read_bytes(), f.filename, "files",
+                                                        settings.max_image_pixels)]) for f in files])
+    metrics.classify_batch.observe(len(files))
+    logits = batcher.logits(predictor, batch)
     ranked = predictor.rank(logits, top_k)  # the same ranking as Predictor.predict, on micro-batched logits
     return ClassifyOut(
         task_id=task_id, class_names=list(predictor.class_names),

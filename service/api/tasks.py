@@ -29,9 +29,13 @@ from service.uploads import ParsedForm, parse_form, remove, scratch_dir
 router = APIRouter(tags=["tasks"])
 
 
+def _is_task_id(value: str) -> bool:
+    return value.isascii() and value.isalnum() and len(value) <= 32
+
+
 def tenant_task(session: Session, tenant: Tenant, task_id: str) -> Task:
     """The task if it belongs to this tenant; another tenant's task is indistinguishable from none."""
-    task = session.get(Task, task_id) if task_id.isalnum() and len(task_id) <= 32 else None
+    task = session.get(Task, task_id) if _is_task_id(task_id) else None
     if task is None or task.tenant_id != tenant.id:
         raise not_found(f"Task {task_id}")
     return task
@@ -106,7 +110,10 @@ def _encode_cursor(task: Task) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, task_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(task_id)
+        # Task ids are hex: anything else (a NUL byte, which PostgreSQL refuses in text) is no cursor.
+        if not (isinstance(created, str) and isinstance(task_id, str) and _is_task_id(task_id)):
+            raise ValueError(cursor)
+        return datetime.fromisoformat(created), task_id
     except (ValueError, TypeError):
         raise invalid("cursor", "not a cursor returned by this API; start again without it.")
 

@@ -1,0 +1,218 @@
+"""Regression tests from a review of the service: inputs that used to answer 500, memory that grew
+with the upload, the list query's index, and a worker that lost its lease overwriting an artifact."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import tracemalloc
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import inspect
+
+from service import db
+from service.migrate import upgrade
+from service.models import Task, Tenant, utcnow
+from service.settings import Settings, get_settings
+from service.storage import Storage
+from service.uploads import ParsedForm, UploadedFile
+from svc_helpers import CLASSES, images, task_form
+
+PNG = images("train", 1)[0][1].read_bytes()
+
+
+def assert_problem(response, status: int, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
+    return body
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS file whose pixel-format flags Pillow does not know: it raised NotImplementedError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = struct.pack("<I", 25)
+    return bytes(data)
+
+
+# --- over HTTP, against the PostgreSQL + Redis stack ----------------------------------------------
+
+@pytest.mark.service
+def test_class_name_too_long_in_bytes_is_a_422_and_stores_nothing(stack):
+    # 100 characters, but 400 bytes in UTF-8: more than a folder name may hold (255 bytes).
+    name = "\U0001F600" * 100
+    client = stack.client("acme")
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    data["class_names"] = data["class_names"] + [name]
+    data["labels"] = data["labels"] + [name]
+    files = files + [("files", ("x.png", PNG, "image/png"))]
+    before = client.get("/tasks").json()["items"]
+    assert_problem(client.post("/tasks", data=data, files=files), 422, "class_names")
+    assert client.get("/tasks").json()["items"] == before
+    stored = stack.tmp / "data" / "storage" / "tasks"
+    assert not stored.exists() or not any((p / "data").exists() and any((p / "data").iterdir())
+                                          for p in stored.iterdir() if p.name not in {t["id"] for t in before})
+
+
+@pytest.mark.service
+def test_cursor_naming_no_task_id_is_a_422(stack):
+    client = stack.client("acme")
+    for task_id in ("x\u0000", "\u00e9t\u00e9", 7):
+        cursor = base64.urlsafe_b64encode(json.dumps(["2020-01-01T00:00:00+00:00", task_id]).encode()).decode()
+        assert_problem(client.get("/tasks", params={"cursor": cursor}), 422, "cursor")
+
+
+@pytest.mark.service
+def test_top_k_that_is_not_ascii_digits_is_a_422(stack):
+    client = stack.client("acme")
+    files = [("files", ("a.png", PNG, "image/png"))]
+    for top_k in ("\u00b2", "9" * 5000, "\u0663"):
+        assert_problem(client.post("/classify", data={"class_names": CLASSES, "top_k": top_k}, files=files),
+                       422, "top_k")
+
+
+@pytest.mark.service
+def test_image_pillow_cannot_decode_for_any_reason_is_a_422(stack):
+    client = stack.client("acme")
+    dds = dds_with_unknown_pixel_format()
+    assert_problem(client.post("/classify", data={"class_names": CLASSES},
+                               files=[("files", ("odd.dds", dds, "image/x-dds"))]), 422, "files")
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    files[0] = ("files", ("odd.dds", dds, "image/x-dds"))
+    assert_problem(client.post("/tasks", data=data, files=files), 422, "files")
+
+
+# --- in process ------------------------------------------------------------------------------------
+
+def test_archive_members_are_extracted_to_disk_not_held_in_memory(tmp_path):
+    from service.task_input import parse_task_form
+
+    archive = tmp_path / "000000.upload"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for index in range(24):  # 24 MB unpacked, a few KB packed
+            zipped.writestr(f"{CLASSES[index % 2]}/{index}.png", b"\0" * 1_000_000)
+    form = ParsedForm(fields={"method": ["coop"]}, files=[UploadedFile("archive", "data.zip", archive)])
+    settings = Settings(data_dir=tmp_path, max_file_bytes=2_000_000, max_upload_bytes=50_000_000)
+    tracemalloc.start()
+    try:
+        spec = parse_task_form(form, settings)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(spec.images) == 24 and spec.class_names == CLASSES[:2]
+    assert peak < 8_000_000, f"parsing the archive held {peak} bytes"
+
+
+def test_classify_decodes_one_upload_at_a_time(tmp_path):
+    from service.api import classify
+
+    live = {"now": 0, "most": 0}
+    opened = Image.open
+
+    def counting_open(*args, **kwargs):
+        image = opened(*args, **kwargs)
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+        return image
+
+    class Predictor:
+        class_names = ["a", "b"]
+
+        def preprocess(self, images):
+            live["now"] -= len(images)
+            return torch.zeros(len(images), 3, 4, 4)
+
+        def logits(self, batch):
+            return torch.zeros(len(batch), 2)
+
+        def rank(self, logits, top_k):
+            return [[] for _ in range(len(logits))]
+
+    class Runtime:
+        def zero_shot_predictor(self, names):
+            return Predictor()
+
+    class Batcher:
+        def logits(self, predictor, batch):
+            return predictor.logits(batch)
+
+    class Metrics:
+        class classify_batch:
+            @staticmethod
+            def observe(value):
+                pass
+
+    uploads = []
+    for index in range(6):
+        path = tmp_path / f"{index}.upload"
+        path.write_bytes(PNG)
+        uploads.append(UploadedFile("files", f"{index}.png", path))
+    form = ParsedForm(fields={"class_names": ["a", "b"]}, files=uploads)
+    import service.uploads as uploads_module
+
+    original = uploads_module.Image.open
+    uploads_module.Image.open = counting_open
+    try:
+        out = classify._classify(form, None, None, Settings(data_dir=tmp_path), Runtime(), None, Metrics(), Batcher())
+    finally:
+        uploads_module.Image.open = original
+    assert len(out.predictions) == 6
+    assert live["most"] == 1, f"{live['most']} decoded uploads were held at once"
+
+
+@pytest.fixture
+def database(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+    settings = get_settings()
+    upgrade(settings)
+    yield settings
+    db.get_engine().dispose()
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+
+
+def test_list_query_has_a_tenant_created_at_index(database):
+    engine = db.get_engine()
+    indexes = [ix["column_names"] for ix in inspect(engine).get_indexes("tasks")]
+    assert ["tenant_id", "created_at", "id"] in indexes, indexes
+
+
+def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(database, tmp_path):
+    from worker.tasks import Lease, _succeed
+
+    with db.session_scope() as session:
+        tenant = Tenant(name="t")
+        session.add(tenant)
+        session.flush()
+        task = Task(tenant_id=tenant.id, status="running", method="coop", config={"method": "coop"},
+                    class_names=["a", "b"], num_images=2, model="m", pretrained="p", attempts=2,
+                    lease="current", heartbeat_at=utcnow())
+        session.add(task)
+        session.flush()
+        task_id = task.id
+    storage = Storage(tmp_path / "storage")
+    final = storage.artifact_dir(task_id)
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text("from the worker holding the lease")
+    partial = storage.task_dir(task_id) / "artifact.partial-stale"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("from a worker presumed dead")
+
+    _succeed(task_id, Lease(task_id, "stale", 1.0), storage, partial, {})
+
+    assert (final / "adapter_config.json").read_text() == "from the worker holding the lease"
+    assert not partial.exists()
+    with db.session_scope() as session:
+        row = session.get(Task, task_id)
+        assert row.status == "running" and row.lease == "current"
