@@ -185,6 +185,21 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
     return TaskSpec(class_names, config, images)
 
 
+def check_against_backbone(config, backbone) -> None:
+    """Options that only the backbone can judge (a prompt depth beyond its layers): a 422 now, rather
+    than a task that is queued and then fails in the worker."""
+    from upt.errors import ConfigError
+    from upt.methods import build_prompt_generator
+
+    # Without ctx_init, whose phrase sets the context length: only the widths and depths are checked.
+    prompt_config = dataclasses.replace(config.prompt_config(), ctx_init=None)
+    try:
+        build_prompt_generator(backbone, prompt_config, prompt_config.n_ctx)
+    except ConfigError as error:
+        field = next((n for n in ("depth", "n_ctx") if n in str(error)), "config")
+        raise invalid(field, str(error))
+
+
 def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
     """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout."""
     counters: dict[str, int] = {}

@@ -26,6 +26,9 @@ from service.errors import Problem, invalid
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 20_000
+# Text fields are kept in memory, so their sum has its own limit (labels and class names of the
+# largest task are well under a megabyte); files stream to disk under UPT_MAX_UPLOAD_BYTES.
+MAX_FIELDS_TOTAL_BYTES = 128 * MAX_FIELD_BYTES
 
 
 @dataclass
@@ -74,6 +77,7 @@ class _FormCollector:
         self._file: UploadedFile | None = None
         self._handle = None
         self._field_count = 0
+        self._field_bytes = 0
 
     def callbacks(self) -> dict:
         return {
@@ -117,6 +121,9 @@ class _FormCollector:
         if self._file is None:
             if len(self._data) + len(chunk) > MAX_FIELD_BYTES:
                 raise invalid(self._field or "form", f"a form field is longer than {MAX_FIELD_BYTES} bytes.")
+            self._field_bytes += len(chunk)
+            if self._field_bytes > MAX_FIELDS_TOTAL_BYTES:
+                raise too_large(f"The form's text fields hold more than {MAX_FIELDS_TOTAL_BYTES} bytes.")
             self._data.extend(chunk)
             return
         self._file.size += len(chunk)

@@ -23,7 +23,7 @@ from service.models import FINAL_STATUSES, Task, TaskEvent, TaskStatus, Tenant, 
 from service.schemas import EventOut, EventPage, TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
-from service.task_input import config_dict, parse_task_form, write_dataset
+from service.task_input import check_against_backbone, config_dict, parse_task_form, write_dataset
 from service.uploads import ParsedForm, parse_form, remove, scratch_dir
 
 router = APIRouter(tags=["tasks"])
@@ -64,12 +64,13 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
     existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
     if existing is not None:
         return accepted(existing, replayed=True)
-    await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
+    backbone = await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
     scratch = scratch_dir(storage.root / "tmp")
     try:
         form = await parse_form(request, scratch, max_files=settings.max_files,
                                 max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
-        task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key)
+        task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key,
+                                                 backbone)
     finally:
         remove(scratch)
     if not replayed:
@@ -78,8 +79,10 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
 
 
 def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, form: ParsedForm,
-            idempotency_key: str | None) -> tuple[Task, bool]:
+            idempotency_key: str | None, backbone=None) -> tuple[Task, bool]:
     spec = parse_task_form(form, settings)
+    if backbone is not None:
+        check_against_backbone(spec.config, backbone)
     task_id = new_task_id()
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)

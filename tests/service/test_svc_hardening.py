@@ -91,6 +91,16 @@ def test_image_pillow_cannot_decode_for_any_reason_is_a_422(stack):
     assert_problem(client.post("/tasks", data=data, files=files), 422, "files")
 
 
+@pytest.mark.service
+def test_prompt_depth_beyond_the_backbone_is_a_422_not_a_task_that_fails_later(stack):
+    client = stack.client("acme")
+    before = client.get("/tasks").json()["items"]
+    for method in ("vpt-deep", "joint", "coop"):
+        data, files = task_form(per_class=1, method=method, shots=1, epochs=1, depth=100)
+        assert_problem(client.post("/tasks", data=data, files=files), 422, "depth")
+    assert client.get("/tasks").json()["items"] == before
+
+
 # --- in process ------------------------------------------------------------------------------------
 
 def test_archive_members_are_extracted_to_disk_not_held_in_memory(tmp_path):
@@ -216,3 +226,29 @@ def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(database, tm
     with db.session_scope() as session:
         row = session.get(Task, task_id)
         assert row.status == "running" and row.lease == "current"
+
+
+def test_text_fields_of_a_multipart_form_have_a_total_limit(tmp_path):
+    """Text fields are held in memory: 160 fields of 60 KB (about 10 MB) are refused, not collected."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from service.errors import Problem
+    from service.uploads import parse_form
+
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n".encode()
+            + b"x" * 60_000 + b"\r\n")
+    body = part * 160 + f"--{boundary}--\r\n".encode()
+    chunks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/tasks", "headers": [
+        (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
+    with pytest.raises(Problem) as raised:
+        asyncio.run(parse_form(Request(scope, receive), tmp_path / "scratch", max_files=10,
+                               max_file_bytes=1_000_000, max_total_bytes=500_000_000))
+    assert raised.value.status == 413
