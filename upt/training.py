@@ -2,11 +2,13 @@
 
 Everything random is seeded per epoch from (seed, epoch), so a run resumed from an epoch checkpoint
 draws the same crops, flips, batches and dropout masks as one that never stopped, and ends with the
-same artifact.
+same artifact: bit for bit on CPU; on CUDA up to the non-determinism of its kernels (attention's
+backward pass, cuBLAS), which PyTorch does not make deterministic by default.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -96,10 +98,14 @@ class TrainConfig(JsonOptions):
         return self.epochs if self.epochs is not None else epochs_for_shots(self.shots)
 
     def lr_at(self, epoch: int) -> float:
-        """Constant warm-up, then cosine over all epochs (Dassl's schedule, stepped per epoch)."""
+        """Constant warm-up, then cosine over all epochs, stepped per epoch.
+
+        As Dassl (CoOp's code) with its default WARMUP_RECOUNT: the cosine starts counting when the
+        warm-up ends, so the first epoch after it runs at the full rate.
+        """
         if epoch < self.warmup_epochs:
             return self.warmup_lr
-        return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / self.total_epochs))
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.total_epochs))
 
 
 @dataclass
@@ -290,7 +296,7 @@ class _Loop:
         state = {
             "epochs_done": epochs_done,
             "history": history,
-            "config": self.config.to_dict(),
+            "run": self._run_identity(),
             "prompts": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -303,9 +309,23 @@ class _Loop:
         if self.checkpoint is None or not self.checkpoint.is_file() or self.optimizer is None:
             return 0, []
         state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        if state["config"] != self.config.to_dict():
-            raise ConfigError(f"{self.checkpoint} belongs to a run with other options; remove it to start afresh.")
+        saved, current = state.get("run", {}), self._run_identity()
+        different = [key for key in current if saved.get(key) != current[key]]
+        if different:
+            raise ConfigError(f"{self.checkpoint} belongs to another run (its {', '.join(different)} differ); "
+                              f"remove it to start afresh.")
         self.model.load_state_dict(state["prompts"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved on CPU, where mixed precision is off
+            self.scaler.load_state_dict(state["scaler"])
         return state["epochs_done"], list(state["history"])
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed: options, weights and data."""
+        images = "\n".join(f"{s.label}:{s.path.parent.name}/{s.path.name}" for s in self.split.train)
+        return {
+            "options": self.config.to_dict(),
+            "weights": self.model.backbone.weights_sha256,
+            "classes": self.model.class_names,
+            "training images": hashlib.sha256(images.encode()).hexdigest(),
+        }

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,9 @@ def test_paper_schedule():
     assert [epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
     config = TrainConfig("coop", epochs=10)
     assert config.lr_at(0) == 1e-5  # one warm-up epoch at a constant 1e-5
-    assert config.lr_at(1) == pytest.approx(0.5 * 0.002 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
-    assert config.lr_at(9) < config.lr_at(5) < config.lr_at(1) <= 0.002
+    assert config.lr_at(1) == 0.002  # then Dassl's cosine, counted from the end of the warm-up
+    assert config.lr_at(2) == pytest.approx(0.5 * 0.002 * (1 + math.cos(math.pi / 10)))
+    assert config.lr_at(9) == pytest.approx(0.5 * 0.002 * (1 + math.cos(8 * math.pi / 10)))
     defaults = TrainConfig("upt")
     assert (defaults.lr, defaults.momentum, defaults.weight_decay, defaults.batch_size) == (0.002, 0.9, 5e-4, 32)
 
@@ -87,6 +89,14 @@ def test_resume_from_an_epoch_checkpoint_reaches_the_same_result(tiny, fashion_t
         return [(h["epoch"], h["loss"], h["accuracy"], h["lr"]) for h in history]
 
     assert same_numbers(resumed.history) == same_numbers(uninterrupted.history)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny, fashion_train, fashion_test, tmp_path):
+    train(tiny, fashion_train, _config(epochs=1), tmp_path / "a", checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="options differ"):
+        train(tiny, fashion_train, _config(epochs=2), tmp_path / "b", checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="training images differ"):
+        train(tiny, fashion_test, _config(epochs=1), tmp_path / "c", checkpoint_dir=tmp_path / "ckpt")
 
 
 def test_progress_reports_reach_the_end(tiny, fashion_train, tmp_path):
