@@ -31,14 +31,16 @@ class VarianceReport:
         return asdict(self) | {"interpretation": self.interpretation()}
 
     def interpretation(self) -> str:
-        """What the paper's analysis (section 2.2) suggests for these two numbers."""
-        visual, text = self.intra_class_visual, self.inter_class_text
-        if visual >= text:
-            return (f"Images within a class vary more ({visual:.3f}) than the class names differ ({text:.3f}): "
-                    "text-only tuning (CoOp) tends to struggle here; visual prompts (VPT-deep) or UPT adapt the "
-                    "image features.")
-        return (f"Class names differ more ({text:.3f}) than images within a class vary ({visual:.3f}): text "
-                "prompts (CoOp) can separate the classes well; UPT tunes both sides when unsure.")
+        """What the paper's analysis (section 2.2) says each number means for the choice of method.
+
+        The paper relates each variance, across data sets, to the gain of one kind of prompt; it does
+        not compare the two with each other, so neither does this sentence.
+        """
+        return (f"Intra-class visual variance {self.intra_class_visual:.3f}: the higher it is, the less text-only "
+                f"tuning (CoOp) gains and the more visual prompts (VPT-deep, UPT) help. Inter-class text variance "
+                f"{self.inter_class_text:.3f}: the lower it is, the less visual-only tuning (VPT) gains and the more "
+                f"text prompts (CoOp, UPT) help. Both are comparable across tasks on the same backbone; UPT tunes "
+                f"both sides.")
 
 
 def intra_class_variance(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -115,6 +115,8 @@ def _create_clip(model: str, pretrained: str) -> CLIP:
         raise WeightsUnavailableError(
             f"{pretrained!r} is neither a checkpoint file nor a pretrained tag of {model}. Tags: {tags or 'none'}."
         )
+    if is_file:
+        _warn_if_quick_gelu_variant_exists(model)
     try:
         return open_clip.create_model(
             model,
@@ -124,6 +126,13 @@ def _create_clip(model: str, pretrained: str) -> CLIP:
         )
     except Exception as error:  # open_clip raises RuntimeError, OSError, hub errors alike
         raise WeightsUnavailableError(_missing_weights_advice(model, pretrained, is_file, error)) from error
+
+
+def _warn_if_quick_gelu_variant_exists(model: str) -> None:
+    """A file does not say which activation its weights were trained with; OpenAI's used QuickGELU."""
+    if not model.endswith("-quickgelu") and f"{model}-quickgelu" in open_clip.list_models():
+        log.warning("Loading %s from a file with GELU. If these are OpenAI's weights, use --model %s-quickgelu: "
+                    "with the wrong activation the features are wrong without any error.", model, model)
 
 
 def _missing_weights_advice(model: str, pretrained: str, is_file: bool, error: Exception) -> str:

@@ -39,7 +39,10 @@ def encode_text(
     x = _run_blocks(clip.transformer, x, mask, context, start=1)
     x = clip.ln_final(x)
     x = text_global_pool(x, token_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-    x = clip.text_projection(x) if isinstance(clip.text_projection, torch.nn.Linear) else x @ clip.text_projection
+    if isinstance(clip.text_projection, torch.nn.Linear):
+        x = clip.text_projection(x)
+    elif clip.text_projection is not None:
+        x = x @ clip.text_projection
     return F.normalize(x, dim=-1) if normalize else x
 
 
@@ -107,7 +110,7 @@ def _expand(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _truncate_after_eot(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
-    if clip.text_pool_type != "argmax":
-        return token_ids  # other pooling rules may read later positions: keep them all
+    if clip.text_pool_type != "argmax" or clip.attn_mask is None:
+        return token_ids  # without a causal mask, or with other pooling, later positions matter
     last = int(token_ids.argmax(dim=-1).max()) + 1
     return token_ids[:, :last]
