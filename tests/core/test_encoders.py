@@ -60,3 +60,20 @@ def test_prompts_change_the_features(tiny):
         deep = encode_image(tiny.clip, images, visual)
         assert not torch.allclose(shallow, encode_image(tiny.clip, images))
         assert not torch.allclose(deep, shallow)  # the second layer's prompts replace the first's outputs
+
+
+def test_deep_prompts_replace_the_previous_layers_prompt_outputs(tiny):
+    """Feeding layer 1 exactly what layer 0 produced at the prompt positions must change nothing."""
+    clip = tiny.clip
+    image = torch.randn(1, 3, tiny.image.size, tiny.image.size)
+    first = torch.randn(1, 2, tiny.vision_width)
+    outputs = []
+    handle = clip.visual.transformer.resblocks[0].register_forward_hook(lambda m, a, out: outputs.append(out))
+    with torch.no_grad():
+        shallow = encode_image(clip, image, first)
+        handle.remove()
+        carried = outputs[0][0, 1:3].unsqueeze(0)  # block 0's outputs at the two prompt positions
+        deep = encode_image(clip, image, torch.cat([first, carried]))
+        other = encode_image(clip, image, torch.cat([first, torch.randn_like(carried)]))
+    torch.testing.assert_close(deep, shallow, atol=1e-6, rtol=0)
+    assert not torch.allclose(other, shallow)

@@ -29,6 +29,27 @@ def test_upt_self_attention_mixes_the_prompt_tokens():
     assert not torch.allclose(before[0, others], after[0, others])  # token 0 reached every other token
 
 
+@pytest.mark.parametrize("method, mixes", [("upt", True), ("mlp", False)])
+def test_a_text_token_of_u_reaches_the_visual_prompts_only_through_attention(tiny, method, mixes):
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig(method, dropout=0.0)).eval()
+    with torch.no_grad():
+        before = model.generate().visual.clone()
+        model.prompts.unified[0, 0] += 1.0  # the first text-side token of U
+        after = model.generate().visual
+    assert torch.allclose(before, after) is not mixes
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_mixed_precision_forward_and_backward(tiny, method):
+    """Autocast as on a GPU (bfloat16 on the CPU here): low-precision logits, float32 gradients."""
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig(method, depth=2 if method != "vpt-shallow" else None))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(_images(tiny))
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_mlp_ablation_does_not_mix_tokens(tiny):
     model = PromptedCLIP(tiny, CLASSES, PromptConfig("mlp", dropout=0.0)).eval()
     mlp = model.prompts.mixer
@@ -67,8 +88,8 @@ def test_only_prompt_parameters_receive_gradients(tiny, method):
         assert model.trainable_parameters() == 0
         return
     logits.logsumexp(dim=-1).mean().backward()
-    assert all(p.grad is None for p in tiny.clip.parameters())
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in tiny.clip.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_depth_gives_layer_wise_prompts(tiny):
