@@ -158,9 +158,10 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
         raise too_large(f"The request is larger than {max_total_bytes} bytes (UPT_MAX_UPLOAD_BYTES).")
     folder.mkdir(parents=True, exist_ok=True)
     collector = _FormCollector(folder, max_files, max_file_bytes)
-    parser = python_multipart.MultipartParser(params[b"boundary"], collector.callbacks())
     total = 0
     try:
+        # Inside the try: the parser refuses a boundary over 256 bytes with a FormParserError.
+        parser = python_multipart.MultipartParser(params[b"boundary"], collector.callbacks())
         async for chunk in request.stream():
             total += len(chunk)
             if total > max_total_bytes:

@@ -61,6 +61,8 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     """Multipart form: `class_names` (repeated), `files` + `labels` (repeated) or one `archive` zip,
     `method`, optional `shots`, `epochs`, `seed`, `n_ctx`, `depth`, `ctx_init`, `lr`, `batch_size`."""
+    # An empty header is no key: stored as "", it made every later keyless-but-empty request collide.
+    idempotency_key = (idempotency_key or "").strip() or None
     existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
     if existing is not None:
         return accepted(existing, replayed=True)

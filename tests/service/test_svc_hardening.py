@@ -10,6 +10,7 @@ import struct
 import tracemalloc
 import zipfile
 
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -99,6 +100,29 @@ def test_prompt_depth_beyond_the_backbone_is_a_422_not_a_task_that_fails_later(s
         data, files = task_form(per_class=1, method=method, shots=1, epochs=1, depth=100)
         assert_problem(client.post("/tasks", data=data, files=files), 422, "depth")
     assert client.get("/tasks").json()["items"] == before
+
+
+@pytest.mark.service
+def test_an_empty_idempotency_key_is_no_key(stack):
+    client = stack.client("globex")
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    ids = []
+    for _ in range(2):
+        response = client.post("/tasks", data=data, files=files, headers={"Idempotency-Key": ""})
+        assert response.status_code == 202, response.text
+        assert "idempotent-replayed" not in response.headers
+        ids.append(response.json()["id"])
+    assert ids[0] != ids[1]
+    for task_id in ids:
+        assert client.delete(f"/tasks/{task_id}").status_code == 204
+
+
+@pytest.mark.service
+def test_a_multipart_boundary_the_parser_refuses_is_a_400(stack):
+    boundary = "x" * 300
+    response = httpx.post(f"{stack.url}/classify", content=f"--{boundary}--\r\n".encode(), headers={
+        "Authorization": f"Bearer {stack.keys['acme']}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert_problem(response, 400)
 
 
 # --- in process ------------------------------------------------------------------------------------
