@@ -8,6 +8,7 @@ worker (this one looked dead) nothing this one does can touch the row again.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import socket
@@ -143,6 +144,7 @@ def _callbacks(lease: Lease, attempt: int):
 def _record_epoch(session, task_id: str, attempt: int, data: dict) -> None:
     # One row per epoch: an epoch trained again after a crash replaces its row (and its attempt
     # number shows it), so the history never lists an epoch twice.
+    data = _jsonable(data)
     event = session.scalar(select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.kind == "epoch",
                                                    TaskEvent.epoch == data["epoch"]))
     if event is None:
@@ -230,12 +232,16 @@ def _forget_if_deleted(task_id: str, storage: Storage) -> None:
 
 
 def _jsonable(value):
+    """Plain JSON: PostgreSQL's json type refuses NaN and Infinity (a diverging training's loss), so
+    they are stored as null, as SQLite-backed and PostgreSQL-backed services must agree."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _jsonable(value.tolist())
     return value
 
 

@@ -252,19 +252,13 @@ def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(database, tm
         assert row.status == "running" and row.lease == "current"
 
 
-def test_text_fields_of_a_multipart_form_have_a_total_limit(tmp_path):
-    """Text fields are held in memory: 160 fields of 60 KB (about 10 MB) are refused, not collected."""
+def parse_body(tmp_path, body: bytes, boundary: str):
     import asyncio
 
     from starlette.requests import Request
 
-    from service.errors import Problem
     from service.uploads import parse_form
 
-    boundary = "b0undary"
-    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n".encode()
-            + b"x" * 60_000 + b"\r\n")
-    body = part * 160 + f"--{boundary}--\r\n".encode()
     chunks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
 
     async def receive():
@@ -272,7 +266,51 @@ def test_text_fields_of_a_multipart_form_have_a_total_limit(tmp_path):
 
     scope = {"type": "http", "method": "POST", "path": "/tasks", "headers": [
         (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
+    return asyncio.run(parse_form(Request(scope, receive), tmp_path / "scratch", max_files=10,
+                                  max_file_bytes=1_000_000, max_total_bytes=500_000_000))
+
+
+def test_text_fields_of_a_multipart_form_have_a_total_limit(tmp_path):
+    """Text fields are held in memory: 160 fields of 60 KB (about 10 MB) are refused, not collected."""
+    from service.errors import Problem
+
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n".encode()
+            + b"x" * 60_000 + b"\r\n")
     with pytest.raises(Problem) as raised:
-        asyncio.run(parse_form(Request(scope, receive), tmp_path / "scratch", max_files=10,
-                               max_file_bytes=1_000_000, max_total_bytes=500_000_000))
+        parse_body(tmp_path, part * 160 + f"--{boundary}--\r\n".encode(), boundary)
     assert raised.value.status == 413
+
+
+
+@pytest.mark.service
+def test_a_diverging_training_records_its_epochs_on_postgresql(stack, monkeypatch):
+    """A NaN loss (lr far too large) was refused by PostgreSQL's json type: the task failed with an
+    internal DataError instead of recording its epochs (SQLite accepted it)."""
+    from upt.training import EpochReport
+    from worker.tasks import Lease, _callbacks
+
+    monkeypatch.setenv("UPT_DATABASE_URL", stack.env["UPT_DATABASE_URL"])
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+    try:
+        with db.session_scope() as session:
+            tenant = session.query(Tenant).filter_by(name="acme").one()
+            task = Task(tenant_id=tenant.id, status="running", method="coop", config={"method": "coop"},
+                        class_names=["a", "b"], num_images=2, model="m", pretrained="p", attempts=1,
+                        lease="mine", heartbeat_at=utcnow())
+            session.add(task)
+            session.flush()
+            task_id = task.id
+        lease = Lease(task_id, "mine", 1.0)
+        _callbacks(lease, 1).on_epoch_end(EpochReport(epoch=1, epochs=2, loss=float("nan"), accuracy=0.5, lr=1e30,
+                                                      elapsed_s=1.0, eta_s=float("inf"), progress=0.5))
+        assert lease.stop_reason is None
+        client = stack.client("acme")
+        events = client.get(f"/tasks/{task_id}/events").json()["items"]
+        assert [(e["epoch"], e["data"]["loss"], e["data"]["eta_s"]) for e in events] == [(1, None, None)]
+        assert client.delete(f"/tasks/{task_id}").status_code == 204
+    finally:
+        db.get_engine().dispose()
+        for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+            cached.cache_clear()
