@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -41,11 +40,13 @@ def tenant_task(session: Session, tenant: Tenant, task_id: str) -> Task:
     return task
 
 
-def accepted(task: Task, replayed: bool = False) -> JSONResponse:
+def accepted(task: Task, replayed: bool = False) -> Response:
     headers = {"Location": f"/tasks/{task.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(TaskOut.of(task).model_dump(mode="json"), status_code=202, headers=headers)
+    # model_dump_json writes a NaN loss (a diverged training, replayed) as null; JSONResponse refused it.
+    return Response(TaskOut.of(task).model_dump_json(), status_code=202, headers=headers,
+                    media_type="application/json")
 
 
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Task | None:

@@ -314,3 +314,21 @@ def test_a_diverging_training_records_its_epochs_on_postgresql(stack, monkeypatc
         db.get_engine().dispose()
         for cached in (get_settings, db.get_engine, db.get_sessionmaker):
             cached.cache_clear()
+
+
+@pytest.mark.service
+def test_replaying_a_task_whose_loss_is_nan_is_not_a_500(stack):
+    import psycopg
+
+    client = stack.client("acme")
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    headers = {"Idempotency-Key": "diverged-1"}
+    task = client.post("/tasks", data=data, files=files, headers=headers).json()
+    url = stack.env["UPT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:  # what a diverging training's progress writes
+        conn.execute("UPDATE tasks SET loss = 'NaN' WHERE id = %s", (task["id"],))
+    again = client.post("/tasks", data=data, files=files, headers=headers)
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == task["id"] and again.json()["loss"] is None
+    assert again.headers["content-type"] == "application/json" and again.headers["location"] == f"/tasks/{task['id']}"
+    assert client.delete(f"/tasks/{task['id']}").status_code == 204
