@@ -75,8 +75,10 @@ def recover_dead_workers(settings: Settings) -> list[str]:
                  or dead_on_this_host(t.worker)]
         for task in stale:
             values = _after_worker_loss(task, settings)
+            # Also unchanged heartbeat: a worker that beat since the read above is alive after all.
+            beat = Task.heartbeat_at.is_(None) if task.heartbeat_at is None else Task.heartbeat_at == task.heartbeat_at
             changed = session.execute(
-                update(Task).where(Task.id == task.id, Task.lease == task.lease, Task.status == task.status)
+                update(Task).where(Task.id == task.id, Task.lease == task.lease, Task.status == task.status, beat)
                 .values(**values)
             ).rowcount
             if changed:

@@ -99,3 +99,21 @@ def test_a_gone_worker_process_on_this_host_is_not_waited_for(database):
     recovery.recover_dead_workers(settings)
     assert status_of(gone).status == "queued" and sent == [gone]
     assert status_of(alive).status == status_of(elsewhere).status == "running"
+
+
+def test_a_worker_that_beats_during_the_sweep_keeps_its_task(database, monkeypatch):
+    """The heartbeat is part of the compare-and-set: one written between the sweeper's read and its
+    update means the worker is alive, so its task is not handed to another worker."""
+    settings, sent = database
+    task_id = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
+    decide = recovery._after_worker_loss
+
+    def beat_meanwhile(task, settings):
+        with db.session_scope() as session:  # the worker's heartbeat thread, on another connection
+            session.query(Task).filter_by(id=task.id).update({"heartbeat_at": utcnow()})
+        return decide(task, settings)
+
+    monkeypatch.setattr(recovery, "_after_worker_loss", beat_meanwhile)
+    recovery.recover_dead_workers(settings)
+    assert status_of(task_id).status == "running" and status_of(task_id).lease == "l"
+    assert sent == []
