@@ -18,7 +18,8 @@ COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
-RUN pip install -c constraints.txt . && useradd --create-home --uid 1000 upt \
+# uid/gid 1000, as in the worker image: both write to the shared data and models volumes.
+RUN pip install -c constraints.txt . && groupadd --gid 1000 upt && useradd --create-home --uid 1000 --gid 1000 upt \
     && mkdir -p /data /models && chown upt:upt /data /models
 USER upt
 

@@ -20,7 +20,10 @@ COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
-RUN pip install -c constraints.txt . && useradd --create-home --uid 1001 upt \
+# The same uid/gid (1000) as the API image: both write to the shared data and models volumes.
+# Ubuntu's image ships a user `ubuntu` with that uid, so it goes first.
+RUN pip install -c constraints.txt . && (userdel --remove ubuntu 2>/dev/null || true) \
+    && groupadd --gid 1000 upt && useradd --create-home --uid 1000 --gid 1000 upt \
     && mkdir -p /data /models && chown upt:upt /data /models
 USER upt
 
