@@ -136,6 +136,7 @@ def test_archive_members_are_extracted_to_disk_not_held_in_memory(tmp_path):
             zipped.writestr(f"{CLASSES[index % 2]}/{index}.png", b"\0" * 1_000_000)
     form = ParsedForm(fields={"method": ["coop"]}, files=[UploadedFile("archive", "data.zip", archive)])
     settings = Settings(data_dir=tmp_path, max_file_bytes=2_000_000, max_upload_bytes=50_000_000)
+    import upt.training  # noqa: F401  parsing imports it lazily: not part of what is measured
     tracemalloc.start()
     try:
         spec = parse_task_form(form, settings)
@@ -332,3 +333,31 @@ def test_replaying_a_task_whose_loss_is_nan_is_not_a_500(stack):
     assert again.json()["id"] == task["id"] and again.json()["loss"] is None
     assert again.headers["content-type"] == "application/json" and again.headers["location"] == f"/tasks/{task['id']}"
     assert client.delete(f"/tasks/{task['id']}").status_code == 204
+
+
+def _collect(body_files: dict, tmp_path, max_file_bytes: int):
+    """Run the streaming multipart collector of parse_form over a body built by httpx."""
+    import python_multipart
+    from python_multipart.multipart import parse_options_header
+
+    from service.uploads import _FormCollector
+
+    tmp_path.mkdir()
+    request = httpx.Request("POST", "http://upt.test/tasks", data={"method": "coop"}, files=body_files)
+    _, params = parse_options_header(request.headers["content-type"])
+    collector = _FormCollector(tmp_path, max_files=10, max_file_bytes=max_file_bytes)
+    parser = python_multipart.MultipartParser(params[b"boundary"], collector.callbacks())
+    parser.write(request.read())
+    parser.finalize()
+    return collector.form
+
+
+def test_an_archive_may_be_larger_than_one_file(tmp_path):
+    from service.errors import Problem
+
+    big = b"PK" + bytes(5000)
+    form = _collect({"archive": ("data.zip", big, "application/zip")}, tmp_path / "a", max_file_bytes=1000)
+    assert form.files[0].size == len(big)  # bounded by the request limit, its members by the file limit
+    with pytest.raises(Problem) as refused:
+        _collect({"files": ("a.png", big, "image/png")}, tmp_path / "b", max_file_bytes=1000)
+    assert refused.value.status == 413
