@@ -13,7 +13,24 @@ import psycopg
 import pytest
 import redis
 
+from service import db
+from service.migrate import upgrade
+from service.settings import get_settings
 from svc_helpers import PG_ADMIN, REDIS_DB, Stack, base_env
+
+
+@pytest.fixture
+def sqlite_database(tmp_path, monkeypatch):
+    """In-process settings on a migrated SQLite database of this test's own (no servers)."""
+    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
+    settings = get_settings()
+    upgrade(settings)
+    yield settings
+    db.get_engine().dispose()
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
+        cached.cache_clear()
 
 
 @pytest.fixture(scope="session")

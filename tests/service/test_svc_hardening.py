@@ -18,7 +18,6 @@ from PIL import Image
 from sqlalchemy import inspect
 
 from service import db
-from service.migrate import upgrade
 from service.models import Task, Tenant, utcnow
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -205,26 +204,13 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
     assert live["most"] == 1, f"{live['most']} decoded uploads were held at once"
 
 
-@pytest.fixture
-def database(tmp_path, monkeypatch):
-    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    settings = get_settings()
-    upgrade(settings)
-    yield settings
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-
-
-def test_list_query_has_a_tenant_created_at_index(database):
+def test_list_query_has_a_tenant_created_at_index(sqlite_database):
     engine = db.get_engine()
     indexes = [ix["column_names"] for ix in inspect(engine).get_indexes("tasks")]
     assert ["tenant_id", "created_at", "id"] in indexes, indexes
 
 
-def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(database, tmp_path):
+def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(sqlite_database, tmp_path):
     from worker.tasks import Lease, _succeed
 
     with db.session_scope() as session:

@@ -12,24 +12,15 @@ from datetime import timedelta
 import pytest
 
 from service import db, recovery
-from service.migrate import upgrade
 from service.models import Task, Tenant, utcnow
-from service.settings import Settings, get_settings
+from service.settings import Settings
 
 
 @pytest.fixture
-def database(tmp_path, monkeypatch):
-    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    settings = get_settings()
-    upgrade(settings)
+def database(sqlite_database, monkeypatch):
     sent: list[str] = []
     monkeypatch.setattr(recovery, "enqueue", sent.append)  # record instead of publishing
-    yield settings, sent
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    return sqlite_database, sent
 
 
 def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0,
