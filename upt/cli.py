@@ -57,12 +57,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .progress import EpochProgressBar
     from .training import TrainConfig, train
 
-    backbone = _backbone(args)
     config = TrainConfig(
         method=args.method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
         depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
         batch_size=args.batch_size,
-    ).validate()
+    ).validate()  # before the backbone: a bad option should not wait for the weights to load
+    backbone = _backbone(args)
     with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
         result = train(backbone, args.data, config, args.out, progress, args.checkpoint_dir)
     payload = {"artifact": str(result.artifact_dir), "method": config.method, "backbone": backbone.describe(),
