@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .backbone import Backbone
-from .data import LabelledImage, eval_transform, open_image, scan_image_folder
+from .data import LabelledImage, eval_transform, labelled_batches, scan_image_folder
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
@@ -68,14 +68,11 @@ def analyze(backbone: Backbone, data_dir: str | Path, templates: tuple[str, ...]
 def analyze_samples(backbone: Backbone, class_names: list[str], samples: list[LabelledImage],
                     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,), batch_size: int = 64) -> VarianceReport:
     """Both variances over labelled images (training reports them for its few-shot split)."""
-    transform = eval_transform(backbone.image)
     features, labels = [], []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start: start + batch_size]
-        batch = torch.stack([transform(open_image(s.path)) for s in chunk]).to(backbone.device)
+    for batch, batch_labels in labelled_batches(samples, eval_transform(backbone.image), batch_size, backbone.device):
         features.append(encode_image(backbone.clip, batch, normalize=True).float().cpu())
-        labels.extend(s.label for s in chunk)
-    per_class = intra_class_variance(torch.cat(features), torch.tensor(labels), len(class_names))
+        labels.append(batch_labels)
+    per_class = intra_class_variance(torch.cat(features), torch.cat(labels), len(class_names))
     text = template_classifier(backbone, class_names, templates).float().cpu()
     return VarianceReport(
         intra_class_visual=float(per_class.mean()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -110,6 +111,15 @@ def open_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DataError(f"Cannot read image {path}: {error}") from error
+
+
+def labelled_batches(samples: list[LabelledImage], transform: T.Compose, batch_size: int,
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Decoded, transformed images and their labels, `batch_size` at a time, in order."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start: start + batch_size]
+        images = torch.stack([transform(open_image(sample.path)) for sample in chunk]).to(device)
+        yield images, torch.tensor([sample.label for sample in chunk])
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .artifact import Artifact, load_artifact
 from .backbone import Backbone
-from .data import LabelledImage, eval_transform, open_image
+from .data import LabelledImage, eval_transform, labelled_batches
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
@@ -81,11 +81,9 @@ class Predictor:
     def evaluate(self, samples: list[LabelledImage], batch_size: int = 64) -> dict[str, Any]:
         """Accuracy, per-class accuracy and confusion matrix over labelled images."""
         predicted, truth = [], []
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start: start + batch_size]
-            batch = self.preprocess([open_image(sample.path) for sample in chunk])
+        for batch, labels in labelled_batches(samples, self.transform, batch_size, self.backbone.device):
             predicted.append(self.logits(batch).argmax(dim=-1).cpu())
-            truth.append(torch.tensor([sample.label for sample in chunk]))
+            truth.append(labels)
         if not predicted:
             return classification_report(torch.empty(0), torch.empty(0), self.class_names)
         return classification_report(torch.cat(predicted), torch.cat(truth), self.class_names)
