@@ -45,10 +45,6 @@ class Artifact:
         return list(self.config["class_names"])
 
     @property
-    def method(self) -> str:
-        return self.config["method"]
-
-    @property
     def classifier(self) -> torch.Tensor:
         return self.tensors["classifier"]
 

@@ -248,10 +248,11 @@ def _predictor(args: argparse.Namespace, artifact_dir: Path, backbone=None):
     from .backbone import load_backbone
     from .predict import Predictor
 
+    artifact = load_artifact(artifact_dir)  # read and checked once, also for the backbone it names
     if backbone is None:
-        recorded = load_artifact(artifact_dir).config["backbone"]
+        recorded = artifact.config["backbone"]
         backbone = load_backbone(recorded["model"], args.pretrained or recorded["pretrained"], args.device)
-    return Predictor.from_artifact(backbone, artifact_dir)
+    return Predictor.from_artifact(backbone, artifact)
 
 
 def _samples(data_dir: Path, result):

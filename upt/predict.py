@@ -36,20 +36,20 @@ class Predictor:
         class_names: list[str],
         classifier: torch.Tensor,
         visual_prompts: torch.Tensor | None = None,
-        artifact: Artifact | None = None,
     ):
         self.backbone = backbone
         self.class_names = list(class_names)
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
-        self.artifact = artifact
         self.transform = eval_transform(backbone.image)
 
     @classmethod
-    def from_artifact(cls, backbone: Backbone, path: str | Path) -> "Predictor":
-        artifact = load_artifact(path)
+    def from_artifact(cls, backbone: Backbone, artifact: Artifact | str | Path) -> "Predictor":
+        """From an artifact folder, or an artifact already loaded; its backbone must be `backbone`."""
+        if not isinstance(artifact, Artifact):
+            artifact = load_artifact(artifact)
         artifact.check_backbone(backbone)
-        return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts, artifact)
+        return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts)
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, class_names: list[str],

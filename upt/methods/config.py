@@ -23,8 +23,6 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 TEXT_METHODS = frozenset({"coop", "upt", "joint", "shared", "mlp"})
-VISUAL_METHODS = frozenset({"vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp"})
-UNIFIED_METHODS = frozenset({"upt", "shared", "mlp"})
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # The seven templates CLIP's authors selected for ImageNet, used for the zero-shot ensemble.
@@ -89,8 +87,4 @@ class PromptConfig(JsonOptions):
     @property
     def learns_text(self) -> bool:
         return self.method in TEXT_METHODS
-
-    @property
-    def learns_visual(self) -> bool:
-        return self.method in VISUAL_METHODS
 
