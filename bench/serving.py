@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-import open_clip
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 from _timing import machine, median_seconds
-from upt.backbone import Backbone, _image_spec, fingerprint
+from upt.backbone import random_backbone
 from upt.methods import PromptConfig, PromptedCLIP
 from upt.predict import Predictor
 
@@ -26,11 +25,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clip = open_clip.create_model(args.model, pretrained=None).eval().requires_grad_(False).to(device)
-    backbone = Backbone(args.model, "random (benchmark)", clip, open_clip.get_tokenizer(args.model),
-                        _image_spec(clip), fingerprint(clip), device)
+    backbone = random_backbone(args.model)
+    clip, device = backbone.clip, backbone.device
     model = PromptedCLIP(backbone, list(IMAGENET_CLASSNAMES[: args.classes]), PromptConfig("upt")).eval()
     exported = model.export()
     predictor = Predictor(backbone, model.class_names, exported["classifier"], exported["visual_prompts"])

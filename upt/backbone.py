@@ -87,9 +87,20 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device | None
             f"Unknown open_clip model {model!r}. Known ViT CLIP models include ViT-B-16, ViT-B-32, ViT-L-14 "
             f"and the project's tiny test model 'upt-tiny'."
         )
-    torch_device = resolve_device(device)
-    clip = _create_clip(model, pretrained)
+    return _frozen(model, pretrained, _create_clip(model, pretrained), device)
+
+
+def random_backbone(model: str, device: str | torch.device | None = None, seed: int = 0) -> Backbone:
+    """`model` with random weights, for what depends only on the architecture: parameter counts and
+    timings. Its `pretrained` says so; it is never loaded in place of real weights."""
+    register_model_configs()
+    torch.manual_seed(seed)
+    return _frozen(model, "random (architecture only)", open_clip.create_model(model, pretrained=None), device)
+
+
+def _frozen(model: str, pretrained: str, clip: torch.nn.Module, device: str | torch.device | None) -> Backbone:
     _check_supported(model, clip)
+    torch_device = resolve_device(device)
     clip.requires_grad_(False).eval().to(torch_device)
     return Backbone(
         name=model,
