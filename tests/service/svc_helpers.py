@@ -17,7 +17,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fashion_mnist"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_DB = 11
+# Each test session flushes its Redis database: concurrent runs (several checkouts on one machine)
+# pick different ones with UPT_TEST_REDIS_DB.
+REDIS_DB = int(os.environ.get("UPT_TEST_REDIS_DB", "11"))
 CLASSES = sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir())
 
 
