@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service.api import classify, health, tasks
@@ -21,6 +22,9 @@ from service.uploads import configure_pillow
 
 log = logging.getLogger("upt.service")
 WEB_DIR = Path(__file__).parent / "web"
+# What a page on another origin may send, and read back, beyond the CORS-safelisted headers.
+CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Idempotency-Key", "If-None-Match", "Last-Event-ID"]
+CORS_EXPOSED_HEADERS = ["Location", "Retry-After", "ETag", "Idempotent-Replayed"]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -49,6 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.encoder_batch.observe)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:
+        # Added last, so it is the outermost layer: a preflight is answered here and never reaches a
+        # route, a dependency or the database. Keys travel in headers, not cookies: no credentials.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     install_error_handlers(app)
     for module in (tasks, classify, health):
         app.include_router(module.router)

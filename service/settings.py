@@ -10,9 +10,11 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -39,6 +41,9 @@ class Settings(BaseSettings):
     # None: run `alembic upgrade head` at start-up for SQLite (local mode) only.
     auto_migrate: bool | None = None
     preload_backbone: bool = True
+    # Web pages on these origins may call the API from a browser (comma-separated, e.g.
+    # `https://labels.example.com,http://localhost:5173`). Empty: same-origin pages only.
+    cors_origins: Annotated[list[str], NoDecode] = []
 
     # Upload limits, enforced while the request body streams in.
     max_files: int = Field(2000, ge=1)
@@ -65,6 +70,19 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1)
 
     log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        for origin in value if isinstance(value, list) else []:
+            # A browser's Origin header is exactly scheme://host[:port]; anything else would never match.
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path
+                                  or parts.query or parts.fragment):
+                raise ValueError(f"UPT_CORS_ORIGINS: {origin!r} is not an origin such as https://labels.example.com")
+        return value
 
     @property
     def storage_dir(self) -> Path:

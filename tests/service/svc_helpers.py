@@ -20,6 +20,8 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Each test session flushes its Redis database: concurrent runs (several checkouts on one machine)
 # pick different ones with UPT_TEST_REDIS_DB.
 REDIS_DB = int(os.environ.get("UPT_TEST_REDIS_DB", "11"))
+# The one origin the stack's CORS allow-list (UPT_CORS_ORIGINS) names: a team's dashboard elsewhere.
+ALLOWED_ORIGIN = "https://labels.example.com"
 CLASSES = sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir())
 
 
