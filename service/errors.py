@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("upt.service")
@@ -57,6 +60,67 @@ def not_found(what: str) -> Problem:
     return Problem(404, "Not found", f"{what} does not exist.", type="not-found")
 
 
+# Errnos that mean the storage volume is full: no space, or the tenant's/user's disk quota.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DATABASE_RETRY_AFTER_S = 5
+NO_SPACE = "no space left on the storage volume"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised from, says the disk is full. torch.save reports a
+    full disk as a RuntimeError of its zip writer ("unexpected pos"), SQLite as "database or disk is full"."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(error)
+        if "database or disk is full" in text or "No space left on device" in text or (
+                isinstance(error, RuntimeError) and "inline_container" in text and "unexpected pos" in text):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full() -> Problem:
+    return Problem(507, "Insufficient storage", f"The request cannot be stored: {NO_SPACE}. Nothing of it was "
+                   "kept; retry once space was freed.", type="insufficient-storage")
+
+
+def database_unavailable() -> Problem:
+    return Problem(503, "Database unavailable", "The database cannot be reached right now; retry in a few "
+                   "seconds.", type="database-unavailable",
+                   headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
+class OutageLog:
+    """One log line per outage of a dependency, not a traceback per request: the first failure is
+    logged, later ones only once every `every_s` seconds, and the recovery once."""
+
+    def __init__(self, logger: logging.Logger, what: str, every_s: float = 60.0) -> None:
+        self.logger, self.what, self.every_s = logger, what, every_s
+        self._last: float | None = None
+        self._count = 0
+
+    def failed(self, error: BaseException) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self.every_s:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            self.logger.error("%s unavailable (%d failure(s) since the last report): %s: %s", self.what,
+                              self._count, type(error).__name__, first_line)
+            self._last, self._count = now, 0
+
+    def recovered(self) -> None:
+        if self._last is not None:
+            self.logger.warning("%s reachable again", self.what)
+            self._last, self._count = None, 0
+
+
+# One per process: the API's error handler and the recovery sweeper (which also notices the return) share it.
+database_outage = OutageLog(logging.getLogger("upt.database"), "database")
+
+
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
     instance = request.url.path if request is not None else None
     return JSONResponse(problem.body(instance), status_code=problem.status,
@@ -82,6 +146,23 @@ def install_error_handlers(app: FastAPI) -> None:
         title = titles.get(exc.status_code, "HTTP error")
         problem = Problem(exc.status_code, title, str(exc.detail), headers=getattr(exc, "headers", None))
         return problem_response(problem, request)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is down, restarting or unreachable (or, for SQLite, its disk is full): a fault of
+        # ours with a name and a Retry-After, not a 500. The pool pre-pings, so it recovers by itself.
+        if is_disk_full(exc):
+            return problem_response(disk_full(), request)
+        database_outage.failed(exc)
+        return problem_response(database_unavailable(), request)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if is_disk_full(exc):
+            log.error("%s %s: %s", request.method, request.url.path, NO_SPACE)
+            return problem_response(disk_full(), request)
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -19,9 +19,11 @@ import threading
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.db import session_scope
 from service.dispatch import enqueue
+from service.errors import database_outage
 from service.models import Task, TaskStatus, as_utc, utcnow
 from service.settings import Settings
 
@@ -119,6 +121,9 @@ class Sweeper(threading.Thread):
         while True:
             try:
                 sweep(self.settings)
+                database_outage.recovered()
+            except (OperationalError, InterfaceError) as error:  # one line per outage, not a traceback a sweep
+                database_outage.failed(error)
             except Exception:  # a database hiccup must not end recovery for good
                 log.exception("sweep failed; retrying in %.0fs", self.settings.sweep_interval_s)
             if self.stopped.wait(self.settings.sweep_interval_s):

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     task_time_limit_s: int = Field(6 * 3600, ge=10)
     worker_concurrency: int = Field(1, ge=1)
+    # A training that finds the storage volume full is retried after this, doubled each try (bounded).
+    disk_full_retry_s: float = Field(60.0, gt=0)
+    disk_full_retry_max_s: float = Field(900.0, gt=0)
 
     log_level: str = "info"
 

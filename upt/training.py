@@ -302,7 +302,11 @@ class _Loop:
             "scaler": self.scaler.state_dict(),
         }
         tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except BaseException:  # a full disk: do not leave a half-written file taking the space a retry needs
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.checkpoint)  # a crash mid-write keeps the previous epoch's checkpoint
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:

@@ -15,12 +15,15 @@ import socket
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
 from service.db import session_scope
+from service.dispatch import enqueue
+from service.errors import NO_SPACE, is_disk_full
 from service.models import Task, TaskEvent, TaskStatus, utcnow
 from service.settings import get_settings
 from service.storage import Storage
@@ -206,6 +209,8 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
         return
     if isinstance(error, TrainingCancelled):
         values = {"status": TaskStatus.cancelled.value}
+    elif isinstance(error, Exception) and is_disk_full(error):
+        values = _after_disk_full(task_id, lease, get_settings())
     elif isinstance(error, SoftTimeLimitExceeded):
         values = {"status": TaskStatus.failed.value,
                   "error": f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={get_settings().task_time_limit_s})."}
@@ -216,12 +221,38 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
         values = {"status": TaskStatus.failed.value, "error": f"Internal error in the worker: {type(error).__name__}: {error}"}
     else:  # worker shutdown (SystemExit, KeyboardInterrupt): leave the row for recovery to retry
         return
+    retry_in_s = values.pop("retry_in_s", None)
+    if retry_in_s is None:
+        values["finished_at"] = utcnow()
     with session_scope() as session:
-        done = lease.update(session, finished_at=utcnow(), lease=None, eta_s=None, **values)
+        done = lease.update(session, lease=None, eta_s=None, **values)
     if done and values["status"] == TaskStatus.cancelled.value:
         storage.delete_checkpoints(task_id)
+    if done and retry_in_s is not None:
+        enqueue(task_id, countdown=retry_in_s)
     if not done:
         _forget_if_deleted(task_id, storage)
+
+
+def _after_disk_full(task_id: str, lease: Lease, settings) -> dict:
+    """A full storage volume is usually temporary (an operator frees space, another training ends): the
+    task goes back to the queue after a back-off that doubles with each try, and fails only after
+    UPT_MAX_ATTEMPTS tries. Its epoch checkpoints stay, so a retry resumes where the disk filled up."""
+    with session_scope() as session:
+        attempts = session.scalar(select(Task.attempts).where(Task.id == task_id)) or 1
+    if attempts >= settings.max_attempts:
+        log.error("task %s: %s; giving up after %d tries", task_id, NO_SPACE, attempts)
+        return {"status": TaskStatus.failed.value,
+                "error": f"Training stopped: {NO_SPACE} ({attempts} tries, UPT_MAX_ATTEMPTS="
+                         f"{settings.max_attempts}). Free space on the volume and create the task again."}
+    delay = min(settings.disk_full_retry_s * 2 ** (attempts - 1), settings.disk_full_retry_max_s)
+    log.error("task %s: %s; retrying in %.0fs (try %d of %d)", task_id, NO_SPACE, delay, attempts,
+              settings.max_attempts)
+    # enqueued_at in the future: the sweeper re-sends a lost message only UPT_REQUEUE_AFTER_S after it.
+    return {"status": TaskStatus.queued.value, "retry_in_s": delay,
+            "enqueued_at": utcnow() + timedelta(seconds=delay),
+            "error": f"Training paused: {NO_SPACE}. Retrying in {delay:.0f}s (try {attempts} of "
+                     f"{settings.max_attempts})."}
 
 
 def _forget_if_deleted(task_id: str, storage: Storage) -> None:
