@@ -2,8 +2,9 @@
 
 The backbone loads once per process (seconds to minutes for a real CLIP). A failure to load is kept
 for FAILURE_TTL_S so /readyz and /classify answer fast instead of retrying a download on every call.
-Tuned predictors (one per artifact) and zero-shot predictors (one per class list) sit in bounded
-LRU caches: building one costs a text-encoder pass, serving from one only an image-encoder pass.
+Tuned predictors (one per artifact) and zero-shot predictors (one per class list) sit in LRU caches
+bounded by bytes: building one costs a text-encoder pass (zero-shot) or reading the artifact's serving
+tensors (tuned), serving from one only an image-encoder pass.
 """
 
 from __future__ import annotations
@@ -23,27 +24,40 @@ LOAD_WAIT_S = 60.0  # how long a request waits for a load in progress
 
 
 class LruCache:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+    """Least-recently-used cache bounded by the bytes its values hold (`weigh(value)`), not a count:
+    a tuned 10-class predictor holds kilobytes, a zero-shot one for 1,000 classes megabytes."""
+
+    def __init__(self, max_bytes: int, weigh: Callable[[Any], int]) -> None:
+        self.max_bytes = max_bytes
+        self.weigh = weigh
+        self.bytes = 0
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get_or_create(self, key: Hashable, create: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key]
+                return self._items[key][0]
         value = create()  # outside the lock: building a predictor must not block cached hits
+        weight = self.weigh(value)
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            if key in self._items:  # built concurrently by another request: keep one
+                self.bytes -= self._items.pop(key)[1]
+            self._items[key] = (value, weight)
+            self.bytes += weight
+            while self.bytes > self.max_bytes and len(self._items) > 1:  # the newest stays, whatever its size
+                self.bytes -= self._items.popitem(last=False)[1][1]
         return value
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
-            self._items.pop(key, None)
+            item = self._items.pop(key, None)
+            if item is not None:
+                self.bytes -= item[1]
 
 
 class Runtime:
@@ -56,8 +70,8 @@ class Runtime:
         self._failure: tuple[float, str] | None = None
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.tuned = LruCache(settings.artifact_cache_size)
-        self.zero_shot = LruCache(settings.artifact_cache_size)
+        self.tuned = LruCache(settings.predictor_cache_bytes, _predictor_bytes)
+        self.zero_shot = LruCache(settings.predictor_cache_bytes, _predictor_bytes)
 
     def start_loading(self) -> threading.Thread | None:
         """Start a load unless one runs, it succeeded, or it failed less than FAILURE_TTL_S ago."""
@@ -140,3 +154,7 @@ class Runtime:
 
         backbone = self.backbone()
         return self.zero_shot.get_or_create(tuple(class_names), lambda: Predictor.zero_shot(backbone, class_names))
+
+
+def _predictor_bytes(predictor) -> int:
+    return predictor.nbytes

@@ -1,9 +1,14 @@
 """The learned-prompt artifact: one folder, like a peft adapter.
 
 - `adapter_config.json`: method, prompt and training options, backbone name and weights sha256,
-  class names, library version, metrics, and the sha256 of the tensors file.
+  class names, library version, metrics, the sha256 of the tensors file and of each tensor in it.
 - `prompts.safetensors`: the learned parameters (`prompt.*`, to resume or inspect them) and what
   serving needs resolved once at the end of training: the text `classifier` W and `visual_prompts`.
+
+Serving reads only W and the visual prompts (`load_serving_artifact`): a UPT artifact is megabytes
+because of θ, while serving needs kilobytes. Each of the two is checked against its own sha256, so a
+cache miss neither reads nor hashes the rest. Artifacts written before per-tensor hashes existed are
+checked whole, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
@@ -26,7 +31,8 @@ from .errors import ArtifactError, BackboneMismatchError
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "prompts.safetensors"
 FORMAT = "upt-prompts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # `tensor_sha256` was added without a new version: older readers ignore it
+SERVING_TENSORS = ("classifier", "visual_prompts")
 
 
 def library_version() -> str:
@@ -78,8 +84,8 @@ def save_artifact(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors_path = out_dir / TENSORS_FILE
-    _atomic(tensors_path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                                                str(tmp), metadata={"format": FORMAT}))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,6 +95,7 @@ def save_artifact(
         "class_names": list(class_names),
         "backbone": backbone.describe(),
         "tensors_sha256": _sha256(tensors_path),
+        "tensor_sha256": {name: tensor_sha256(tensor) for name, tensor in sorted(tensors.items())},
         **options,
     }
     _atomic(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
@@ -96,7 +103,49 @@ def save_artifact(
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    path = Path(path)
+    """The whole artifact (learned parameters included), checked against the file's sha256."""
+    config, tensors_path = _read_config(Path(path))
+    if _sha256(tensors_path) != config.get("tensors_sha256"):
+        raise ArtifactError(f"{tensors_path} is corrupted: its sha256 does not match {CONFIG_FILE}.")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{tensors_path} is corrupted: {error}") from error
+    return _checked(Artifact(config, tensors), tensors_path)
+
+
+def load_serving_artifact(path: str | Path) -> Artifact:
+    """Only what serving needs (classifier W, visual prompts), each checked against its own sha256."""
+    config, tensors_path = _read_config(Path(path))
+    recorded = config.get("tensor_sha256")
+    if not isinstance(recorded, dict):  # written before per-tensor hashes: check the whole file
+        full = load_artifact(path)
+        return Artifact(full.config, {k: v for k, v in full.tensors.items() if k in SERVING_TENSORS})
+    tensors = {}
+    try:
+        with safe_open(str(tensors_path), framework="pt") as file:
+            for name in SERVING_TENSORS:
+                if name in file.keys():
+                    tensors[name] = file.get_tensor(name)
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{tensors_path} is corrupted: {error}") from error
+    for name in SERVING_TENSORS:
+        actual = tensor_sha256(tensors[name]) if name in tensors else None
+        if actual != recorded.get(name):
+            raise ArtifactError(f"{tensors_path} is corrupted: tensor {name!r} does not match its sha256 "
+                                f"in {CONFIG_FILE}.")
+    return _checked(Artifact(config, tensors), tensors_path)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (what safetensors stores for it)."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], Path]:
     config_path, tensors_path = path / CONFIG_FILE, path / TENSORS_FILE
     for required in (config_path, tensors_path):
         if not required.is_file():
@@ -109,15 +158,14 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{config_path} is not a upt artifact config (format {FORMAT!r} expected).")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path} was written by a newer upt ({config.get('library_version')}); upgrade to load it.")
-    if _sha256(tensors_path) != config.get("tensors_sha256"):
-        raise ArtifactError(f"{tensors_path} is corrupted: its sha256 does not match {CONFIG_FILE}.")
-    try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError) as error:
-        raise ArtifactError(f"{tensors_path} is corrupted: {error}") from error
-    if "classifier" not in tensors or tensors["classifier"].shape[0] != len(config.get("class_names", [])):
+    return config, tensors_path
+
+
+def _checked(artifact: Artifact, tensors_path: Path) -> Artifact:
+    classifier = artifact.tensors.get("classifier")
+    if classifier is None or classifier.shape[0] != len(artifact.config.get("class_names", [])):
         raise ArtifactError(f"{tensors_path} has no classifier matching the {CONFIG_FILE} class names.")
-    return Artifact(config, tensors)
+    return artifact
 
 
 def _atomic(path: Path, write) -> None:

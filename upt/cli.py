@@ -244,11 +244,11 @@ def _backbone(args: argparse.Namespace):
 
 
 def _predictor(args: argparse.Namespace, artifact_dir: Path, backbone=None):
-    from .artifact import load_artifact
+    from .artifact import load_serving_artifact
     from .backbone import load_backbone
     from .predict import Predictor
 
-    artifact = load_artifact(artifact_dir)  # read and checked once, also for the backbone it names
+    artifact = load_serving_artifact(artifact_dir)  # read and checked once, also for the backbone it names
     if backbone is None:
         recorded = artifact.config["backbone"]
         backbone = load_backbone(recorded["model"], args.pretrained or recorded["pretrained"], args.device)

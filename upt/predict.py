@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from PIL import Image
 
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, load_serving_artifact
 from .backbone import Backbone
 from .data import LabelledImage, eval_transform, labelled_batches
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
 from .metrics import classification_report
+
+
+_eval_transform = lru_cache(maxsize=16)(eval_transform)  # stateless: one per image spec, not per predictor
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,20 @@ class Predictor:
         self.class_names = list(class_names)
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
-        self.transform = eval_transform(backbone.image)
+        self.transform = _eval_transform(backbone.image)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this predictor holds beyond the shared backbone: tensors plus class names."""
+        tensors = self.classifier.nbytes + (0 if self.visual_prompts is None else self.visual_prompts.nbytes)
+        return tensors + sum(len(name) + 64 for name in self.class_names) + 1024  # + object overheads
 
     @classmethod
     def from_artifact(cls, backbone: Backbone, artifact: Artifact | str | Path) -> "Predictor":
-        """From an artifact folder, or an artifact already loaded; its backbone must be `backbone`."""
+        """From an artifact folder (reading only its serving tensors), or an artifact already loaded;
+        its backbone must be `backbone`."""
         if not isinstance(artifact, Artifact):
-            artifact = load_artifact(artifact)
+            artifact = load_serving_artifact(artifact)
         artifact.check_backbone(backbone)
         return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts)
 

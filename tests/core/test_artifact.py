@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from upt.artifact import CONFIG_FILE, TENSORS_FILE, load_artifact
+from upt.artifact import CONFIG_FILE, TENSORS_FILE, load_artifact, load_serving_artifact
 from upt.backbone import load_backbone
 from upt.data import eval_transform, scan_image_folder
 from upt.errors import ArtifactError, BackboneMismatchError
@@ -67,3 +67,68 @@ def test_corrupted_or_incomplete_artifacts_fail_clearly(tiny, trained, tmp_path)
     (broken / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ArtifactError, match="corrupted"):
         load_artifact(broken)
+
+
+def _tensor_bytes(tensors_file, name: str) -> tuple[int, int]:
+    """Where tensor `name` lies in a safetensors file (start, end), from the file's own header."""
+    data = tensors_file.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_size])[name]["data_offsets"]
+    return 8 + header_size + start, 8 + header_size + end
+
+
+def _copy_with_flipped_byte(source, target, tensor: str):
+    target.mkdir()
+    (target / CONFIG_FILE).write_bytes((source / CONFIG_FILE).read_bytes())
+    data = bytearray((source / TENSORS_FILE).read_bytes())
+    start, end = _tensor_bytes(source / TENSORS_FILE, tensor)
+    data[(start + end) // 2] ^= 0x01
+    (target / TENSORS_FILE).write_bytes(bytes(data))
+    return target
+
+
+def test_serving_reads_only_the_serving_tensors_without_hashing_the_file(tiny, trained, monkeypatch):
+    from upt import artifact as artifact_module
+
+    config = json.loads((trained.artifact_dir / CONFIG_FILE).read_text())
+    assert set(config["tensor_sha256"]) >= {"classifier", "visual_prompts", "prompt.prompts.unified"}
+
+    def whole_file_hashed(path):
+        raise AssertionError(f"a serving load hashed all of {path}")
+
+    monkeypatch.setattr(artifact_module, "_sha256", whole_file_hashed)
+    served = load_serving_artifact(trained.artifact_dir)
+    assert set(served.tensors) == {"classifier", "visual_prompts"}
+    monkeypatch.undo()
+    full = load_artifact(trained.artifact_dir)
+    for name in ("classifier", "visual_prompts"):
+        assert torch.equal(served.tensors[name], full.tensors[name])
+
+
+def test_serving_checks_each_serving_tensor_and_ignores_a_damaged_parameter(tiny, trained, tmp_path):
+    for tensor in ("classifier", "visual_prompts"):
+        broken = _copy_with_flipped_byte(trained.artifact_dir, tmp_path / tensor, tensor)
+        with pytest.raises(ArtifactError, match=f"tensor '{tensor}' does not match its sha256"):
+            Predictor.from_artifact(tiny, broken)
+    theta = next(n for n in load_artifact(trained.artifact_dir).tensors if n.startswith("prompt.prompts.mixer."))
+    damaged = _copy_with_flipped_byte(trained.artifact_dir, tmp_path / "theta", theta)
+    Predictor.from_artifact(tiny, damaged)  # serving never reads θ...
+    with pytest.raises(ArtifactError, match="corrupted"):
+        load_artifact(damaged)  # ...while resuming or inspecting reads and checks all of it
+
+
+def test_an_artifact_without_per_tensor_hashes_is_checked_whole(tiny, trained, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((trained.artifact_dir / CONFIG_FILE).read_text())
+    del config["tensor_sha256"]  # as written before per-tensor hashes
+    (old / CONFIG_FILE).write_text(json.dumps(config))
+    data = (trained.artifact_dir / TENSORS_FILE).read_bytes()
+    (old / TENSORS_FILE).write_bytes(data)
+    served = load_serving_artifact(old)
+    assert set(served.tensors) == {"classifier", "visual_prompts"}
+    damaged = bytearray(data)
+    damaged[-3] ^= 0x01
+    (old / TENSORS_FILE).write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactError, match="its sha256 does not match"):
+        load_serving_artifact(old)

@@ -6,7 +6,7 @@ import torch
 
 from upt.backbone import Backbone, _image_spec
 from upt.errors import ConfigError
-from upt.methods import METHODS, PromptConfig, PromptedCLIP, UnifiedTransformerLayer
+from upt.methods import METHODS, PromptConfig, PromptedCLIP, UnifiedTransformerLayer, template_classifier
 from upt.parameters import trainable_parameters_by_method
 
 CLASSES = ["bag", "trouser", "sneaker"]
@@ -132,3 +132,23 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "mlp": 2 * m * d_t + 2 * (d_t * d_t + d_t) + to_vision,
     }
     assert trainable_parameters_by_method("ViT-B-16") == expected
+
+
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_template_classifier_batches_all_prompts_into_the_same_classifier(tiny, monkeypatch, chunk):
+    """One batched (chunked, length-sorted) text pass gives the classifier of one pass per class."""
+    from upt.encoders import encode_text
+    from upt.methods import ENSEMBLE_TEMPLATES
+    from upt.methods import model as model_module
+
+    names = ["cat", "golden_retriever", "a very long class name with many words in it", "dog", "sea lion"]
+    monkeypatch.setattr(model_module, "TEXT_CHUNK", chunk)
+    batched = template_classifier(tiny, names, ENSEMBLE_TEMPLATES)
+    expected = []
+    with torch.no_grad():
+        for name in names:
+            texts = [t.format(name.replace("_", " ")) for t in ENSEMBLE_TEMPLATES]
+            features = encode_text(tiny.clip, tiny.tokenizer(texts), normalize=True)
+            expected.append(torch.nn.functional.normalize(features.mean(dim=0), dim=-1))
+    assert batched.shape == (len(names), tiny.clip.text_projection.shape[1])
+    assert (batched - torch.stack(expected)).abs().max().item() < 1e-6

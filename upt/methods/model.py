@@ -25,15 +25,25 @@ def clean_class_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+TEXT_CHUNK = 256  # prompts per text-encoder pass: bounds memory for 1000 classes x 7 templates
+
+
 @torch.no_grad()
 def template_classifier(backbone: Backbone, class_names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
-    """Zero-shot classifier W (k, d): each class's template features averaged, then normalised."""
-    rows = []
-    for name in class_names:
-        texts = [template.format(clean_class_name(name)) for template in templates]
-        features = encode_text(backbone.clip, backbone.tokenizer(texts).to(backbone.device), normalize=True)
-        rows.append(F.normalize(features.mean(dim=0), dim=-1))
-    return torch.stack(rows)
+    """Zero-shot classifier W (k, d): each class's template features averaged, then normalised.
+
+    All class x template prompts go through the text encoder together, in chunks of TEXT_CHUNK sorted
+    by length: each chunk is cut after its own longest prompt (see `encode_text`), and one pass over
+    hundreds of prompts costs far less than one pass per class.
+    """
+    texts = [template.format(clean_class_name(name)) for name in class_names for template in templates]
+    tokens = backbone.tokenizer(texts)
+    order = tokens.argmax(dim=-1).argsort(stable=True)  # end-of-text position = length
+    chunks = [encode_text(backbone.clip, tokens[order[start:start + TEXT_CHUNK]].to(backbone.device), normalize=True)
+              for start in range(0, len(texts), TEXT_CHUNK)]
+    features = torch.cat(chunks)[order.argsort().to(backbone.device)]  # back to class-major order
+    features = features.view(len(class_names), len(templates), -1)
+    return F.normalize(features.mean(dim=1), dim=-1)
 
 
 class PromptedCLIP(nn.Module):
