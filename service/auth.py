@@ -81,11 +81,13 @@ def current_tenant(
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
         session.commit()
         return tenant
-    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
-    if api_key is None:
+    # One query for key and tenant: every poll pays for it.
+    tenant = session.scalar(select(Tenant).join(ApiKey).where(ApiKey.key_hash == hash_key(key),
+                                                              ApiKey.revoked_at.is_(None)))
+    if tenant is None:
         raise Problem(401, "Unauthorized", "This API key is unknown or revoked.",
                       headers={"WWW-Authenticate": "Bearer"})
-    return api_key.tenant
+    return tenant
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

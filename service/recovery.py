@@ -24,7 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from service.db import session_scope
 from service.dispatch import enqueue
 from service.errors import database_outage
-from service.models import Task, TaskStatus, as_utc, utcnow
+from service.models import Task, TaskStatus, as_utc, liveness_only, utcnow
 from service.settings import Settings
 
 log = logging.getLogger("upt.recovery")
@@ -41,7 +41,7 @@ def requeue_lost_messages(settings: Settings) -> list[str]:
         for task_id, enqueued_at in rows:
             claimed = session.execute(
                 update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value,
-                                   Task.enqueued_at == enqueued_at).values(enqueued_at=utcnow())
+                                   Task.enqueued_at == enqueued_at).values(enqueued_at=utcnow(), **liveness_only())
             ).rowcount
             if claimed:
                 sent.append(task_id)

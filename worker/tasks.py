@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from service.db import session_scope
 from service.dispatch import enqueue
 from service.errors import NO_SPACE, is_disk_full
-from service.models import Task, TaskEvent, TaskStatus, utcnow
+from service.models import Task, TaskEvent, TaskStatus, liveness_only, utcnow
 from service.settings import get_settings
 from service.storage import Storage
 from worker.celery_app import TRAIN_TASK, app
@@ -103,7 +103,7 @@ class Lease:
                 return
             if row.status == TaskStatus.cancelling.value:
                 self.stop_reason = "cancel"
-            self.update(session, heartbeat_at=utcnow())
+            self.update(session, heartbeat_at=utcnow(), **liveness_only())
 
     def update(self, session, **values) -> bool:
         return bool(session.execute(

@@ -13,6 +13,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
 from service.api.deps import RuntimeDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
@@ -124,26 +125,50 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise invalid("cursor", "not a cursor returned by this API; start again without it.")
 
 
-@router.get("/tasks", response_model=TaskPage)
+NOT_MODIFIED = {304: {"description": "Unchanged since the `ETag` sent as `If-None-Match`."}}
+
+
+@router.get("/tasks", response_model=TaskPage, responses=NOT_MODIFIED)
 def list_tasks(tenant: TenantDep, session: SessionDep,
                status: Annotated[list[TaskStatus] | None, Query()] = None,
                limit: Annotated[int, Query(ge=1, le=100)] = 20,
-               cursor: str | None = None) -> TaskPage:
-    """Newest first. Pass `next_cursor` back as `cursor` for the next page."""
+               cursor: str | None = None,
+               if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """Newest first. Pass `next_cursor` back as `cursor` for the next page. Send the `ETag` back as
+    `If-None-Match` to get a bodiless 304 while nothing on the page changed."""
     query = select(Task).where(Task.tenant_id == tenant.id)
     if status:
         query = query.where(Task.status.in_([s.value for s in status]))
     if cursor:
         created, task_id = _decode_cursor(cursor)
         query = query.where(or_(Task.created_at < created, and_(Task.created_at == created, Task.id < task_id)))
-    tasks = session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)).all()
+    query = query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+    asked = f"{sorted(s.value for s in status or [])}|{limit}|{cursor}"
+    if if_none_match:  # two small columns of the page first: a 304 reads nothing else
+        keys = session.execute(query.with_only_columns(Task.id, Task.version, Task.status)).all()
+        etag = list_etag(tenant.id, [(k.id, k.version) for k in keys], asked)
+        if matches(if_none_match, etag):
+            return not_modified(poll_headers(etag, [k.status for k in keys[:limit]]))
+    tasks = session.scalars(query).all()
     next_cursor = _encode_cursor(tasks[limit - 1]) if len(tasks) > limit else None
-    return TaskPage(items=[TaskOut.of(t) for t in tasks[:limit]], next_cursor=next_cursor)
+    page = TaskPage(items=[TaskOut.of(t) for t in tasks[:limit]], next_cursor=next_cursor)
+    # From the rows sent, so the tag never names newer content than the body holds.
+    etag = list_etag(tenant.id, [(t.id, t.version) for t in tasks], asked)
+    return json_response(page.model_dump_json(), poll_headers(etag, [t.status for t in tasks[:limit]]))
 
 
-@router.get("/tasks/{task_id}", response_model=TaskOut)
-def get_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut:
-    return TaskOut.of(tenant_task(session, tenant, task_id))
+@router.get("/tasks/{task_id}", response_model=TaskOut, responses=NOT_MODIFIED)
+def get_task(task_id: str, tenant: TenantDep, session: SessionDep,
+             if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """Send the `ETag` back as `If-None-Match` to get a bodiless 304 while the task is unchanged;
+    `Retry-After` says when a task that is not finished is worth asking about again."""
+    if if_none_match and _is_task_id(task_id):  # the version alone: no config, metrics or events read
+        row = session.execute(select(Task.version, Task.status)
+                              .where(Task.id == task_id, Task.tenant_id == tenant.id)).first()
+        if row is not None and matches(if_none_match, task_etag(row.version)):
+            return not_modified(poll_headers(task_etag(row.version), [row.status]))
+    task = tenant_task(session, tenant, task_id)
+    return json_response(TaskOut.of(task).model_dump_json(), poll_headers(task_etag(task.version), [task.status]))
 
 
 @router.get("/tasks/{task_id}/events", response_model=EventPage)
