@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -66,8 +67,14 @@ def parse_config(form: ParsedForm, settings: Settings):
     return config
 
 
+def normal_name(name: str) -> str:
+    """A class name or label as compared and stored: NFC (`cát` typed or from a macOS zip's NFD folder
+    name is one class), without surrounding spaces."""
+    return unicodedata.normalize("NFC", name).strip()
+
+
 def check_class_names(names: list[str], settings: Settings, as_folders: bool = True) -> list[str]:
-    names = [n.strip() for n in names]
+    names = [normal_name(n) for n in names]
     if any(not n for n in names):
         raise invalid("class_names", "a class name is empty.")
     for name in names if as_folders else []:
@@ -91,7 +98,7 @@ def check_class_names(names: list[str], settings: Settings, as_folders: bool = T
 
 
 def _labelled_files(form: ParsedForm, class_names: list[str]) -> list[tuple[str, str, UploadedFile]]:
-    files, labels = form.files_of("files"), [label.strip() for label in form.many("labels")]
+    files, labels = form.files_of("files"), [normal_name(label) for label in form.many("labels")]
     if len(labels) != len(files):
         raise invalid("labels", f"give one label per file, in the same order: {len(files)} files, "
                       f"{len(labels)} labels.")
@@ -108,14 +115,19 @@ def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple
 
     Members are extracted to files beside the upload (its scratch folder), not kept in memory: an
     archive may unpack to UPT_MAX_UPLOAD_BYTES, and write_dataset decodes them one at a time."""
+    entries = _zip_entry_count(upload)
+    # Every entry counts, hidden ones and folders too, read from the central directory's end record
+    # before zipfile parses the directory itself (300,000 entries took seconds of CPU to list).
+    if entries > settings.max_files:
+        raise too_large(f"The archive holds {entries} entries; at most {settings.max_files} (UPT_MAX_FILES).")
     try:
         archive = zipfile.ZipFile(upload.path)
     except (zipfile.BadZipFile, OSError):
         raise invalid("archive", f"{upload.filename} is not a zip file.")
     with archive:
+        if len(archive.infolist()) > settings.max_files:  # an end record that lied about the count
+            raise too_large(f"The archive holds more than {settings.max_files} entries (UPT_MAX_FILES).")
         infos = [i for i in archive.infolist() if not i.is_dir() and not _hidden(i.filename)]
-        if len(infos) > settings.max_files:
-            raise too_large(f"The archive holds {len(infos)} files; at most {settings.max_files} (UPT_MAX_FILES).")
         if sum(i.file_size for i in infos) > settings.max_upload_bytes:
             raise too_large(f"The archive unpacks to more than {settings.max_upload_bytes} bytes.")
         paths = [PurePosixPath(i.filename).parts for i in infos]
@@ -146,6 +158,18 @@ def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple
             yield parts[0], info.filename, extracted
 
 
+def _zip_entry_count(upload: UploadedFile) -> int:
+    """The number of entries the zip's end-of-central-directory record declares (zip64 included)."""
+    try:
+        with open(upload.path, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # the stdlib's own reader of that record
+    except OSError:
+        end = None
+    if not end:
+        raise invalid("archive", f"{upload.filename} is not a zip file.")
+    return int(end[zipfile._ECD_ENTRIES_TOTAL])
+
+
 def _hidden(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
 
@@ -160,14 +184,14 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
     given = form.many("class_names")
     if archives:
         members = list(_archive_members(archives[0], settings))
-        folders = sorted({folder for folder, _, _ in members})
+        folders = sorted({folder for folder, _, _ in members})  # two spellings of one name are refused below
         class_names = check_class_names(given or folders, settings)
         known = set(class_names)
         for folder, name, _ in members:
-            if folder.strip() not in known:
+            if normal_name(folder) not in known:
                 raise invalid("archive", f"folder {folder!r} ({name}) names no class; classes are "
                               f"{', '.join(class_names)}.")
-        images = [(folder.strip(), name, data) for folder, name, data in members]
+        images = [(normal_name(folder), name, data) for folder, name, data in members]
     else:
         if not files:
             raise invalid("files", "upload images as `files` (with `labels`) or one zip as `archive`.")
@@ -190,13 +214,16 @@ def check_against_backbone(config, backbone) -> None:
     than a task that is queued and then fails in the worker."""
     from upt.errors import ConfigError
     from upt.methods import build_prompt_generator
+    from upt.methods.model import check_text_prompt_fits
 
     # Without ctx_init, whose phrase sets the context length: only the widths and depths are checked.
     prompt_config = dataclasses.replace(config.prompt_config(), ctx_init=None)
     try:
         build_prompt_generator(backbone, prompt_config, prompt_config.n_ctx)
+        if config.prompt_config().learns_text and config.class_names:
+            check_text_prompt_fits(backbone, config.prompt_config(), config.class_names)
     except ConfigError as error:
-        field = next((n for n in ("depth", "n_ctx") if n in str(error)), "config")
+        field = next((n for n in ("ctx_init", "depth", "n_ctx") if n in str(error)), "config")
         raise invalid(field, str(error))
 
 

@@ -20,7 +20,7 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from PIL import Image
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartState, parse_options_header
 
 from service.errors import Problem, invalid
 
@@ -67,9 +67,11 @@ def too_large(detail: str) -> Problem:
 class _FormCollector:
     """python-multipart callbacks that write file parts straight to disk, checking limits."""
 
-    def __init__(self, folder: Path, max_files: int, max_file_bytes: int) -> None:
+    def __init__(self, folder: Path, max_files: int, max_file_bytes: int,
+                 max_files_setting: str = "UPT_MAX_FILES") -> None:
         self.folder = folder
         self.max_files = max_files
+        self.max_files_setting = max_files_setting
         self.max_file_bytes = max_file_bytes
         self.form = ParsedForm()
         self._header_name = b""
@@ -112,7 +114,8 @@ class _FormCollector:
                 raise Problem(400, "Bad request", f"More than {MAX_FIELDS} form fields.", type="bad-multipart")
             return
         if len(self.form.files) >= self.max_files:
-            raise too_large(f"Too many files: at most {self.max_files} per request (UPT_MAX_FILES).")
+            raise too_large(f"Too many files: at most {self.max_files} per request "
+                            f"({self.max_files_setting}).")
         index = len(self.form.files)
         self._file = UploadedFile(self._field, options[b"filename"].decode("utf-8", "replace"),
                                   self.folder / f"{index:06d}.upload")
@@ -150,7 +153,7 @@ class _FormCollector:
 
 
 async def parse_form(request: Request, folder: Path, *, max_files: int, max_file_bytes: int,
-                     max_total_bytes: int) -> ParsedForm:
+                     max_total_bytes: int, max_files_setting: str = "UPT_MAX_FILES") -> ParsedForm:
     """Parse a multipart/form-data body into fields and files written under `folder`."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type == b"application/x-www-form-urlencoded":
@@ -162,7 +165,7 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
     if declared and declared.isdigit() and int(declared) > max_total_bytes:
         raise too_large(f"The request is larger than {max_total_bytes} bytes (UPT_MAX_UPLOAD_BYTES).")
     folder.mkdir(parents=True, exist_ok=True)
-    collector = _FormCollector(folder, max_files, max_file_bytes)
+    collector = _FormCollector(folder, max_files, max_file_bytes, max_files_setting)
     total = 0
     try:
         # Inside the try: the parser refuses a boundary over 256 bytes with a FormParserError.
@@ -173,6 +176,11 @@ async def parse_form(request: Request, folder: Path, *, max_files: int, max_file
                 raise too_large(f"The request is larger than {max_total_bytes} bytes (UPT_MAX_UPLOAD_BYTES).")
             parser.write(chunk)
         parser.finalize()
+        # The parser hands over a part only at its closing boundary: a body cut before it (a dropped
+        # connection, a proxy's limit) would silently lose its last field, e.g. train 200 epochs for `epochs=1`.
+        if parser.state != MultipartState.END:
+            raise Problem(400, "Bad request", "The multipart body is incomplete: it ends before its closing "
+                          "boundary. Send the whole request again.", type="bad-multipart")
     except FormParserError as error:
         raise Problem(400, "Bad request", f"The multipart body is malformed: {error}", type="bad-multipart")
     except ClientDisconnect:  # nobody is left to read an answer; nothing was stored

@@ -27,7 +27,8 @@ async def classify(request: Request, tenant: TenantDep, session: SessionDep, set
     scratch = scratch_dir(storage.root / "tmp")
     try:
         form = await parse_form(request, scratch, max_files=settings.max_classify_files,
-                                max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
+                                max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes,
+                                max_files_setting="UPT_MAX_CLASSIFY_FILES")
         return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics,
                                        batcher)
     finally:

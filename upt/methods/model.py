@@ -60,6 +60,8 @@ class PromptedCLIP(nn.Module):
         self.backbone = backbone
         self.class_names = list(class_names)
         self.config = config
+        if config.learns_text:
+            check_text_prompt_fits(backbone, config, class_names)
         self.n_ctx = _context_length(backbone, config)
         self.prompts: nn.Module | None = build_prompt_generator(backbone, config, self.n_ctx)
         if config.learns_text:
@@ -109,6 +111,31 @@ class PromptedCLIP(nn.Module):
         prefix = self.config.ctx_init.strip() if self.config.ctx_init else " ".join(["X"] * self.n_ctx)
         texts = [f"{prefix} {clean_class_name(name)}." for name in self.class_names]
         return self.backbone.tokenizer(texts).to(self.backbone.device)
+
+
+def _token_count(backbone: Backbone, text: str) -> int:
+    """Tokens of `text` without [SOS]/[EOS] and without truncation (the tokenizer cuts at the context length)."""
+    ids = backbone.tokenizer([text], context_length=len(text.encode("utf-8")) + 8)[0]
+    return int((ids != 0).sum()) - 2
+
+
+def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names: list[str]) -> None:
+    """`[SOS] context name. [EOS]` must fit the text encoder's context: past it, the tokenizer cuts the
+    class name off and every class gets the same prompt (a "trained" model that predicts 1/k for all).
+    A ctx_init phrase must also give at least one token of words (not "\x00" or a zero-width space)."""
+    if config.ctx_init is not None:
+        phrase = config.ctx_init.strip()
+        if not any(ch.isalnum() for ch in phrase) or _token_count(backbone, phrase) < 1:
+            raise ConfigError("ctx_init must contain words, e.g. 'a photo of a'.")
+        n_ctx, field = _token_count(backbone, phrase), "ctx_init"
+    else:
+        n_ctx, field = config.n_ctx, "n_ctx"
+    limit = int(getattr(backbone.clip, "context_length", 77))
+    longest = max(class_names, key=lambda name: _token_count(backbone, f"{clean_class_name(name)}."))
+    room = limit - 2 - _token_count(backbone, f"{clean_class_name(longest)}.")
+    if n_ctx > room:
+        raise ConfigError(f"{field} takes {n_ctx} tokens, but the text encoder's context of {limit} tokens leaves "
+                          f"room for {max(room, 0)} beside the longest class name ({longest[:40]!r}); shorten it.")
 
 
 def _context_length(backbone: Backbone, config: PromptConfig) -> int:

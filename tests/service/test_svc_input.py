@@ -1,0 +1,107 @@
+"""Bad input is refused before anything trains: cut bodies, context phrases that do not fit the text
+encoder, class names that differ only in their Unicode spelling, zip entries hidden from the count."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import httpx
+import pytest
+
+from svc_helpers import CLASSES, images, task_form
+
+PNG = images("train", 1)[0][1].read_bytes()
+
+
+def assert_problem(response: httpx.Response, status: int, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
+    return body
+
+
+def task_ids(client: httpx.Client) -> set[str]:
+    return {t["id"] for t in client.get("/tasks", params={"limit": 100}).json()["items"]}
+
+
+@pytest.mark.service
+def test_a_body_cut_before_its_closing_boundary_is_a_400_not_a_task_without_its_last_field(stack):
+    client = stack.client("acme")
+    data, files = task_form(per_class=1, shots=1)
+    request = client.build_request("POST", "/tasks", data=data, files=files + [("epochs", (None, b"1"))])
+    body = request.read()
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    assert body.endswith(b"\r\n--" + boundary + b"--\r\n")
+    cut = body[:-len(boundary) - 8]  # the epochs part ends without its closing boundary
+    before = task_ids(client)
+    response = client.post("/tasks", content=cut, headers={"Content-Type": request.headers["content-type"]})
+    assert "incomplete" in assert_problem(response, 400)["detail"]
+    assert task_ids(client) == before
+
+
+@pytest.mark.service
+def test_ctx_init_is_checked_against_the_tokenizer_and_the_context_length(stack):
+    client = stack.client("acme")
+    before = task_ids(client)
+    for phrase in ("word " * 200, "x" * 60_000, "\x00\x01", "\u200b"):
+        data, files = task_form(per_class=1, shots=1, epochs=1, ctx_init=phrase)
+        body = assert_problem(client.post("/tasks", data=data, files=files), 422, "ctx_init")
+        assert "ctx_init" in body["detail"]
+    assert task_ids(client) == before
+    data, files = task_form(per_class=1, shots=1, epochs=1, ctx_init="a photo of a")
+    accepted = client.post("/tasks", data=data, files=files)
+    assert accepted.status_code == 202, accepted.text
+    assert client.delete(f"/tasks/{accepted.json()['id']}").status_code == 204
+
+
+@pytest.mark.service
+def test_class_names_are_compared_after_nfc_normalisation_in_fields_and_zip_folders(stack):
+    client = stack.client("acme")
+    composed, decomposed = "c\u00e1t", "ca\u0301t"
+    data = {"class_names": [composed, decomposed], "labels": [composed, decomposed], "method": "coop",
+            "shots": "1", "epochs": "1"}
+    files = [("files", (f"{i}.png", PNG, "image/png")) for i in range(2)]
+    assert_problem(client.post("/tasks", data=data, files=files), 422, "class_names")
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(f"{composed}/a.png", PNG)
+        zipped.writestr(f"{decomposed}/b.png", PNG)
+    assert_problem(client.post("/tasks", data={"method": "coop"},
+                               files=[("archive", ("c.zip", archive.getvalue(), "application/zip"))]),
+                   422, "class_names")
+
+    # The same name typed in either form is one class: labels in NFD match class names in NFC.
+    data = {"class_names": [composed, "dog"], "labels": [decomposed, "dog"], "method": "coop", "shots": "1",
+            "epochs": "1"}
+    accepted = client.post("/tasks", data=data, files=files)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["class_names"] == [composed, "dog"]
+    assert client.delete(f"/tasks/{accepted.json()['id']}").status_code == 204
+
+
+@pytest.mark.service
+def test_every_zip_entry_counts_against_upt_max_files_hidden_ones_too(stack):
+    client = stack.client("acme")
+    limit = int(stack.env["UPT_MAX_FILES"])
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name in CLASSES[:2]:
+            zipped.writestr(f"{name}/a.png", PNG)
+        for index in range(limit):
+            zipped.writestr(f".h/{index}", b"")
+    body = assert_problem(client.post("/tasks", data={"method": "coop", "epochs": "1"},
+                                      files=[("archive", ("a.zip", archive.getvalue(), "application/zip"))]), 413)
+    assert "UPT_MAX_FILES" in body["detail"]
+
+
+@pytest.mark.service
+def test_too_many_classify_images_names_upt_max_classify_files(stack):
+    client = stack.client("acme")
+    files = [("files", (f"{i}.png", PNG, "image/png")) for i in range(65)]  # UPT_MAX_CLASSIFY_FILES is 64
+    body = assert_problem(client.post("/classify", data={"class_names": CLASSES}, files=files), 413)
+    assert "UPT_MAX_CLASSIFY_FILES" in body["detail"] and "UPT_MAX_FILES" not in body["detail"].replace(
+        "UPT_MAX_CLASSIFY_FILES", "")
