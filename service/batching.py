@@ -1,8 +1,10 @@
 """Micro-batching of concurrent /classify requests through the image encoder.
 
-Requests arriving within UPT_BATCH_WINDOW_MS of each other that use the same predictor are
-concatenated into one forward pass (up to UPT_MAX_BATCH images), which is what a GPU is good at; a
-lone request waits at most one window. One thread runs all encoder passes, so concurrent requests
+Requests arriving within UPT_BATCH_WINDOW_MS of each other are concatenated into one forward pass
+(up to UPT_MAX_BATCH images), which is what a GPU is good at; a lone request waits at most one window.
+They are grouped by what the image encoder needs (`upt.serving.encoder_need`), not by task: zero-shot
+and CoOp requests of any tasks share one pass of raw features, and VPT/UPT requests of different tasks
+share one pass with prompts per sample. One thread runs all encoder passes, so concurrent requests
 never contend for the device.
 """
 
@@ -11,17 +13,25 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 
 import torch
 
+from upt.backbone import Backbone
+from upt.serving import ImageEncoder, TorchImageEncoder, encoder_need, logits_together
+
 
 class MicroBatcher:
-    def __init__(self, window_s: float, max_batch: int, observe: Callable[[int], None] | None = None) -> None:
+    """`encoder(backbone)` gives the image encoder that serves a backbone (PyTorch or compiled);
+    `observe(n)` is called once per encoder pass with its number of images."""
+
+    def __init__(self, window_s: float, max_batch: int, observe: Callable[[int], None] | None = None,
+                 encoder: Callable[[Backbone], ImageEncoder] = TorchImageEncoder) -> None:
         self.window_s = window_s
         self.max_batch = max_batch
         self.observe = observe
+        self.encoder = encoder
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="classify-batcher", daemon=True)
         self._thread.start()
@@ -50,20 +60,18 @@ class MicroBatcher:
             self._run(pending)
 
     def _run(self, pending: list) -> None:
-        groups: dict[int, list] = {}
+        groups: dict[Hashable, list] = {}
         for item in pending:
-            groups.setdefault(id(item[0]), []).append(item)
+            groups.setdefault(encoder_need(item[0]), []).append(item)
         for items in groups.values():
-            predictor = items[0][0]
             try:
-                logits = predictor.logits(torch.cat([batch for _, batch, _ in items]))
+                encoder = self.encoder(items[0][0].backbone)
+                results = logits_together(encoder, [(predictor, batch) for predictor, batch, _ in items])
             except BaseException as error:  # each waiting request gets the error, the thread lives on
                 for _, _, future in items:
                     future.set_exception(error)
                 continue
             if self.observe is not None:
-                self.observe(len(logits))
-            start = 0
-            for _, batch, future in items:
-                future.set_result(logits[start:start + len(batch)])
-                start += len(batch)
+                self.observe(sum(len(batch) for _, batch, _ in items))
+            for (_, _, future), logits in zip(items, results):
+                future.set_result(logits)

@@ -59,7 +59,8 @@ class Metrics:
         self.classify_batch = Histogram("upt_classify_batch_size", "Images per /classify request",
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.encoder_batch = Histogram("upt_classify_encoder_batch_size",
-                                       "Images per image-encoder pass (concurrent requests micro-batched)",
+                                       "Images per image-encoder pass (concurrent requests of any tasks micro-batched); "
+                                       "_count is the number of encoder passes, _sum the images they encoded",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.registry.register(TaskCollector())
 

@@ -5,7 +5,8 @@ Both functions reproduce `CLIP.encode_text` / `CLIP.encode_image` exactly when n
 
 Prompt tensors are per layer: shape (depth, length, width). Layer 0's prompts enter with the input
 tokens; before layer i < depth the outputs at the prompt positions are replaced by layer i's prompts
-(VPT-deep / layer-wise UPT). depth 1 is the shallow form.
+(VPT-deep / layer-wise UPT). depth 1 is the shallow form. Visual prompts may also be given per sample,
+(batch, depth, length, width), so that images of several tasks share one pass when serving.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def encode_image(
 ) -> torch.Tensor:
     """Encode images with visual prompts (depth, n, width) inserted after [CLS], before the patches.
 
+    Prompts of shape (batch, depth, n, width) give each image its own (one pass for several tasks).
     Prompts are inserted after the positional embeddings and pass through `ln_pre` with the other
     tokens; they are dropped before pooling, so average-pooled towers are not skewed by them.
     """
@@ -65,7 +67,9 @@ def encode_image(
     x = visual.patch_dropout(x)
     n_prompts = 0
     if prompts is not None:
-        n_prompts = prompts.shape[1]
+        if prompts.dim() == 4:
+            prompts = prompts.transpose(0, 1)  # (depth, batch, n, width): layer i's are prompts[i]
+        n_prompts = prompts.shape[-2]
         x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)
     x = visual.ln_pre(x)
     x = _run_blocks(visual.transformer, x, None, prompts, start=1)
@@ -106,7 +110,9 @@ def _replace(x: torch.Tensor, tokens: torch.Tensor, start: int, batch_first: boo
 
 
 def _expand(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tokens.to(like.dtype).unsqueeze(0).expand(like.shape[0], -1, -1)
+    """(length, width) tokens shared by the batch, or (batch, length, width) tokens per sample."""
+    tokens = tokens.to(like.dtype)
+    return tokens if tokens.dim() == 3 else tokens.unsqueeze(0).expand(like.shape[0], -1, -1)
 
 
 def _truncate_after_eot(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,12 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        features = encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True)
-        return self.backbone.logit_scale * features @ self.classifier.T
+        return self.head(encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True))
+
+    @torch.no_grad()
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised image features (those of this predictor's visual prompts)."""
+        return self.backbone.logit_scale * features.to(self.classifier.dtype) @ self.classifier.T
 
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
         if not images:
