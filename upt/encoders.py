@@ -104,7 +104,7 @@ def _replace(x: torch.Tensor, tokens: torch.Tensor, start: int, batch_first: boo
     """Return x with positions start..start+len(tokens) set to `tokens` (out of place, autograd-safe)."""
     if not batch_first:
         x = x.transpose(0, 1)
-    end = start + tokens.shape[0]
+    end = start + tokens.shape[-2]  # tokens are (length, width), or (batch, length, width) per sample
     x = torch.cat([x[:, :start], _expand(tokens, x), x[:, end:]], dim=1)
     return x if batch_first else x.transpose(0, 1)
 

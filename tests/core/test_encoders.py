@@ -77,3 +77,16 @@ def test_deep_prompts_replace_the_previous_layers_prompt_outputs(tiny):
         other = encode_image(clip, image, torch.cat([first, torch.randn_like(carried)]))
     torch.testing.assert_close(deep, shallow, atol=1e-6, rtol=0)
     assert not torch.allclose(other, shallow)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_per_sample_visual_prompts_equal_each_samples_own_prompts(tiny, depth):
+    """(batch, depth, n, width) prompts: each image encoded as with its own task's (depth, n, width)."""
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, tiny.image.size, tiny.image.size)  # batch 5 != n 3: shapes cannot be confused
+    per_sample = torch.randn(5, depth, 3, tiny.vision_width) * 0.1
+    with torch.no_grad():
+        together = encode_image(tiny.clip, images, per_sample)
+        for index in range(5):
+            alone = encode_image(tiny.clip, images[index:index + 1], per_sample[index])
+            torch.testing.assert_close(together[index:index + 1], alone, atol=1e-5, rtol=0)
