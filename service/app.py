@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from service.api import classify, health, tasks
+from service.api import classify, events, health, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     install_error_handlers(app)
-    for module in (tasks, classify, health):
+    for module in (tasks, events, classify, health):
         app.include_router(module.router)
     # After the API routes, so that they win over files of the same name.
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")

@@ -60,7 +60,7 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip() or None
@@ -72,7 +72,7 @@ def current_tenant(
     session: Annotated[Session, Depends(get_session)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> Tenant:
-    key = _presented_key(request)
+    key = presented_key(request)
     if key is None:
         if settings.api_keys_required:
             raise Problem(401, "Unauthorized", "Send an API key as `Authorization: Bearer KEY` "

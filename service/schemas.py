@@ -95,3 +95,11 @@ class CheckOut(BaseModel):
 class ReadyOut(BaseModel):
     ready: bool
     checks: dict[str, CheckOut]
+
+
+class StreamTokenOut(BaseModel):
+    """For EventSource: `url` (relative to the API) streams the task's events without any header."""
+
+    url: str
+    token: str | None
+    expires_at: datetime | None

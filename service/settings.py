@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Web pages on these origins may call the API from a browser (comma-separated, e.g.
     # `https://labels.example.com,http://localhost:5173`). Empty: same-origin pages only.
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Lifetime of a token made by POST /tasks/{id}/events/token; only the connection must start in time.
+    stream_token_ttl_s: float = Field(60.0, gt=0)
 
     # Upload limits, enforced while the request body streams in.
     max_files: int = Field(2000, ge=1)

@@ -1,4 +1,4 @@
-"""/tasks: create (202 + Location), list, get, events, cancel, delete, artifact download."""
+"""/tasks: create (202 + Location), list, get, cancel, delete, artifact download (events: service.api.events)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found
-from service.models import FINAL_STATUSES, Task, TaskEvent, TaskStatus, Tenant, new_task_id, utcnow
-from service.schemas import EventOut, EventPage, TaskOut, TaskPage
+from service.models import FINAL_STATUSES, Task, TaskStatus, Tenant, new_task_id, utcnow
+from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
 from service.task_input import check_against_backbone, config_dict, parse_task_form, write_dataset
@@ -169,13 +169,6 @@ def get_task(task_id: str, tenant: TenantDep, session: SessionDep,
             return not_modified(poll_headers(task_etag(row.version), [row.status]))
     task = tenant_task(session, tenant, task_id)
     return json_response(TaskOut.of(task).model_dump_json(), poll_headers(task_etag(task.version), [task.status]))
-
-
-@router.get("/tasks/{task_id}/events", response_model=EventPage)
-def task_events(task_id: str, tenant: TenantDep, session: SessionDep) -> EventPage:
-    task = tenant_task(session, tenant, task_id)
-    events = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task.id).order_by(TaskEvent.epoch)).all()
-    return EventPage(task_id=task.id, items=[EventOut.of(e) for e in events])
 
 
 @router.post("/tasks/{task_id}/cancel", status_code=202, response_model=TaskOut)
