@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    max_request_pixels: int = Field(400_000_000, ge=1)
     max_classes: int = Field(1000, ge=2)
     max_classify_files: int = Field(64, ge=1)
     max_epochs: int = Field(500, ge=1)

@@ -33,6 +33,12 @@ class Storage:
     def data_dir(self, task_id: str) -> Path:
         return self.task_dir(task_id) / "data"
 
+    @staticmethod
+    def class_folders(class_count: int) -> list[str]:
+        """A task's images are stored by class index: a class name may hold '/', start with '.' or be
+        longer than a folder name may be; the names live in the database and the artifact."""
+        return [f"{index:05d}" for index in range(class_count)]
+
     def checkpoint_dir(self, task_id: str) -> Path:
         return self.task_dir(task_id) / "checkpoint"
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from service.errors import invalid
 from service.settings import Settings
-from service.uploads import ParsedForm, UploadedFile, open_image, too_large
+from service.storage import Storage
+from service.uploads import ParsedForm, UploadedFile, check_request_pixels, open_image, too_large
 
 # Optional numeric options of POST /tasks and their types; TrainConfig.validate() checks ranges.
 INT_OPTIONS = ("shots", "epochs", "seed", "n_ctx", "depth", "batch_size")
@@ -78,13 +79,12 @@ def check_class_names(names: list[str], settings: Settings, as_folders: bool = T
     if any(not n for n in names):
         raise invalid("class_names", "a class name is empty.")
     for name in names if as_folders else []:
-        # A task's class names become folder names in its data folder (zero-shot has none).
-        # Bytes, not characters: a folder name is at most 255 bytes (NAME_MAX), and 200 characters
-        # of emoji or CJK are 800 or 600 bytes in UTF-8.
-        if (name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name) or len(name) > 200
+        # A task's images are stored by class index, so '/' or a leading '.' are fine; control
+        # characters and very long names are not (they are shown in lists, reports and prompts).
+        if (re.search(r"[\x00-\x1f\x7f]", name) or len(name) > 200
                 or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES):
-            raise invalid("class_names", f"{name!r} cannot be used: no slashes or control characters, not "
-                          f"starting with '.', at most 200 characters and {MAX_CLASS_NAME_BYTES} bytes in UTF-8.")
+            raise invalid("class_names", f"{name!r} cannot be used: no control characters, at most 200 "
+                          f"characters and {MAX_CLASS_NAME_BYTES} bytes in UTF-8.")
     seen: dict[str, str] = {}
     for name in names:
         if name.casefold() in seen:
@@ -229,12 +229,16 @@ def check_against_backbone(config, backbone) -> None:
 
 def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
     """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout."""
+    check_request_pixels([(content.path if isinstance(content, UploadedFile) else content, name,
+                           content.field if isinstance(content, UploadedFile) else "archive")
+                          for _, name, content in spec.images], settings.max_image_pixels, settings.max_request_pixels)
     counters: dict[str, int] = {}
+    folder_of = dict(zip(spec.class_names, Storage.class_folders(len(spec.class_names))))
     for label, name, content in spec.images:
         data = content.path.read_bytes() if isinstance(content, UploadedFile) else content
         field = content.field if isinstance(content, UploadedFile) else "archive"
         image = open_image(data, name, field, settings.max_image_pixels)
-        folder = data_dir / label
+        folder = data_dir / folder_of[label]
         folder.mkdir(parents=True, exist_ok=True)
         counters[label] = counters.get(label, 0) + 1
         image.save(folder / f"{counters[label]:05d}.png", format="PNG")

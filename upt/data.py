@@ -45,7 +45,10 @@ class FewShotSplit:
     val: list[LabelledImage]
 
 
-def scan_image_folder(root: str | Path, class_names: list[str] | None = None) -> ImageFolder:
+def scan_image_folder(root: str | Path, class_names: list[str] | None = None,
+                      folders_of_classes: list[str] | None = None) -> ImageFolder:
+    """`folders_of_classes[i]` is the folder of `class_names[i]` when they differ (the service stores a
+    task's images by class index, so that a class name need not be a valid folder name)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected {root}/<class name>/<image> (ImageFolder layout).")
@@ -53,14 +56,17 @@ def scan_image_folder(root: str | Path, class_names: list[str] | None = None) ->
     names = list(class_names) if class_names is not None else folders
     if len(names) < 2:
         raise DataError(f"{root} holds {len(names)} class folder(s); at least two classes are needed.")
-    missing = [name for name in names if name not in folders]
+    class_folders = list(folders_of_classes) if folders_of_classes is not None else names
+    if len(class_folders) != len(names):
+        raise DataError(f"{len(class_folders)} class folders given for {len(names)} classes.")
+    missing = [name for name, folder in zip(names, class_folders) if folder not in folders]
     if missing:
         raise DataError(f"No folder for class(es) {', '.join(missing)} under {root}.")
     samples = []
-    for label, name in enumerate(names):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for label, (name, folder) in enumerate(zip(names, class_folders)):
+        files = sorted(p for p in (root / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"Class {name!r} has no images in {root / name} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            raise DataError(f"Class {name!r} has no images in {root / folder} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}).")
         samples.extend(LabelledImage(path, label) for path in files)
     return ImageFolder(root, names, samples)
 

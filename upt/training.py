@@ -167,11 +167,13 @@ def train(
     out_dir: str | Path,
     callbacks: TrainCallbacks | None = None,
     checkpoint_dir: str | Path | None = None,
+    class_folders: list[str] | None = None,
 ) -> TrainResult:
-    """Train `config.method` on the few-shot split of `data_dir` and write the artifact to `out_dir`."""
+    """Train `config.method` on the few-shot split of `data_dir` and write the artifact to `out_dir`.
+    `class_folders` names the folder of each of `config.class_names` where it is not the name itself."""
     config.validate()
     callbacks = callbacks or TrainCallbacks()
-    folder = scan_image_folder(data_dir, config.class_names)
+    folder = scan_image_folder(data_dir, config.class_names, class_folders)
     split = sample_few_shot(folder, config.shots, config.seed)
     _seed_everything(config.seed, -1)  # prompt initialisation
     model = PromptedCLIP(backbone, folder.class_names, config.prompt_config())

@@ -172,13 +172,20 @@ def run_task(task_id: str) -> None:
             config = TrainConfig.from_dict(task.config)
             result = train(get_backbone(), storage.data_dir(task_id), config, partial,
                            callbacks=_callbacks(lease, task.attempts),
-                           checkpoint_dir=storage.checkpoint_dir(task_id))
+                           checkpoint_dir=storage.checkpoint_dir(task_id),
+                           class_folders=_class_folders(storage, task_id, len(task.class_names)))
             _succeed(task_id, lease, storage, partial, result.metrics)
         except BaseException as error:  # noqa: BLE001 - every outcome must be written to the row
             shutil.rmtree(partial, ignore_errors=True)
             _record_failure(task_id, lease, storage, error)
             if not isinstance(error, Exception):
                 raise
+
+
+def _class_folders(storage: Storage, task_id: str, class_count: int) -> list[str] | None:
+    """Images stored by class index; a task queued before that change has folders named by class."""
+    folders = storage.class_folders(class_count)
+    return folders if (storage.data_dir(task_id) / folders[0]).is_dir() else None
 
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:

@@ -14,7 +14,7 @@ from service.errors import Problem, invalid
 from service.models import TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
 from service.task_input import check_class_names
-from service.uploads import open_image, parse_form, remove, scratch_dir
+from service.uploads import check_request_pixels, open_image, parse_form, remove, scratch_dir
 
 router = APIRouter(tags=["classify"])
 
@@ -63,6 +63,8 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
         predictor = runtime.tuned_predictor(task.id, storage.artifact_dir(task.id))
     else:
         predictor = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False))
+    check_request_pixels([(f.path, f.filename, "files") for f in files], settings.max_image_pixels,
+                         settings.max_request_pixels)
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
     # while their preprocessed tensors are a few hundred KB each.
     batch = torch.cat([predictor.preprocess([open_image(f.path.read_bytes(), f.filename, "files",

@@ -58,7 +58,7 @@ def stack(tmp_path_factory, tiny_checkpoint, postgres_url, redis_client):
                    UPT_DATABASE_URL=postgres_url, UPT_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
                    UPT_QUEUE=f"upt-test-{uuid.uuid4().hex[:8]}", UPT_REQUIRE_API_KEYS="true",
                    UPT_MAX_FILES=48, UPT_MAX_FILE_BYTES=300_000, UPT_MAX_UPLOAD_BYTES=4_000_000,
-                   UPT_MAX_IMAGE_PIXELS=4_000_000, UPT_BATCH_WINDOW_MS=100, UPT_CORS_ORIGINS=ALLOWED_ORIGIN)
+                   UPT_MAX_IMAGE_PIXELS=4_000_000, UPT_MAX_REQUEST_PIXELS=10_000_000, UPT_BATCH_WINDOW_MS=100, UPT_CORS_ORIGINS=ALLOWED_ORIGIN)
     stack = Stack(env, tmp)
     stack.command("migrate")
     for tenant in ("acme", "globex"):

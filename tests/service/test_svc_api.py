@@ -69,7 +69,7 @@ BAD_TASKS = {
     "epochs not a number": (lambda: with_files(epochs="many"), 422, "epochs"),
     "negative lr": (lambda: with_files(lr="-1"), 422, "lr"),
     "too many epochs": (lambda: with_files(epochs="100000"), 422, "epochs"),
-    "class name with a slash": (lambda: with_files(class_names=CLASSES + ["a/b"]), 422, "class_names"),
+    "class name with a control character": (lambda: with_files(class_names=CLASSES + ["a\x01b"]), 422, "class_names"),
     "no images": (lambda: (task_form()[0], None), 422, "files"),
 }
 
@@ -122,7 +122,7 @@ def test_archive_of_class_folders(stack):
     task = response.json()
     assert task["class_names"] == CLASSES and task["num_images"] == 8
     stored = stack.tmp / "data" / "storage" / "tasks" / task["id"] / "data"
-    assert sorted(p.name for p in stored.iterdir()) == CLASSES
+    assert sorted(p.name for p in stored.iterdir()) == ["00000", "00001", "00002", "00003"]  # class indexes
     assert client.delete(f"/tasks/{task['id']}").status_code == 204
 
 

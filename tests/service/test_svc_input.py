@@ -9,7 +9,9 @@ import zipfile
 import httpx
 import pytest
 
-from svc_helpers import CLASSES, images, task_form
+from PIL import Image
+
+from svc_helpers import CLASSES, images, task_form, wait_for
 
 PNG = images("train", 1)[0][1].read_bytes()
 
@@ -105,3 +107,67 @@ def test_too_many_classify_images_names_upt_max_classify_files(stack):
     body = assert_problem(client.post("/classify", data={"class_names": CLASSES}, files=files), 413)
     assert "UPT_MAX_CLASSIFY_FILES" in body["detail"] and "UPT_MAX_FILES" not in body["detail"].replace(
         "UPT_MAX_CLASSIFY_FILES", "")
+
+
+def solid_png(width: int, height: int) -> bytes:
+    """Many pixels in few bytes (one colour compresses to almost nothing)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.service
+def test_decoded_pixels_per_request_are_bounded_before_decoding(stack):
+    client = stack.client("acme")
+    big = solid_png(2000, 2000)  # 4 MP each: within UPT_MAX_IMAGE_PIXELS; four are over the request's 10 MP
+    assert len(big) < 50_000
+    files = [("files", (f"{i}.png", big, "image/png")) for i in range(4)]
+    body = assert_problem(client.post("/classify", data={"class_names": CLASSES}, files=files), 413)
+    assert "UPT_MAX_REQUEST_PIXELS" in body["detail"]
+    before = task_ids(client)
+    data = {"class_names": CLASSES[:2], "labels": [CLASSES[i % 2] for i in range(4)], "method": "coop",
+            "shots": "1", "epochs": "1"}
+    body = assert_problem(client.post("/tasks", data=data, files=files), 413)
+    assert "UPT_MAX_REQUEST_PIXELS" in body["detail"]
+    assert task_ids(client) == before
+    # Within the bound, the same images are classified.
+    assert client.post("/classify", data={"class_names": CLASSES}, files=files[:2]).status_code == 200
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    from service.uploads import DRAFT_SIDE, check_request_pixels, open_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(buffer, format="JPEG")
+    image = open_image(buffer.getvalue(), "big.jpg", "files", max_pixels=40_000_000)
+    assert image.size == (1000, 750) and min(image.size) >= DRAFT_SIDE  # the decoder's 1/4 scale
+    # The request bound counts the pixels really decoded: 100 such JPEGs are 75 MP, not 1.2 GP.
+    path = tmp_path / "big.jpg"
+    path.write_bytes(buffer.getvalue())
+    check_request_pixels([(path, "big.jpg", "files")] * 100, 40_000_000, 80_000_000)
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_class_names_with_a_slash_or_a_leading_dot_train_and_classify(stack):
+    client = stack.client("acme")
+    names = ["T-shirt/top", ".hidden"]
+    chosen = images("train", 2)[:4]
+    data = {"class_names": names, "labels": [names[i % 2] for i in range(4)], "method": "coop", "shots": "1",
+            "epochs": "1", "batch_size": "2"}
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for _, p in chosen]
+    created = client.post("/tasks", data=data, files=files)
+    assert created.status_code == 202, created.text
+    task_id = created.json()["id"]
+    stored = stack.tmp / "data" / "storage" / "tasks" / task_id / "data"
+    assert sorted(p.name for p in stored.iterdir()) == ["00000", "00001"]  # by index, never by name
+    worker = stack.start_worker("worker-names")
+    try:
+        done = wait_for(client, task_id, {"succeeded", "failed"})
+        assert done["status"] == "succeeded", (done, worker.tail())
+    finally:
+        worker.stop()
+    predicted = client.post("/classify", data={"task_id": task_id}, files=files[:1])
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.json()["class_names"] == names
+    assert client.delete(f"/tasks/{task_id}").status_code == 204
