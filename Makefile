@@ -31,6 +31,7 @@ test: install-test system-test-deps
 bench: install
 	$(BIN)/python bench/text_truncation.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/polling.py
 
 # Offline demo: the project's tiny backbone with random weights, named explicitly (never a silent
 # fallback). Predictions are meaningless; everything else is the real service.

@@ -70,10 +70,12 @@ def browser():
 
 
 class OriginGuard:
-    """Records every request of a browser context; anything not on the service's origin is a failure."""
+    """Records every request of a browser context; anything not on the service's origin (or one of
+    `also`, for a page on another origin that calls the service) is a failure."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, also: tuple[str, ...] = ()):
         self.origin = "{0.scheme}://{0.netloc}".format(urlsplit(base_url))
+        self.allowed = {self.origin, *("{0.scheme}://{0.netloc}".format(urlsplit(url)) for url in also)}
         self.foreign: list[str] = []
         self.requests: list[str] = []
 
@@ -84,7 +86,7 @@ class OriginGuard:
             return
         inner = url[len("blob:"):] if url.startswith("blob:") else url
         parts = urlsplit(inner)
-        if f"{parts.scheme}://{parts.netloc}" != self.origin:
+        if f"{parts.scheme}://{parts.netloc}" not in self.allowed:
             self.foreign.append(url)
 
     def check(self) -> None:
@@ -96,9 +98,9 @@ def open_page(browser):
     """open_page(base_url, width=1280, height=900) -> (page, guard); the guard is checked at teardown."""
     opened = []
 
-    def _open(base_url: str, width: int = 1280, height: int = 900, **context_args):
+    def _open(base_url: str, width: int = 1280, height: int = 900, also: tuple[str, ...] = (), **context_args):
         context = browser.new_context(viewport={"width": width, "height": height}, **context_args)
-        guard = OriginGuard(base_url)
+        guard = OriginGuard(base_url, also)
         context.on("request", guard)
         page = context.new_page()
         errors: list[str] = []
@@ -132,9 +134,16 @@ def _upt_command() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def real_service(tmp_path_factory):
+def other_origin() -> str:
+    """The origin of a page that is not the service's (another local port), allowed by the service's CORS list."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def real_service(tmp_path_factory, other_origin):
     """`upt serve` (embedded mode: API + worker, SQLite, filesystem broker) on the tiny backbone, with
-    API keys required. Yields {"url", "key"}. UPT_TEST_SERVICE_URL (+ UPT_TEST_API_KEY) uses a running one."""
+    API keys required and pages on `other_origin` allowed. Yields {"url", "key"}. UPT_TEST_SERVICE_URL
+    (+ UPT_TEST_API_KEY) uses a running one."""
     if os.environ.get("UPT_TEST_SERVICE_URL"):
         yield {"url": os.environ["UPT_TEST_SERVICE_URL"].rstrip("/"), "key": os.environ.get("UPT_TEST_API_KEY", "")}
         return
@@ -145,7 +154,7 @@ def real_service(tmp_path_factory):
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
     env = dict(inherited, UPT_DATA_DIR=str(tmp / "data"), UPT_MODEL="upt-tiny", UPT_PRETRAINED=str(checkpoint),
                UPT_HOST="127.0.0.1", UPT_REQUIRE_API_KEYS="true", UPT_LOG_LEVEL="warning", PYTHONUNBUFFERED="1",
-               UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2",
+               UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2", UPT_CORS_ORIGINS=other_origin,
                # This checkout first, whatever an older editable install registered (namespace packages).
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if base_cmd[-1] == "service":  # no `upt` CLI yet: write the tiny checkpoint with the library
