@@ -32,7 +32,8 @@ CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "prompts.safetensors"
 FORMAT = "upt-prompts"
 FORMAT_VERSION = 1  # `tensor_sha256` was added without a new version: older readers ignore it
-SERVING_TENSORS = ("classifier", "visual_prompts")
+# What /classify reads: W, the visual prompts, and a Tip-Adapter cache (keys, values, α, β).
+SERVING_TENSORS = ("classifier", "visual_prompts", "cache_keys", "cache_values", "cache_alpha", "cache_beta")
 
 
 def library_version() -> str:
@@ -102,6 +103,13 @@ def save_artifact(
     return out_dir
 
 
+def annotate_artifact(out_dir: str | Path, extra: dict[str, Any]) -> None:
+    """Add top-level keys to an artifact's config (e.g. how `auto` chose it); the tensors are untouched."""
+    config_path = Path(out_dir) / CONFIG_FILE
+    config = json.loads(config_path.read_text()) | extra
+    _atomic(config_path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
+
 def load_artifact(path: str | Path) -> Artifact:
     """The whole artifact (learned parameters included), checked against the file's sha256."""
     config, tensors_path = _read_config(Path(path))
@@ -165,7 +173,20 @@ def _checked(artifact: Artifact, tensors_path: Path) -> Artifact:
     classifier = artifact.tensors.get("classifier")
     if classifier is None or classifier.shape[0] != len(artifact.config.get("class_names", [])):
         raise ArtifactError(f"{tensors_path} has no classifier matching the {CONFIG_FILE} class names.")
+    _check_cache(artifact.tensors, tensors_path)
     return artifact
+
+
+def _check_cache(tensors: dict[str, torch.Tensor], tensors_path: Path) -> None:
+    """A Tip-Adapter cache: keys (n, d) as wide as the classifier, values (n, classes), α and β."""
+    names = ("cache_keys", "cache_values", "cache_alpha", "cache_beta")
+    present = [name for name in names if name in tensors]
+    if not present:
+        return
+    keys, values, classifier = tensors.get("cache_keys"), tensors.get("cache_values"), tensors["classifier"]
+    if (len(present) != len(names) or keys.dim() != 2 or keys.shape[1] != classifier.shape[1]
+            or values.shape != (keys.shape[0], classifier.shape[0])):
+        raise ArtifactError(f"{tensors_path} has an incomplete or inconsistent Tip-Adapter cache.")
 
 
 def _atomic(path: Path, write) -> None:

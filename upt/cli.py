@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         method=args.method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
         depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, augment_views=args.augment_views,
     ).validate()  # before the backbone: a bad option should not wait for the weights to load
     backbone = _backbone(args)
     with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
@@ -113,12 +113,22 @@ def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     rows = [{"method": m, "description": DESCRIPTIONS[m]} for m in METHODS]
     if args.model:
-        from .parameters import trainable_parameters_by_method
+        from .parameters import parameters_per_cached_image, trainable_parameters_by_method
 
-        counts = trainable_parameters_by_method(args.model)
+        counts = trainable_parameters_by_method(args.model, args.cached_images)
         rows = [row | {"trainable_parameters": counts[row["method"]]} for row in rows]
+        per_image = parameters_per_cached_image(args.model)
+        for row in rows:  # Tip-Adapter-F's count depends on the data: one key per cached image
+            if row["trainable_parameters"] is None:
+                row["trainable_parameters_per_cached_image"] = per_image
     return _emit(args, {"methods": rows, "model": args.model}, lambda d: "\n".join(
-        f"{r['method']:<12} {str(r.get('trainable_parameters', '')):>10}  {r['description']}" for r in d["methods"]))
+        f"{r['method']:<13} {_count(r):>12}  {r['description']}" for r in d["methods"]))
+
+
+def _count(row: dict[str, Any]) -> str:
+    if "trainable_parameters_per_cached_image" in row:
+        return f"{row['trainable_parameters_per_cached_image']}×images"
+    return str(row.get("trainable_parameters", ""))
 
 
 # -- parsers --------------------------------------------------------------------------------------
@@ -151,6 +161,8 @@ def _add_train(sub) -> None:
     p.add_argument("--ctx-init", default=None, help="initialise the text context from words, e.g. 'a photo of a'")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment-views", type=int, default=10,
+                   help="tip-adapter(-f): augmented views averaged per cached image (default: %(default)s, the paper's)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save each epoch here and resume from it")
     p.add_argument("--eval-data", type=Path, default=None, help="also evaluate the artifact on this image folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -205,6 +217,8 @@ def _add_tiny_checkpoint(sub) -> None:
 def _add_methods(sub) -> None:
     p = sub.add_parser("methods", help="list the methods (with trainable parameter counts for --model)")
     p.add_argument("--model", default=None, help="count parameters for this architecture (no weights needed)")
+    p.add_argument("--cached-images", type=_positive_int, default=None,
+                   help="classes × shots, for tip-adapter-f's count (one trainable key per training image)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 

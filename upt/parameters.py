@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from .backbone import random_backbone
-from .methods import METHODS, PromptConfig, build_prompt_generator
+from .methods import PROMPT_METHODS, PromptConfig, build_prompt_generator
+from .methods.config import TIP_ADAPTER, TIP_ADAPTER_F
 
 
-def trainable_parameters_by_method(model: str) -> dict[str, int]:
-    """Counts only depend on widths and depths, so a randomly initialised architecture is enough."""
+def trainable_parameters_by_method(model: str, cached_images: int | None = None) -> dict[str, int | None]:
+    """Counts only depend on widths and depths, so a randomly initialised architecture is enough.
+
+    Tip-Adapter-F trains one key (the embedding width) per cached training image, so its count needs
+    `cached_images` (classes × shots); without it, it is None. Tip-Adapter trains nothing."""
     backbone = random_backbone(model, "cpu")
-    counts = {}
-    for method in METHODS:
+    counts: dict[str, int | None] = {
+        TIP_ADAPTER: 0,
+        TIP_ADAPTER_F: None if cached_images is None else cached_images * embedding_width(backbone),
+    }
+    for method in PROMPT_METHODS:
         config = PromptConfig(method)
         generator = build_prompt_generator(backbone, config, config.n_ctx)
         counts[method] = 0 if generator is None else sum(p.numel() for p in generator.parameters())
     return counts
+
+
+def embedding_width(backbone) -> int:
+    """d, the width of the shared image-text space (a Tip-Adapter key's length)."""
+    return int(backbone.clip.visual.output_dim)
+
+
+def parameters_per_cached_image(model: str) -> int:
+    return embedding_width(random_backbone(model, "cpu"))

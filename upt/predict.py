@@ -16,6 +16,7 @@ from .data import LabelledImage, eval_transform, labelled_batches
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
+from .methods.tip_adapter import CacheModel
 from .metrics import classification_report
 
 
@@ -40,17 +41,21 @@ class Predictor:
         class_names: list[str],
         classifier: torch.Tensor,
         visual_prompts: torch.Tensor | None = None,
+        cache: CacheModel | None = None,
     ):
         self.backbone = backbone
         self.class_names = list(class_names)
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
+        self.cache = None if cache is None else cache.to(backbone.device)
         self.transform = _eval_transform(backbone.image)
 
     @property
     def nbytes(self) -> int:
         """Memory this predictor holds beyond the shared backbone: tensors plus class names."""
         tensors = self.classifier.nbytes + (0 if self.visual_prompts is None else self.visual_prompts.nbytes)
+        if self.cache is not None:
+            tensors += self.cache.keys.nbytes + self.cache.values.nbytes
         return tensors + sum(len(name) + 64 for name in self.class_names) + 1024  # + object overheads
 
     @classmethod
@@ -60,7 +65,8 @@ class Predictor:
         if not isinstance(artifact, Artifact):
             artifact = load_serving_artifact(artifact)
         artifact.check_backbone(backbone)
-        return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts)
+        return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts,
+                   CacheModel.from_tensors(artifact.tensors))
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, class_names: list[str],
@@ -77,7 +83,11 @@ class Predictor:
     @torch.no_grad()
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from normalised image features (those of this predictor's visual prompts)."""
-        return self.backbone.logit_scale * features.to(self.classifier.dtype) @ self.classifier.T
+        features = features.to(self.classifier.dtype)
+        logits = self.backbone.logit_scale * features @ self.classifier.T
+        if self.cache is not None:  # Tip-Adapter: the cache's votes added to the zero-shot logits
+            logits = logits + self.cache.logits(features)
+        return logits
 
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
         if not images:

@@ -28,11 +28,24 @@ from .backbone import Backbone
 from .data import FewShotSplit, ImageDataset, sample_few_shot, scan_image_folder, train_transform
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
-from .methods.config import DEFAULT_TEMPLATE
+from .methods.config import CACHE_METHODS, DEFAULT_TEMPLATE, TIP_ADAPTER, TIP_ADAPTER_F
+from .methods.model import template_classifier
+from .methods.tip_adapter import (
+    CacheModel,
+    CacheOptions,
+    KeyEpoch,
+    build_keys,
+    encode_views,
+    fine_tune_keys,
+    one_hot_values,
+    search_alpha_beta,
+    validation_features,
+)
 from .options import JsonOptions
 from .predict import Predictor
 
 CHECKPOINT_FILE = "last.pt"
+SGD_OPTIONS = ("lr", "momentum", "weight_decay", "batch_size", "warmup_epochs", "warmup_lr")
 
 
 def epochs_for_shots(shots: int | None) -> int:
@@ -64,6 +77,8 @@ class TrainConfig(JsonOptions):
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     class_names: list[str] | None = None
+    augment_views: int = 10  # Tip-Adapter's cache: augmented views averaged per training image
+
 
     options_kind = "training options"
 
@@ -72,6 +87,10 @@ class TrainConfig(JsonOptions):
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(self.method, self.n_ctx, self.depth, self.ctx_init, self.templates, self.dropout)
+
+    def cache_options(self) -> CacheOptions:
+        """Tip-Adapter's settings: the paper's, with the views and (Tip-Adapter-F) epochs from here."""
+        return CacheOptions(augment_views=self.augment_views, epochs=self.total_epochs)
 
     def validate(self) -> "TrainConfig":
         self.prompt_config()  # raises ConfigError for a bad method or prompt option
@@ -89,12 +108,26 @@ class TrainConfig(JsonOptions):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message + ".")
+        self.cache_options()  # raises for a bad augment_views
+        self._check_sgd_options_unused()
         return self
+
+    def _check_sgd_options_unused(self) -> None:
+        """Tip-Adapter-F follows its paper's recipe (AdamW); SGD options given for it would be ignored."""
+        if self.method not in CACHE_METHODS:
+            return
+        defaults = TrainConfig(self.method)
+        changed = [name for name in SGD_OPTIONS if getattr(self, name) != getattr(defaults, name)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} apply to the prompt methods' SGD training; {self.method} "
+                              f"follows Tip-Adapter's recipe (AdamW, lr 0.001, batch 256, cosine).")
 
     @property
     def total_epochs(self) -> int:
-        if self.method == ZERO_SHOT:
+        if self.method in (ZERO_SHOT, TIP_ADAPTER):
             return 0
+        if self.method == TIP_ADAPTER_F:
+            return self.epochs if self.epochs is not None else CacheOptions.epochs
         return self.epochs if self.epochs is not None else epochs_for_shots(self.shots)
 
     def lr_at(self, epoch: int) -> float:
@@ -175,12 +208,14 @@ def train(
     callbacks = callbacks or TrainCallbacks()
     folder = scan_image_folder(data_dir, config.class_names, class_folders)
     split = sample_few_shot(folder, config.shots, config.seed)
+    if config.method in CACHE_METHODS:
+        return _train_cache_model(backbone, folder.class_names, split, config, out_dir, callbacks)
     _seed_everything(config.seed, -1)  # prompt initialisation
     model = PromptedCLIP(backbone, folder.class_names, config.prompt_config())
     history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
     exported = model.export()
     predictor = Predictor(backbone, folder.class_names, exported["classifier"], exported.get("visual_prompts"))
-    metrics = _final_metrics(predictor, split, model, history)
+    metrics = _final_metrics(predictor, split, model.trainable_parameters(), history)
     metrics["variances"] = analyze_samples(backbone, folder.class_names, split.train + split.val,
                                            config.templates).as_dict()
     tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
@@ -190,7 +225,55 @@ def train(
     return TrainResult(out, metrics, config, history)
 
 
-def _final_metrics(predictor: Predictor, split: FewShotSplit, model: PromptedCLIP, history: list) -> dict[str, Any]:
+def _train_cache_model(backbone: Backbone, class_names: list[str], split: FewShotSplit, config: TrainConfig,
+                       out_dir: str | Path, callbacks: TrainCallbacks) -> TrainResult:
+    """Tip-Adapter (training-free) or Tip-Adapter-F (keys fine-tuned): see upt/methods/tip_adapter.py.
+
+    No epoch checkpoints: the encoder passes dominate and Tip-Adapter-F's epochs over cached features
+    take seconds, so a run that stopped simply starts again."""
+    if not split.train:
+        raise DataError("No training images after the few-shot split.")
+    options = config.cache_options()
+    started = time.monotonic()
+    classifier = template_classifier(backbone, class_names, config.templates)
+    labels = torch.tensor([sample.label for sample in split.train], dtype=torch.long)
+    views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop)
+    keys, values = build_keys(views), one_hot_values(labels, len(class_names)).to(backbone.device)
+    history: list[dict[str, Any]] = []
+    trainable = 0
+    if config.method == TIP_ADAPTER_F:
+        def on_epoch(report: KeyEpoch) -> None:
+            done = report.epoch / report.epochs
+            elapsed = time.monotonic() - started
+            epoch = EpochReport(report.epoch, report.epochs, report.loss, report.accuracy, report.lr, elapsed,
+                                elapsed / done * (1 - done), done)
+            history.append(epoch.as_dict())
+            callbacks.on_epoch_end(epoch)
+
+        keys = fine_tune_keys(keys, values, views, labels, classifier, backbone.logit_scale, options, config.seed,
+                              on_epoch, callbacks.should_stop)
+        trainable = keys.numel()
+    val_features, val_labels = validation_features(backbone, split.val)
+    search = search_alpha_beta(backbone.logit_scale * val_features @ classifier.T, val_features, val_labels,
+                               keys, values, options)
+    cache = CacheModel(keys, values, search.alpha, search.beta)
+    predictor = Predictor(backbone, class_names, classifier, cache=cache)
+    metrics = _final_metrics(predictor, split, trainable, history)
+    metrics["cache"] = {"alpha": search.alpha, "beta": search.beta, "keys": len(keys),
+                        "augment_views": options.augment_views, "searched_on": search.val_count}
+    metrics["variances"] = analyze_samples(backbone, class_names, split.train + split.val,
+                                           config.templates).as_dict()
+    tensors = {"classifier": classifier} | cache.tensors()
+    artifact_options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(),
+                        "cache": options.to_dict() | {"alpha": search.alpha, "beta": search.beta},
+                        "metrics": metrics}
+    out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=class_names,
+                        tensors=tensors, options=artifact_options)
+    return TrainResult(out, metrics, config, history)
+
+
+def _final_metrics(predictor: Predictor, split: FewShotSplit, trainable_parameters: int,
+                   history: list) -> dict[str, Any]:
     report = predictor.evaluate(split.val)
     return {
         "val_accuracy": report["accuracy"],
@@ -199,7 +282,7 @@ def _final_metrics(predictor: Predictor, split: FewShotSplit, model: PromptedCLI
         "confusion_matrix": report["confusion_matrix"],
         "class_names": report["class_names"],
         "train_count": len(split.train),
-        "trainable_parameters": model.trainable_parameters(),
+        "trainable_parameters": trainable_parameters,
         "epochs": len(history),
         "final_loss": history[-1]["loss"] if history else None,
         "final_train_accuracy": history[-1]["accuracy"] if history else None,

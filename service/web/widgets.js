@@ -43,6 +43,8 @@ export const METHODS = [
   { id: "joint", name: "Joint (CoOp + VPT)", line: "Learns text and image prompts side by side, independently. A baseline that shows what UPT's shared prompt adds." },
   { id: "shared", name: "Shared prompt", line: "The same prompt tokens feed both encoders through linear maps, with no network between them. Lighter ablation of UPT." },
   { id: "mlp", name: "UPT with an MLP", line: "Like UPT, but an MLP instead of a transformer writes the prompts. An ablation; slightly faster to train." },
+  { id: "tip-adapter", name: "Tip-Adapter (no training)", line: "Remembers your images and lets each vote for its class next to zero-shot. No training: answers seconds after you create the task." },
+  { id: "tip-adapter-f", name: "Tip-Adapter-F", line: "Tip-Adapter with its memory fine-tuned for 20 quick passes. Usually better than Tip-Adapter, still done in seconds to minutes." },
   { id: "zero-shot", name: "Zero-shot", line: "No training: compares images with \"a photo of a {class}\". Instant; use it as a baseline, or when you have no labelled images." },
 ];
 

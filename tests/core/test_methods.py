@@ -6,7 +6,7 @@ import torch
 
 from upt.backbone import Backbone, _image_spec
 from upt.errors import ConfigError
-from upt.methods import METHODS, PromptConfig, PromptedCLIP, UnifiedTransformerLayer, template_classifier
+from upt.methods import PROMPT_METHODS, PromptConfig, PromptedCLIP, UnifiedTransformerLayer, template_classifier
 from upt.parameters import trainable_parameters_by_method
 
 CLASSES = ["bag", "trouser", "sneaker"]
@@ -39,7 +39,7 @@ def test_a_text_token_of_u_reaches_the_visual_prompts_only_through_attention(tin
     assert torch.allclose(before, after) is not mixes
 
 
-@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("method", PROMPT_METHODS[1:])
 def test_mixed_precision_forward_and_backward(tiny, method):
     """Autocast as on a GPU (bfloat16 on the CPU here): low-precision logits, float32 gradients."""
     model = PromptedCLIP(tiny, CLASSES, PromptConfig(method, depth=2 if method != "vpt-shallow" else None))
@@ -79,7 +79,7 @@ def test_coop_initialised_from_a_template_starts_at_zero_shot(tiny):
     assert coop.n_ctx == 4
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PROMPT_METHODS)
 def test_only_prompt_parameters_receive_gradients(tiny, method):
     model = PromptedCLIP(tiny, CLASSES, PromptConfig(method))
     logits = model(_images(tiny))
@@ -130,8 +130,11 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "joint": m * d_t + layers * m * d_v,
         "shared": m * d_t + to_vision,
         "mlp": 2 * m * d_t + 2 * (d_t * d_t + d_t) + to_vision,
+        "tip-adapter": 0,
+        "tip-adapter-f": None,  # one key of the embedding width (512) per cached image: data-dependent
     }
     assert trainable_parameters_by_method("ViT-B-16") == expected
+    assert trainable_parameters_by_method("ViT-B-16", cached_images=10 * 16)["tip-adapter-f"] == 10 * 16 * 512
 
 
 @pytest.mark.parametrize("chunk", [5, 256])

@@ -8,7 +8,13 @@ from ..errors import ConfigError
 from ..options import JsonOptions
 
 ZERO_SHOT = "zero-shot"
-METHODS: tuple[str, ...] = (ZERO_SHOT, "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp")
+TIP_ADAPTER, TIP_ADAPTER_F = "tip-adapter", "tip-adapter-f"
+METHODS: tuple[str, ...] = (ZERO_SHOT, "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp",
+                            TIP_ADAPTER, TIP_ADAPTER_F)
+# Methods whose classifier adds a cache of the training images' features (upt/methods/tip_adapter.py)
+# to the zero-shot logits instead of learning prompts.
+CACHE_METHODS = frozenset({TIP_ADAPTER, TIP_ADAPTER_F})
+PROMPT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in CACHE_METHODS)
 
 # One line per method, for the CLI's help and the web client.
 DESCRIPTIONS: dict[str, str] = {
@@ -20,6 +26,8 @@ DESCRIPTIONS: dict[str, str] = {
     "joint": "Ablation: CoOp and VPT-deep prompts trained together without sharing.",
     "shared": "Ablation: one prompt used by both encoders, with only a linear map to the vision width.",
     "mlp": "Ablation: UPT with a 2-layer MLP in place of the Transformer layer.",
+    TIP_ADAPTER: "No training: a cache of the training images' features added to zero-shot (Tip-Adapter). Ready in seconds.",
+    TIP_ADAPTER_F: "Tip-Adapter's cache keys fine-tuned for 20 quick epochs over cached features (Tip-Adapter-F).",
 }
 
 TEXT_METHODS = frozenset({"coop", "upt", "joint", "shared", "mlp"})
@@ -72,6 +80,8 @@ class PromptConfig(JsonOptions):
             raise ConfigError(f"depth must be at least 1, not {self.depth}.")
         if self.method == "vpt-shallow" and self.depth not in (None, 1):
             raise ConfigError("vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
+        if self.method in CACHE_METHODS and (self.n_ctx, self.depth, self.ctx_init) != (4, None, None):
+            raise ConfigError(f"{self.method} learns no prompts: n_ctx, depth and ctx_init do not apply to it.")
         if self.ctx_init is not None and self.method not in {"coop", "joint", "shared"}:
             raise ConfigError(
                 f"ctx_init applies to methods whose text context is used as is (coop, joint, shared), "
@@ -87,4 +97,8 @@ class PromptConfig(JsonOptions):
     @property
     def learns_text(self) -> bool:
         return self.method in TEXT_METHODS
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.method in CACHE_METHODS
 

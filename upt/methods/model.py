@@ -9,7 +9,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..encoders import encode_image, encode_text
 from ..errors import ConfigError
-from .config import ZERO_SHOT, PromptConfig
+from .config import CACHE_METHODS, ZERO_SHOT, PromptConfig
 from .prompts import (
     JointPrompts,
     PromptMLP,
@@ -172,6 +172,8 @@ def build_prompt_generator(backbone: Backbone, config: PromptConfig, n_ctx: int)
     init = _ctx_init_embeddings(backbone, config)
     if method == ZERO_SHOT:
         return None
+    if method in CACHE_METHODS:
+        raise ConfigError(f"{method} learns no prompts: it is a cache model (upt.methods.tip_adapter).")
     if method == "coop":
         return TextContext(n_ctx, text_w, _depth(config, backbone.text_layers, 1, "text"), std, init)
     if method in ("vpt-shallow", "vpt-deep"):

@@ -1,0 +1,157 @@
+"""Tip-Adapter and Tip-Adapter-F: equivalences with zero-shot, the cache, the grid search, the artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upt.artifact import load_artifact
+from upt.data import eval_transform, open_image, sample_few_shot, scan_image_folder
+from upt.errors import ConfigError
+from upt.methods.model import template_classifier
+from upt.methods.tip_adapter import (
+    CacheModel,
+    CacheOptions,
+    build_keys,
+    encode_samples,
+    encode_views,
+    fine_tune_keys,
+    one_hot_values,
+    search_alpha_beta,
+)
+from upt.predict import Predictor
+from upt.training import TrainConfig, train
+
+TEMPLATES = ("a photo of a {}.",)
+
+
+def _val_images(folder, per_class: int = 3):
+    return [s for group in folder.by_class() for s in group[:per_class]]
+
+
+def test_alpha_zero_gives_the_zero_shot_logits_exactly(tiny, fashion_test):
+    folder = scan_image_folder(fashion_test)
+    samples = _val_images(folder)
+    zero_shot = Predictor.zero_shot(tiny, folder.class_names)
+    keys = encode_samples(tiny, samples, eval_transform(tiny.image), normalize=True)
+    values = one_hot_values(torch.tensor([s.label for s in samples]), len(folder.class_names))
+    cached = Predictor(tiny, folder.class_names, zero_shot.classifier, cache=CacheModel(keys, values, 0.0, 5.0))
+    batch = zero_shot.preprocess([open_image(s.path) for s in samples])
+    assert torch.equal(cached.logits(batch), zero_shot.logits(batch))
+    with_cache = Predictor(tiny, folder.class_names, zero_shot.classifier, cache=CacheModel(keys, values, 1.0, 5.0))
+    assert not torch.equal(with_cache.logits(batch), zero_shot.logits(batch))
+
+
+def test_a_cache_of_one_image_per_class_classifies_those_images(tiny, fashion_test):
+    folder = scan_image_folder(fashion_test)
+    samples = _val_images(folder, per_class=1)
+    labels = torch.tensor([s.label for s in samples])
+    keys = encode_samples(tiny, samples, eval_transform(tiny.image), normalize=True)
+    classifier = template_classifier(tiny, folder.class_names, TEMPLATES)
+    # The random tiny backbone's zero-shot gets most of these wrong; the cache, weighed enough, fixes all:
+    # each image's own key has affinity 1 (a vote of α), every other key a vote below α·exp(−β(1 − a)).
+    predictor = Predictor(tiny, folder.class_names, classifier,
+                          cache=CacheModel(keys, one_hot_values(labels, len(labels)), 1e4, 50.0))
+    report = predictor.evaluate(samples)
+    assert report["accuracy"] == 1.0
+    assert Predictor(tiny, folder.class_names, classifier).evaluate(samples)["accuracy"] < 1.0
+
+
+def test_keys_are_normalised_means_of_the_augmented_views(tiny, fashion_train):
+    samples = _val_images(scan_image_folder(fashion_train), per_class=2)
+    options = CacheOptions(augment_views=3)
+    views = encode_views(tiny, samples, options, seed=1)
+    assert views.shape == (3, len(samples), tiny.clip.visual.output_dim)
+    assert not torch.equal(views[0], views[1])  # each view is its own random crop and flip
+    assert torch.equal(encode_views(tiny, samples, options, seed=1), views)  # seeded: the same cache again
+    keys = build_keys(views)
+    assert torch.allclose(keys, F.normalize(views.mean(dim=0), dim=-1))
+    assert torch.allclose(keys.norm(dim=-1), torch.ones(len(samples)))
+
+
+def test_grid_search_picks_the_best_validation_accuracy(tiny, fashion_train, fashion_test):
+    train_samples = _val_images(scan_image_folder(fashion_train), per_class=4)
+    folder = scan_image_folder(fashion_test)
+    val = _val_images(folder, per_class=5)
+    options = CacheOptions(alpha_steps=6, beta_steps=8, augment_views=2)
+    keys = build_keys(encode_views(tiny, train_samples, options, seed=1))
+    values = one_hot_values(torch.tensor([s.label for s in train_samples]), 4)
+    features = encode_samples(tiny, val, eval_transform(tiny.image), normalize=True)
+    labels = torch.tensor([s.label for s in val])
+    zero_shot = tiny.logit_scale * features @ template_classifier(tiny, folder.class_names, TEMPLATES).T
+    result = search_alpha_beta(zero_shot, features, labels, keys, values, options)
+
+    def accuracy(alpha: float, beta: float) -> float:
+        logits = zero_shot + CacheModel(keys, values, alpha, beta).logits(features)
+        return float((logits.argmax(dim=-1) == labels).float().mean())
+
+    grid = {(a, b): accuracy(a, b) for b in options.betas() for a in options.alphas()}
+    assert len(grid) == 6 * 8 and len(set(grid.values())) > 1  # the grid matters here
+    assert result.val_accuracy == max(grid.values()) == accuracy(result.alpha, result.beta)
+    assert result.val_count == len(val)
+    assert options.betas()[0] == pytest.approx(0.1) and options.betas()[-1] < 7.0  # the released code's grid
+
+
+def test_tip_adapter_f_trains_only_the_keys(tiny, fashion_train):
+    samples = _val_images(scan_image_folder(fashion_train), per_class=4)
+    labels = torch.tensor([s.label for s in samples])
+    options = CacheOptions(augment_views=2, epochs=5, batch_size=8)
+    views = encode_views(tiny, samples, options, seed=1)
+    keys, values = build_keys(views), one_hot_values(labels, 4)
+    classifier = template_classifier(tiny, scan_image_folder(fashion_train).class_names, TEMPLATES)
+    frozen = {name: t.clone() for name, t in tiny.clip.state_dict().items()}
+    inputs = [keys.clone(), values.clone(), views.clone(), classifier.clone()]
+    epochs = []
+    tuned = fine_tune_keys(keys, values, views, labels, classifier, tiny.logit_scale, options, 1, epochs.append)
+    assert tuned.shape == keys.shape and not torch.equal(tuned, keys) and not tuned.requires_grad
+    for before, after in zip(inputs, [keys, values, views, classifier]):
+        assert torch.equal(before, after)  # nothing but the returned keys changed
+    assert all(torch.equal(t, frozen[name]) for name, t in tiny.clip.state_dict().items())
+    assert [e.epoch for e in epochs] == [1, 2, 3, 4, 5] and epochs[-1].lr == pytest.approx(0.0, abs=1e-12)
+    assert epochs[-1].loss < epochs[0].loss
+
+
+@pytest.mark.parametrize("method", ["tip-adapter", "tip-adapter-f"])
+def test_train_writes_a_servable_cache_artifact(tiny, fashion_train, tmp_path, method):
+    config = TrainConfig(method, shots=4, augment_views=2, epochs=4 if method == "tip-adapter-f" else None)
+    result = train(tiny, fashion_train, config, tmp_path / method)
+    artifact = load_artifact(result.artifact_dir)
+    folder = scan_image_folder(fashion_train)
+    split = sample_few_shot(folder, 4, 1)
+    tensors = artifact.tensors
+    assert tensors["cache_keys"].shape == (16, tiny.clip.visual.output_dim)
+    assert torch.equal(tensors["cache_values"], one_hot_values(torch.tensor([s.label for s in split.train]), 4))
+    assert torch.allclose(tensors["classifier"], template_classifier(tiny, folder.class_names, TEMPLATES))
+    cache = artifact.config["cache"]
+    assert float(tensors["cache_alpha"]) == cache["alpha"] == result.metrics["cache"]["alpha"]
+    assert float(tensors["cache_beta"]) == cache["beta"] and cache["augment_views"] == 2
+    expected_trainable = 16 * tiny.clip.visual.output_dim if method == "tip-adapter-f" else 0
+    assert result.metrics["trainable_parameters"] == expected_trainable
+    assert len(result.history) == (4 if method == "tip-adapter-f" else 0)
+    served = Predictor.from_artifact(tiny, result.artifact_dir).evaluate(split.val)
+    assert served["accuracy"] == result.metrics["val_accuracy"] and served["count"] == 16
+
+
+def test_tip_adapter_f_starts_from_tip_adapters_cache(tiny, fashion_train, tmp_path):
+    plain = train(tiny, fashion_train, TrainConfig("tip-adapter", shots=2, augment_views=2), tmp_path / "a")
+    tuned = train(tiny, fashion_train, TrainConfig("tip-adapter-f", shots=2, augment_views=2, epochs=0), tmp_path / "b")
+    a, b = load_artifact(plain.artifact_dir).tensors, load_artifact(tuned.artifact_dir).tensors
+    assert torch.equal(a["cache_keys"], b["cache_keys"])  # zero epochs of fine-tuning: the training-free keys
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr": 0.05}, "lr apply to the prompt methods"),
+    ({"batch_size": 8}, "batch_size"),
+    ({"augment_views": 0}, "augment_views"),
+    ({"n_ctx": 8}, "learns no prompts"),
+])
+def test_options_that_do_not_apply_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig("tip-adapter-f", **options).validate()
+
+
+def test_epochs_of_the_cache_methods():
+    assert TrainConfig("tip-adapter").total_epochs == 0
+    assert TrainConfig("tip-adapter-f").total_epochs == 20  # the paper's
+    assert TrainConfig("tip-adapter-f", epochs=3).total_epochs == 3

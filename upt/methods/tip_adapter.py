@@ -1,0 +1,243 @@
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., "Tip-Adapter: Training-free Adaption of CLIP for Few-shot
+Classification", ECCV 2022): a cache model built from the few-shot images' features.
+
+Keys K (N·K × d): the L2-normalised image features of the training shots, each averaged over several
+randomly augmented views first (as the released code: the raw features are averaged, then normalised).
+Values V (N·K × N): their one-hot labels. For a normalised test feature f:
+
+    logits = s · f Wᵀ + α · exp(−β (1 − f Kᵀ)) V
+
+with W the zero-shot classifier and s CLIP's logit scale. The released code writes `100. * f @ W`:
+100 is exp(logit_scale) of OpenAI's CLIP (clamped there), so s = backbone.logit_scale is the same
+number on those weights and keeps `α = 0` equal to our zero-shot logits on any backbone. The cache term
+is not multiplied by s: α alone weighs it, as in the paper and the released code.
+
+α and β are chosen on the validation images over the released code's grid (β in [0.1, 7), α in
+[0.1, 3), 200 × 20 steps), the first best accuracy wins. Tip-Adapter-F makes K trainable and
+fine-tunes it with AdamW (lr 0.001, eps 1e-4, cosine per step, 20 epochs, batch 256) at the initial
+α, β, then searches again. Its training images pass through the frozen encoder once per augmented
+view, cached here; each epoch takes one random view per image, so the backbone never runs per step.
+Unlike the released code, which keeps the epoch with the best *test* accuracy, the last epoch is kept
+(the project's protocol reports the last epoch and never looks at test images while training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from ..backbone import Backbone, ImageSpec
+from ..data import LabelledImage, eval_transform, labelled_batches
+from ..encoders import encode_image
+from ..errors import ConfigError, TrainingCancelled
+from ..options import JsonOptions
+from .config import CACHE_METHODS, TIP_ADAPTER, TIP_ADAPTER_F  # noqa: F401 - re-exported
+
+ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class CacheOptions(JsonOptions):
+    """The cache model's settings; defaults are the paper's (its released configs)."""
+
+    augment_views: int = 10
+    crop_scale: float = 0.5  # RandomResizedCrop's lower scale bound for the cache views (released code)
+    init_alpha: float = 1.0
+    init_beta: float = 1.0
+    alpha_max: float = 3.0
+    alpha_steps: int = 20
+    beta_max: float = 7.0
+    beta_steps: int = 200
+    epochs: int = 20  # Tip-Adapter-F only
+    lr: float = 0.001
+    batch_size: int = 256
+
+    options_kind = "cache options"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.augment_views <= 100, f"augment_views must be between 1 and 100, not {self.augment_views}"),
+            (0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1], not {self.crop_scale}"),
+            (self.alpha_max > 0.1 and self.alpha_steps >= 1, "the α grid needs alpha_max > 0.1 and alpha_steps >= 1"),
+            (self.beta_max > 0.1 and self.beta_steps >= 1, "the β grid needs beta_max > 0.1 and beta_steps >= 1"),
+            (0 <= self.epochs <= 10_000, f"epochs must be between 0 and 10000, not {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
+            (1 <= self.batch_size <= 65536, f"batch_size must be between 1 and 65536, not {self.batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message + ".")
+
+    def alphas(self) -> list[float]:
+        return _grid(self.alpha_max, self.alpha_steps)
+
+    def betas(self) -> list[float]:
+        return _grid(self.beta_max, self.beta_steps)
+
+
+def _grid(maximum: float, steps: int) -> list[float]:
+    """The released code's grid: `steps` values from 0.1 towards `maximum` (which is not reached)."""
+    return [0.1 + i * (maximum - 0.1) / steps for i in range(steps)]
+
+
+def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """exp(−β (1 − f Kᵀ)) V: each cached image votes for its label, weighted by its affinity to f."""
+    affinity = features @ keys.T
+    return torch.exp(-beta * (1.0 - affinity)) @ values
+
+
+@dataclass
+class CacheModel:
+    """Keys, values, α and β: what serving adds to the zero-shot logits."""
+
+    keys: torch.Tensor  # (N·K, d), L2-normalised (Tip-Adapter-F's fine-tuned keys are used as trained)
+    values: torch.Tensor  # (N·K, N), one-hot
+    alpha: float
+    beta: float
+
+    def to(self, device: torch.device) -> "CacheModel":
+        return CacheModel(self.keys.to(device), self.values.to(device), self.alpha, self.beta)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.alpha * cache_logits(features, self.keys, self.values, self.beta)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"cache_keys": self.keys.float(), "cache_values": self.values.float(),
+                "cache_alpha": torch.tensor(float(self.alpha), dtype=torch.float64),  # exact, as in the config
+                "cache_beta": torch.tensor(float(self.beta), dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CacheModel | None":
+        if "cache_keys" not in tensors:
+            return None
+        return cls(tensors["cache_keys"], tensors["cache_values"], float(tensors["cache_alpha"]),
+                   float(tensors["cache_beta"]))
+
+
+def cache_transform(spec: ImageSpec, crop_scale: float) -> T.Compose:
+    """The released code's augmentation for the cache: random resized crop (scale 0.5-1) and flip."""
+    return T.Compose([
+        T.RandomResizedCrop(spec.size, scale=(crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+@torch.no_grad()
+def encode_samples(backbone: Backbone, samples: list[LabelledImage], transform: T.Compose,
+                   normalize: bool) -> torch.Tensor:
+    """Image features (len(samples), d) in sample order, through the frozen encoder."""
+    chunks = [encode_image(backbone.clip, batch, None, normalize=normalize).float()
+              for batch, _ in labelled_batches(samples, transform, ENCODE_BATCH, backbone.device)]
+    if not chunks:
+        return torch.empty(0, backbone.clip.visual.output_dim, device=backbone.device)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_views(backbone: Backbone, samples: list[LabelledImage], options: CacheOptions, seed: int,
+                 should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    """Raw (unnormalised) features of `augment_views` augmented views: (views, len(samples), d).
+
+    Each view's crops and flips are drawn from its own seed, so a rebuilt cache is the same cache."""
+    transform = cache_transform(backbone.image, options.crop_scale)
+    views = []
+    for view in range(options.augment_views):
+        if should_stop():
+            raise TrainingCancelled(f"Cancelled while encoding view {view + 1} of {options.augment_views}.")
+        torch.manual_seed((seed * 1_000_003 + 7919 * (view + 1)) % (2**31))  # torchvision draws from torch's RNG
+        views.append(encode_samples(backbone, samples, transform, normalize=False))
+    return torch.stack(views)
+
+
+def build_keys(view_features: torch.Tensor) -> torch.Tensor:
+    """The cache keys: the views' raw features averaged, then L2-normalised (as the released code)."""
+    return F.normalize(view_features.mean(dim=0), dim=-1)
+
+
+def one_hot_values(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    return F.one_hot(labels, n_classes).float()
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    alpha: float
+    beta: float
+    val_accuracy: float | None  # None when there were no validation images (α, β stay at their initial values)
+    val_count: int
+
+
+@torch.no_grad()
+def search_alpha_beta(zero_shot_logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, options: CacheOptions) -> SearchResult:
+    """The grid search of the released code on validation features: β outer, α inner, first best wins."""
+    if len(labels) == 0:
+        return SearchResult(options.init_alpha, options.init_beta, None, 0)
+    labels = labels.to(features.device)
+    affinity = features @ keys.T
+    best = (-1.0, options.init_alpha, options.init_beta)
+    for beta in options.betas():
+        votes = torch.exp(-beta * (1.0 - affinity)) @ values
+        for alpha in options.alphas():
+            accuracy = float(((zero_shot_logits + alpha * votes).argmax(dim=-1) == labels).float().mean())
+            if accuracy > best[0]:
+                best = (accuracy, alpha, beta)
+    return SearchResult(best[1], best[2], best[0], len(labels))
+
+
+@dataclass(frozen=True)
+class KeyEpoch:
+    epoch: int  # 1-based
+    epochs: int
+    loss: float
+    accuracy: float
+    lr: float
+
+
+def fine_tune_keys(keys: torch.Tensor, values: torch.Tensor, view_features: torch.Tensor, labels: torch.Tensor,
+                   classifier: torch.Tensor, logit_scale: float, options: CacheOptions, seed: int,
+                   on_epoch: Callable[[KeyEpoch], None] = lambda report: None,
+                   should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    """Tip-Adapter-F: the keys as the only trainable tensor, trained at the initial α and β.
+
+    `view_features` (views, n, d) are raw features of augmented views; each epoch draws one view per
+    image, standing in for the fresh augmentation of an encoder pass per step. Returns the new keys."""
+    generator = torch.Generator().manual_seed(seed)
+    views = F.normalize(view_features, dim=-1)
+    labels = labels.to(keys.device)
+    trained = torch.nn.Parameter(keys.detach().clone())
+    optimizer = torch.optim.AdamW([trained], lr=options.lr, eps=1e-4)
+    n = views.shape[1]
+    steps_per_epoch = math.ceil(n / options.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, options.epochs * steps_per_epoch))
+    for epoch in range(options.epochs):
+        order = torch.randperm(n, generator=generator).to(keys.device)
+        chosen = torch.randint(views.shape[0], (n,), generator=generator).to(keys.device)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, options.batch_size):
+            if should_stop():
+                raise TrainingCancelled(f"Training cancelled during epoch {epoch + 1} of {options.epochs}.")
+            index = order[start: start + options.batch_size]
+            features, target = views[chosen[index], index], labels[index]
+            logits = logit_scale * features @ classifier.T + options.init_alpha * cache_logits(
+                features, trained, values, options.init_beta)
+            loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(index)
+            correct += int((logits.argmax(dim=-1) == target).sum())
+        on_epoch(KeyEpoch(epoch + 1, options.epochs, loss_sum / n, correct / n, scheduler.get_last_lr()[0]))
+    return trained.detach()
+
+
+def validation_features(backbone: Backbone, samples: list[LabelledImage]) -> tuple[torch.Tensor, torch.Tensor]:
+    features = encode_samples(backbone, samples, eval_transform(backbone.image), normalize=True)
+    return features, torch.tensor([s.label for s in samples], dtype=torch.long)
