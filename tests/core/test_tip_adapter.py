@@ -155,3 +155,18 @@ def test_epochs_of_the_cache_methods():
     assert TrainConfig("tip-adapter").total_epochs == 0
     assert TrainConfig("tip-adapter-f").total_epochs == 20  # the paper's
     assert TrainConfig("tip-adapter-f", epochs=3).total_epochs == 3
+
+
+def test_a_cache_task_shares_the_raw_feature_pass_with_zero_shot(tiny, fashion_train, fashion_test, tmp_path):
+    from upt.serving import TorchImageEncoder, encoder_need, logits_together
+
+    result = train(tiny, fashion_train, TrainConfig("tip-adapter", shots=2, augment_views=1), tmp_path / "tip")
+    tip = Predictor.from_artifact(tiny, result.artifact_dir)  # reads only the serving tensors
+    assert tip.cache is not None and tip.cache.alpha == result.metrics["cache"]["alpha"]
+    zero_shot = Predictor.zero_shot(tiny, ["bag", "sneaker"])
+    assert encoder_need(tip) == encoder_need(zero_shot)
+    samples = _val_images(scan_image_folder(fashion_test), per_class=1)
+    batch = tip.preprocess([open_image(s.path) for s in samples])
+    together = logits_together(TorchImageEncoder(tiny), [(tip, batch[:2]), (zero_shot, batch[2:])])
+    assert torch.allclose(together[0], tip.logits(batch[:2]), atol=1e-5)
+    assert torch.allclose(together[1], zero_shot.logits(batch[2:]), atol=1e-5)
