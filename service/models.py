@@ -76,6 +76,8 @@ class Task(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_task_id)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # sha256 of the request that created the task under that key: another request under it is a 422.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), index=True, default=TaskStatus.queued.value)
 
     method: Mapped[str] = mapped_column(String(32))
@@ -136,3 +138,15 @@ class TaskEvent(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     task: Mapped[Task] = relationship(back_populates="events")
+
+
+class IdempotencyLock(Base):
+    """A POST /tasks under an Idempotency-Key that is still being processed (uploading, decoding): a
+    retry meanwhile is a 409, on whichever API replica it lands. Removed when the request ends; one
+    left by a killed process is taken over after service.api.tasks.LOCK_STALE_S."""
+
+    __tablename__ = "idempotency_locks"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -8,11 +8,14 @@ files) and re-encoded as PNG, so the worker only ever reads images known to be g
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import python_multipart
@@ -37,6 +40,7 @@ class UploadedFile:
     filename: str
     path: Path
     size: int = 0
+    digest: Any = field(default_factory=hashlib.sha256, repr=False)  # of the bytes as uploaded
 
 
 @dataclass
@@ -55,6 +59,15 @@ class ParsedForm:
 
     def files_of(self, name: str) -> list[UploadedFile]:
         return [f for f in self.files if f.field == name]
+
+
+def request_fingerprint(form: ParsedForm) -> str:
+    """What makes two POST /tasks requests the same one (the IETF Idempotency-Key draft's fingerprint):
+    every text field in order within its name, and every file's field and content; not the multipart
+    boundary or the file names a client happens to send."""
+    canonical = {"fields": sorted((name, values) for name, values in form.fields.items()),
+                 "files": [(f.field, f.digest.hexdigest()) for f in form.files]}
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 ARCHIVE_FIELD = "archive"
@@ -138,6 +151,7 @@ class _FormCollector:
         if self._file.field != ARCHIVE_FIELD and self._file.size > self.max_file_bytes:
             raise too_large(f"File {self._file.filename!r} is larger than {self.max_file_bytes} bytes "
                             "(UPT_MAX_FILE_BYTES).")
+        self._file.digest.update(chunk)
         self._handle.write(chunk)
 
     def on_part_end(self) -> None:

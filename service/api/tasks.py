@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,14 +19,16 @@ from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found
-from service.models import FINAL_STATUSES, Task, TaskStatus, Tenant, new_task_id, utcnow
+from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
 from service.task_input import check_against_backbone, config_dict, parse_task_form, write_dataset
-from service.uploads import ParsedForm, parse_form, remove, scratch_dir
+from service.uploads import ParsedForm, parse_form, remove, request_fingerprint, scratch_dir
 
 router = APIRouter(tags=["tasks"])
+# A POST /tasks holding its Idempotency-Key longer than this was cut short (its process killed).
+LOCK_STALE_S = 900
 
 
 def _is_task_id(value: str) -> bool:
@@ -66,31 +68,80 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
     # An empty header is no key: stored as "", it made every later keyless-but-empty request collide.
     idempotency_key = (idempotency_key or "").strip() or None
     existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
-    if existing is not None:
-        return accepted(existing, replayed=True)
-    backbone = await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
+    locked = False
+    if idempotency_key and existing is None:
+        locked = await run_in_threadpool(_lock_key, session, tenant, idempotency_key)
+        if not locked:  # the task was created between the look-up and the lock
+            existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
     scratch = scratch_dir(storage.root / "tmp")
     try:
+        # The body is read even for a replay: only its fingerprint tells a retry from another request.
         form = await parse_form(request, scratch, max_files=settings.max_files,
                                 max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes)
+        fingerprint = request_fingerprint(form)
+        if existing is not None:
+            return accepted(_same_request(existing, fingerprint), replayed=True)
+        backbone = await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
         task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key,
-                                                 backbone)
+                                                 backbone, fingerprint)
     finally:
         remove(scratch)
+        if locked:
+            await run_in_threadpool(_unlock_key, session, tenant, idempotency_key)
     if not replayed:
         await run_in_threadpool(enqueue, task.id)  # only after the row is committed
     return accepted(task, replayed)
 
 
+def _lock_key(session: Session, tenant: Tenant, key: str) -> bool:
+    """Take the key for this request: True if taken, False if its task exists by now; a 409 while another
+    request under it is still being processed (a lock older than LOCK_STALE_S was left by a killed process)."""
+    try:
+        session.add(IdempotencyLock(tenant_id=tenant.id, key=key, created_at=utcnow()))
+        session.commit()
+        return True
+    except IntegrityError:
+        session.rollback()
+    stale = utcnow() - timedelta(seconds=LOCK_STALE_S)
+    taken_over = session.execute(update(IdempotencyLock).where(
+        IdempotencyLock.tenant_id == tenant.id, IdempotencyLock.key == key, IdempotencyLock.created_at < stale,
+    ).values(created_at=utcnow())).rowcount
+    session.commit()
+    if taken_over:
+        return True
+    if _by_idempotency_key(session, tenant, key) is not None:
+        return False
+    raise Problem(409, "Request in progress", "A request with this Idempotency-Key is still being processed; "
+                  "retry once it has finished to get its answer.", type="idempotency-key-in-use",
+                  headers={"Retry-After": "1"})
+
+
+def _unlock_key(session: Session, tenant: Tenant, key: str) -> None:
+    if session.in_transaction():  # a request that failed half-way; a committed task's row stays loaded
+        session.rollback()
+    session.execute(delete(IdempotencyLock).where(IdempotencyLock.tenant_id == tenant.id, IdempotencyLock.key == key))
+    session.commit()
+
+
+def _same_request(task: Task, fingerprint: str) -> Task:
+    """The task of a retry; a different request under the same key is refused (IETF Idempotency-Key draft)."""
+    if task.request_fingerprint is not None and task.request_fingerprint != fingerprint:
+        raise Problem(422, "Idempotency-Key reused", "This Idempotency-Key was used for a different request "
+                      "(other fields or files); use a new key for a new task.", type="idempotency-key-reused",
+                      errors=[{"field": "Idempotency-Key", "message": "used before for a different request."}])
+    return task
+
+
 def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, form: ParsedForm,
-            idempotency_key: str | None, backbone=None) -> tuple[Task, bool]:
+            idempotency_key: str | None, backbone=None, fingerprint: str | None = None) -> tuple[Task, bool]:
     spec = parse_task_form(form, settings)
     if backbone is not None:
         check_against_backbone(spec.config, backbone)
     task_id = new_task_id()
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
-        task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key, method=spec.config.method,
+        task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
+                    request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
                     model=settings.model, pretrained=settings.pretrained, status=TaskStatus.queued.value,
                     enqueued_at=utcnow(), epochs=spec.config.epochs)
@@ -103,7 +154,7 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is None:
             raise
-        return existing, True
+        return _same_request(existing, fingerprint), True
     except BaseException:
         storage.delete_task(task_id)
         raise

@@ -4,6 +4,7 @@ encoder, class names that differ only in their Unicode spelling, zip entries hid
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import httpx
@@ -171,3 +172,61 @@ def test_class_names_with_a_slash_or_a_leading_dot_train_and_classify(stack):
     assert predicted.status_code == 200, predicted.text
     assert predicted.json()["class_names"] == names
     assert client.delete(f"/tasks/{task_id}").status_code == 204
+
+
+@pytest.mark.service
+def test_an_idempotency_key_reused_for_another_request_is_a_422_and_a_retry_replays(stack):
+    client = stack.client("globex")
+    headers = {"Idempotency-Key": "fingerprinted-1"}
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    first = client.post("/tasks", data=data, files=files, headers=headers)
+    assert first.status_code == 202, first.text
+    retry = client.post("/tasks", data=data, files=files, headers=headers)
+    assert retry.status_code == 202 and retry.json()["id"] == first.json()["id"]
+    assert retry.headers["idempotent-replayed"] == "true"
+    other_files = list(reversed(files))  # the same names, other contents per position
+    for changed_data, changed_files in (({**data, "epochs": "2"}, files), ({**data, "method": "vpt-shallow"}, files),
+                                        (data, other_files)):
+        body = assert_problem(client.post("/tasks", data=changed_data, files=changed_files, headers=headers), 422,
+                              "Idempotency-Key")
+        assert body["type"].endswith("/idempotency-key-reused")
+    assert client.delete(f"/tasks/{first.json()['id']}").status_code == 204
+
+
+@pytest.mark.service
+def test_a_retry_while_the_first_request_is_still_uploading_is_a_409(stack):
+    import threading
+
+    client = stack.client("globex")
+    headers = {"Idempotency-Key": "in-flight-1"}
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    request = client.build_request("POST", "/tasks", data=data, files=files, headers=headers)
+    body = request.read()
+    release = threading.Event()
+
+    def slow_body():
+        yield body[:100]
+        release.wait(30)  # the first request stays in flight, its body half sent
+        yield body[100:]
+
+    first: dict = {}
+    sender = threading.Thread(target=lambda: first.update(response=client.post(
+        "/tasks", content=slow_body(), headers={**headers, "Content-Type": request.headers["content-type"]})))
+    sender.start()
+    time.sleep(0.5)  # its headers and first bytes are in
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            retry = client.post("/tasks", data=data, files=files, headers=headers)
+            if retry.status_code == 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # until the first request has taken the key
+        problem = assert_problem(retry, 409)
+        assert problem["type"].endswith("/idempotency-key-in-use") and retry.headers["retry-after"]
+    finally:
+        release.set()
+        sender.join(30)
+    assert first["response"].status_code == 202, first["response"].text
+    again = client.post("/tasks", data=data, files=files, headers=headers)
+    assert again.status_code == 202 and again.json()["id"] == first["response"].json()["id"]
+    assert client.delete(f"/tasks/{again.json()['id']}").status_code == 204
