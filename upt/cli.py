@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .progress import EpochProgressBar
-    from .training import TrainConfig, train
+    from .training import train
 
-    config = TrainConfig(
-        method=args.method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
-        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
-        batch_size=args.batch_size, augment_views=args.augment_views,
-    ).validate()  # before the backbone: a bad option should not wait for the weights to load
+    if args.method == "auto":
+        return cmd_train_auto(args)
+    if args.candidates is not None:
+        raise UptError("--candidates applies to --method auto only.")
+    config = _train_config(args, args.method).validate()  # before the backbone loads: fail fast
     backbone = _backbone(args)
     with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
         result = train(backbone, args.data, config, args.out, progress, args.checkpoint_dir)
@@ -70,6 +70,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.eval_data:
         payload["eval"] = _predictor(args, result.artifact_dir, backbone).evaluate(_samples(args.eval_data, result))
     return _emit(args, payload, _summarise_training)
+
+
+def cmd_train_auto(args: argparse.Namespace) -> int:
+    """Train every candidate on the same split and seed; keep the best on validation (upt.auto)."""
+    import tempfile
+
+    from .auto import candidate_config, parse_candidates, train_auto
+    from .progress import EpochProgressBar
+
+    candidates = parse_candidates(args.candidates)
+    base = _train_config(args, candidates[0])
+    for method in candidates:
+        candidate_config(base, method)  # every candidate's options checked before the backbone loads
+    if args.checkpoint_dir is not None:
+        raise UptError("--checkpoint-dir is not supported with --method auto.")
+    backbone = _backbone(args)
+    bars: list[EpochProgressBar] = []
+
+    def progress_bar(method: str) -> EpochProgressBar:
+        for bar in bars:  # the previous candidate's bar is finished
+            bar.close()
+        bars.append(EpochProgressBar(total=candidate_config(base, method).total_epochs, enabled=not args.quiet,
+                                     description=method))
+        return bars[-1]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.candidates-") as work:
+            result = train_auto(backbone, args.data, base, candidates, args.out, work, progress_bar)
+    finally:
+        for bar in bars:
+            bar.close()
+    metrics = result.winner.metrics
+    payload = {"artifact": str(result.artifact_dir), "method": "auto", "winner": result.choice["winner"],
+               "backbone": backbone.describe(), "trainable_parameters": metrics["trainable_parameters"],
+               "metrics": metrics, "auto": result.choice}
+    if args.eval_data:
+        payload["eval"] = _predictor(args, result.artifact_dir, backbone).evaluate(
+            _samples(args.eval_data, result.winner))
+    return _emit(args, payload, _summarise_auto)
+
+
+def _train_config(args: argparse.Namespace, method: str):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        method=method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
+        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
+        batch_size=args.batch_size, augment_views=args.augment_views,
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -151,7 +201,11 @@ def _template_options(parser: argparse.ArgumentParser) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="learn prompts on a few-shot split of an image folder")
     p.add_argument("--data", required=True, type=Path, help="ImageFolder: DIR/<class name>/<image>")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=(*METHODS, "auto"),
+                   help="a method, or auto: train --candidates and keep the best on validation")
+    p.add_argument("--candidates", default=None,
+                   help="auto: comma-separated methods (default: tip-adapter-f,coop,vpt-deep,upt); the SGD "
+                        "options and --epochs apply to the prompt methods, Tip-Adapter keeps its own recipe")
     p.add_argument("--shots", type=int, default=None, help="images per class (default: all but validation)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="default: the paper's schedule by shots")
@@ -309,6 +363,18 @@ def _summarise_training(d: dict[str, Any]) -> str:
     m = d["metrics"]
     lines = [f"artifact: {d['artifact']}", f"method: {d['method']} ({d['trainable_parameters']} trainable parameters)",
              f"validation accuracy: {_percent(m['val_accuracy'])} on {m['val_count']} images"]
+    if "eval" in d:
+        lines.append(f"evaluation accuracy: {_percent(d['eval']['accuracy'])} on {d['eval']['count']} images")
+    return "\n".join(lines)
+
+
+def _summarise_auto(d: dict[str, Any]) -> str:
+    choice = d["auto"]
+    lines = [f"artifact: {d['artifact']}", f"auto chose {choice['winner']} on {choice['val_count']} validation images:"]
+    for row in choice["leaderboard"]:
+        mark = "*" if row["method"] == choice["winner"] else " "
+        lines.append(f" {mark} {row['method']:<13} {_percent(row['val_accuracy']):>6}  "
+                     f"{row['trainable_parameters']:>9} parameters  {row['training_seconds']:.1f} s")
     if "eval" in d:
         lines.append(f"evaluation accuracy: {_percent(d['eval']['accuracy'])} on {d['eval']['count']} images")
     return "\n".join(lines)

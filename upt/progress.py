@@ -12,8 +12,9 @@ from .training import EpochReport, TrainCallbacks
 class EpochProgressBar(TrainCallbacks):
     """tqdm over epochs on stderr, with the running loss and train accuracy."""
 
-    def __init__(self, total: int, enabled: bool = True):
-        self.bar = tqdm(total=total, unit="epoch", file=sys.stderr, disable=not enabled or total == 0)
+    def __init__(self, total: int, enabled: bool = True, description: str | None = None):
+        self.bar = tqdm(total=total, unit="epoch", file=sys.stderr, disable=not enabled or total == 0,
+                        desc=description)
 
     def on_epoch_end(self, report: EpochReport) -> None:
         self.bar.n = report.epoch
@@ -24,4 +25,7 @@ class EpochProgressBar(TrainCallbacks):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.bar.close()

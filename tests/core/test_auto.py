@@ -1,0 +1,76 @@
+"""method=auto: candidates on one split, the best validation accuracy wins, the leaderboard is recorded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from upt.artifact import CONFIG_FILE, load_artifact
+from upt.auto import DEFAULT_CANDIDATES, LeaderboardRow, candidate_config, parse_candidates, pick_winner, train_auto
+from upt.errors import ConfigError
+from upt.training import TrainConfig
+
+
+def _row(method: str, accuracy: float | None, parameters: int) -> LeaderboardRow:
+    return LeaderboardRow(method, accuracy, 8, {}, parameters, 1.0)
+
+
+def test_the_winner_is_the_best_accuracy_then_the_fewest_parameters():
+    rows = [_row("upt", 0.75, 5000), _row("coop", 0.75, 256), _row("vpt-deep", 0.5, 100), _row("tip-adapter", None, 0)]
+    assert pick_winner(rows).method == "coop"
+    assert pick_winner([_row("a", 0.5, 10), _row("b", 0.5, 10)]).method == "a"  # full tie: candidate order
+    with pytest.raises(ConfigError):
+        pick_winner([])
+
+
+def test_candidates_are_checked_and_keep_their_own_recipe():
+    assert parse_candidates(None) == DEFAULT_CANDIDATES == ("tip-adapter-f", "coop", "vpt-deep", "upt")
+    assert parse_candidates("coop, upt") == ("coop", "upt")
+    for bad in ("coop,nope", "coop,coop"):
+        with pytest.raises(ConfigError):
+            parse_candidates(bad)
+    base = TrainConfig("coop", shots=4, seed=3, epochs=2, lr=0.05, batch_size=8)
+    tip = candidate_config(base, "tip-adapter-f")
+    assert (tip.shots, tip.seed, tip.lr, tip.batch_size, tip.total_epochs) == (4, 3, 0.002, 32, 20)
+    upt = candidate_config(base, "upt")
+    assert (upt.method, upt.shots, upt.seed, upt.lr, upt.epochs) == ("upt", 4, 3, 0.05, 2)
+
+
+def test_auto_keeps_the_argmax_of_its_leaderboard(tiny, fashion_train, tmp_path):
+    base = TrainConfig("coop", shots=4, epochs=2, lr=0.05, batch_size=8, augment_views=2)
+    candidates = ("tip-adapter", "coop", "vpt-shallow")
+    result = train_auto(tiny, fashion_train, base, candidates, tmp_path / "out", tmp_path / "work")
+    board = result.choice["leaderboard"]
+    assert [row["method"] for row in board] == list(candidates)
+    best = max(board, key=lambda row: (row["val_accuracy"], -row["trainable_parameters"]))
+    assert result.choice["winner"] == best["method"]
+    assert result.choice["val_count"] == 16 and {row["val_count"] for row in board} == {16}  # one split
+    for row in board:
+        assert set(row) == {"method", "val_accuracy", "val_count", "per_class_accuracy", "trainable_parameters",
+                            "training_seconds"}
+        assert set(row["per_class_accuracy"]) == {"bag", "pullover", "sneaker", "trouser"}
+        assert row["training_seconds"] > 0
+        written = load_artifact(tmp_path / "work" / row["method"]).config["metrics"]
+        assert written["val_accuracy"] == row["val_accuracy"]
+    artifact = load_artifact(result.artifact_dir)  # the winner's, whole and with its tensors' checksums
+    assert artifact.config["method"] == best["method"] and artifact.config["auto"] == result.choice
+
+
+@pytest.mark.slow
+def test_cli_auto_prints_the_leaderboard_and_writes_the_winner(tiny_checkpoint, fashion_train, tmp_path):
+    command = [sys.executable, "-m", "upt", "train", "--data", str(fashion_train), "--method", "auto",
+               "--candidates", "tip-adapter,coop", "--shots", "2", "--epochs", "1", "--model", "upt-tiny",
+               "--pretrained", str(tiny_checkpoint), "--out", str(tmp_path / "auto"), "--json", "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    board = payload["auto"]["leaderboard"]
+    assert payload["method"] == "auto" and payload["winner"] == pick_winner(
+        [LeaderboardRow(**row) for row in board]).method
+    assert payload["auto"]["val_count"] == 8
+    config = json.loads((tmp_path / "auto" / CONFIG_FILE).read_text())
+    assert config["auto"] == payload["auto"] and config["method"] == payload["winner"]
+    assert [p.name for p in tmp_path.iterdir()] == ["auto"]  # the candidates' folders are gone
