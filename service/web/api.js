@@ -1,5 +1,7 @@
 // The HTTP client: same-origin requests only, with the API key (if any) from local storage.
 // Every error becomes an ApiError carrying the RFC 9457 problem (title, detail, errors[]).
+// Polls send back the ETag they got (a 304 costs the service two columns and no body), and a task
+// is followed live over EventSource where the browser has it.
 
 const KEY_STORAGE = "upt.apiKey";
 
@@ -77,6 +79,7 @@ export async function request(method, path, { params, body, headers: extra, sign
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, { title: "Network error", detail: "The service cannot be reached. Is it running?" });
   }
+  if (res.status === 304 && raw) return res;
   if (!res.ok) {
     let problem = null;
     const text = await res.text().catch(() => "");
@@ -122,9 +125,54 @@ export function upload(path, body, { headers: extra, onProgress } = {}) {
   });
 }
 
+// ---- Cheap polling: each GET URL's last ETag and body; the ETag goes back as If-None-Match ----
+const validated = new Map(); // url -> { etag, data }, oldest first
+const VALIDATED_MAX = 200;
+
+/** GET with If-None-Match: {data, changed}; an unchanged answer (304) gives the body seen last. */
+export async function pollGet(path, { params, signal } = {}) {
+  const url = apiUrl(path, params).toString();
+  const known = validated.get(url);
+  const res = await request("GET", path, { params, signal, raw: true, headers: known ? { "If-None-Match": known.etag } : undefined });
+  if (res.status === 304 && known) return { data: known.data, changed: false };
+  const data = await res.json();
+  const etag = res.headers.get("ETag");
+  validated.delete(url);
+  if (etag) validated.set(url, { etag, data });
+  if (validated.size > VALIDATED_MAX) validated.delete(validated.keys().next().value);
+  return { data, changed: true };
+}
+
+/**
+ * Follows a task live over server-sent events: handlers.progress(task), .epoch(event), .end(status),
+ * and .lost() once the stream cannot go on (the caller then polls). EventSource cannot send the key,
+ * so the stream's URL carries a short-lived token made for it. Resolves to a function that closes the
+ * stream, or null where the browser has no EventSource (or the service no stream): poll instead.
+ */
+export async function followTask(id, handlers, signal) {
+  if (typeof EventSource !== "function") return null;
+  let made;
+  try { made = await request("POST", `tasks/${encodeURIComponent(id)}/events/token`, { signal }); }
+  catch (err) { if (err.name === "AbortError") throw err; return null; }
+  if (!made || typeof made.url !== "string") return null;
+  const source = new EventSource(apiUrl(made.url));
+  const on = (kind, fn) => source.addEventListener(kind, (e) => {
+    let data;
+    try { data = JSON.parse(e.data); } catch { return; }
+    fn(data);
+  });
+  on("progress", handlers.progress);
+  on("epoch", handlers.epoch);
+  on("end", (d) => { source.close(); handlers.end(d.status); });
+  // CONNECTING: the browser reconnects by itself, with Last-Event-ID. CLOSED: refused (an expired token).
+  source.addEventListener("error", () => { if (source.readyState === EventSource.CLOSED) handlers.lost(); });
+  return () => source.close();
+}
+
 export const api = {
   listTasks: (params, signal) => request("GET", "tasks", { params, signal }),
-  getTask: (id, signal) => request("GET", `tasks/${encodeURIComponent(id)}`, { signal }),
+  pollTasks: (params, signal) => pollGet("tasks", { params, signal }),
+  getTask: async (id, signal) => (await pollGet(`tasks/${encodeURIComponent(id)}`, { signal })).data,
   events: (id, signal) => request("GET", `tasks/${encodeURIComponent(id)}/events`, { signal }),
   createTask: (form, idempotencyKey, onProgress) =>
     upload("tasks", form, { headers: idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {}, onProgress }),

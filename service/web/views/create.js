@@ -2,7 +2,7 @@
 // API validation errors (problem+json errors[].field) are shown next to the matching field.
 import { api, randomId, normTask } from "../api.js";
 import { h, clear, announce } from "../dom.js";
-import { dropZone, METHODS } from "../widgets.js";
+import { classesFromFolders, dropZone, METHODS } from "../widgets.js";
 
 // The draft survives navigating away and back (files stay in memory until the page reloads).
 const draft = { mode: "classes", classes: [], archive: null, method: "upt", shots: "", epochs: "", seed: "", idem: null };
@@ -20,7 +20,13 @@ export function createView(root) {
   const addBtn = h("button", { type: "button", class: "btn", onclick: addClass }, "Add class");
   nameInput.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); addClass(); } });
   const classList = h("ol", { class: "class-list", "aria-label": "Classes" });
-  const classesBox = h("div", { class: "mode-panel", id: "panel-classes" },
+  const folderZone = dropZone({
+    label: "Or drop a folder of class folders", folders: true, describedBy: "err-classes",
+    hint: "One class per sub-folder, named after it (pets/cat/1.png is a cat). Drop it here, or press Enter to choose it.",
+    onFiles: addFolders,
+  });
+  folderZone.classList.add("folder-zone");
+  const classesBox = h("div", { class: "mode-panel", id: "panel-classes" }, folderZone,
     h("div", { class: "field" },
       h("label", { for: "class-name" }, "Class name"),
       h("div", { class: "inline" }, nameInput, addBtn),
@@ -95,6 +101,20 @@ export function createView(root) {
     renderClasses();
     announce(`Added ${names.join(", ")}. ${draft.classes.length} classes.`);
     nameInput.focus();
+  }
+
+  /** A dropped folder: one class per sub-folder; images of a class that exists already are added to it. */
+  function addFolders(files) {
+    const found = classesFromFolders(files);
+    if (!found.length) { showError("classes", "No images in sub-folders there: put each class's images in a folder named after it."); return; }
+    for (const [name, images] of found) {
+      const known = draft.classes.find((c) => c.name.toLowerCase() === name.toLowerCase());
+      if (known) known.files.push(...images); else draft.classes.push({ name, files: images });
+    }
+    clearErrors();
+    renderClasses();
+    const count = found.reduce((n, [, images]) => n + images.length, 0);
+    announce(`${found.length} class${found.length > 1 ? "es" : ""} from the folder (${found.map(([n]) => n).join(", ")}), ${count} images.`);
   }
 
   function renderClasses() {

@@ -1,5 +1,6 @@
 // One task: settings, live loss/accuracy plot from /events, results, the paper's data variances, try it.
-import { api, normTask, normEvents, ACTIVE } from "../api.js";
+// While it trains the task is followed over server-sent events where the browser can, else polled.
+import { api, followTask, normTask, normEvents, ACTIVE } from "../api.js";
 import { h, clear, announce, statusBadge, progressBar, fmtTime, fmtNum, pct, loading, errorBox, keepProgress } from "../dom.js";
 import { lossAccChart, confusionMatrix, perClassBars } from "../charts.js";
 import { methodName } from "../widgets.js";
@@ -10,6 +11,7 @@ const POLL_MS = 1500;
 
 export function taskView(root, { id }) {
   let task = null, events = [], timer = null, dead = false, tryPanel = null;
+  let closeStream = null, streamTried = false; // one stream per view; once it is lost, polling takes over
   const ctrl = new AbortController();
 
   const title = h("h1", { id: "task-title" }, `Task #${short(id)}`);
@@ -46,7 +48,10 @@ export function taskView(root, { id }) {
       render(prev);
       if (prev && prev.status !== task.status) announce(`Task ${short(id)} is now ${task.status}.`);
       content.setAttribute("aria-busy", "false");
-      if (ACTIVE.has(task.status) && !dead) timer = setTimeout(() => load(false), POLL_MS);
+      if (ACTIVE.has(task.status) && !dead && !closeStream && !(await follow())) {
+        content.dataset.updates = "poll";
+        timer = setTimeout(() => load(false), POLL_MS);
+      }
     } catch (err) {
       if (err.name === "AbortError") return;
       content.setAttribute("aria-busy", "false");
@@ -58,6 +63,33 @@ export function taskView(root, { id }) {
         timer = setTimeout(() => load(false), POLL_MS * 3);
       }
     }
+  }
+
+  /** Live updates over EventSource; false where there is none (or it was lost): poll instead. */
+  async function follow() {
+    if (streamTried) return false;
+    streamTried = true;
+    const close = await followTask(id, {
+      progress: (t) => {
+        const prev = task;
+        task = normTask(t);
+        render(prev);
+        if (prev.status !== task.status) announce(`Task ${short(id)} is now ${task.status}.`);
+      },
+      epoch: (e) => {
+        const [event] = normEvents([e]);
+        if (!event) return;
+        events = events.filter((x) => x.epoch !== event.epoch).concat(event).sort((a, b) => a.epoch - b.epoch);
+        renderTraining();
+      },
+      end: () => { closeStream = null; if (!dead) load(false); }, // the final state, with its history
+      lost: () => { closeStream = null; if (!dead) load(false); },
+    }, ctrl.signal).catch(() => null);
+    if (!close) return false;
+    if (dead) { close(); return true; }
+    closeStream = close;
+    content.dataset.updates = "stream";
+    return true;
   }
 
   function render(prev) {
@@ -186,7 +218,11 @@ export function taskView(root, { id }) {
   }
 
   async function cancel() {
-    try { const r = await api.cancelTask(id); if (r && r.id) task = normTask(r); else task = { ...task, status: "cancelling" }; render(null); announce("Cancelling."); clearTimeout(timer); timer = setTimeout(() => load(false), POLL_MS); }
+    try {
+      const r = await api.cancelTask(id); if (r && r.id) task = normTask(r); else task = { ...task, status: "cancelling" };
+      render(null); announce("Cancelling.");
+      if (!closeStream) { clearTimeout(timer); timer = setTimeout(() => load(false), POLL_MS); } // a stream says when it ends
+    }
     catch (err) { notice.textContent = `Could not cancel: ${err.message}`; }
   }
 
@@ -222,11 +258,11 @@ export function taskView(root, { id }) {
     }, 200);
   };
   window.addEventListener("resize", onResize);
-  const onVisible = () => { if (!document.hidden && task && ACTIVE.has(task.status)) { clearTimeout(timer); load(false); } };
+  const onVisible = () => { if (!document.hidden && task && ACTIVE.has(task.status) && !closeStream) { clearTimeout(timer); load(false); } };
   document.addEventListener("visibilitychange", onVisible);
   load(true);
   return () => {
-    dead = true; clearTimeout(timer); clearTimeout(resizeTimer); ctrl.abort();
+    dead = true; clearTimeout(timer); clearTimeout(resizeTimer); ctrl.abort(); closeStream?.();
     document.removeEventListener("visibilitychange", onVisible); window.removeEventListener("resize", onResize);
   };
 }

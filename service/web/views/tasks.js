@@ -1,9 +1,12 @@
-// The task list: status, live progress with ETA (polling GET /tasks/{id} while anything runs), cancel, delete.
+// The task list: status, live progress with ETA, cancel, delete. It re-reads its page with the list's
+// ETag (a 304 while nothing changed), so progress, and tasks made in another tab or through the API,
+// show up without a manual refresh.
 import { api, normTask, ACTIVE } from "../api.js";
 import { h, clear, announce, statusBadge, progressBar, fmtTime, loading, errorBox, emptyState, keepProgress } from "../dom.js";
 import { methodName } from "../widgets.js";
 
 const POLL_MS = 1500;
+const IDLE_POLL_MS = 4000; // nothing running: only new tasks from elsewhere to notice
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelling", "cancelled"];
 
 export function tasksView(root, { query }) {
@@ -39,11 +42,7 @@ export function tasksView(root, { query }) {
       nextCursor = Array.isArray(data) ? null : data.next_cursor ?? data.cursor ?? null;
       if (!append) { tasks.clear(); rows.clear(); clear(list); }
       for (const t of items) { tasks.set(t.id, t); const li = row(t); rows.set(t.id, li); list.append(li); }
-      clear(body);
-      if (!tasks.size) body.append(emptyState(status ? `No ${status} tasks` : "No tasks yet",
-        status ? "Nothing matches this filter." : "Create a task: name your classes, drop a few images on each, pick a method.",
-        h("a", { class: "btn btn-primary", href: "#/new" }, "Create a task")));
-      else body.append(list);
+      showBody();
       more.hidden = !nextCursor;
       schedule();
     } catch (err) {
@@ -52,29 +51,62 @@ export function tasksView(root, { query }) {
     } finally { body.setAttribute("aria-busy", "false"); }
   }
 
+  function showBody() {
+    if (tasks.size && list.isConnected) return;
+    clear(body);
+    if (!tasks.size) body.append(emptyState(status ? `No ${status} tasks` : "No tasks yet",
+      status ? "Nothing matches this filter." : "Create a task: name your classes, drop a few images on each, pick a method.",
+      h("a", { class: "btn btn-primary", href: "#/new" }, "Create a task")));
+    else body.append(list);
+  }
+
   function activeIds() { return [...tasks.values()].filter((t) => ACTIVE.has(t.status)).map((t) => t.id); }
 
   function schedule() {
     clearTimeout(timer);
     const ids = activeIds();
     liveNote.textContent = ids.length ? `${ids.length} task${ids.length > 1 ? "s" : ""} in progress · updating live` : "";
-    if (ids.length && !dead) timer = setTimeout(poll, POLL_MS);
+    if (!dead && !document.hidden) timer = setTimeout(poll, ids.length ? POLL_MS : IDLE_POLL_MS);
   }
 
+  /** Re-reads the shown page (up to 100 tasks) with its ETag and applies what changed. */
   async function poll() {
-    const ids = activeIds();
-    await Promise.all(ids.map(async (id) => {
-      try {
-        const t = normTask(await api.getTask(id, ctrl.signal));
-        const before = tasks.get(id);
-        tasks.set(id, t);
-        update(t);
-        if (before && before.status !== t.status) announce(`Task ${short(id)} is now ${t.status}.`);
-      } catch (err) {
-        if (err.status === 404) { tasks.delete(id); rows.get(id)?.remove(); rows.delete(id); }
-      }
-    }));
+    const limit = Math.min(100, Math.max(20, tasks.size));
+    try {
+      const { data, changed } = await api.pollTasks({ status, limit }, ctrl.signal);
+      if (changed && !dead) merge((Array.isArray(data) ? data : data.items || []).map(normTask), limit,
+        Array.isArray(data) ? null : data.next_cursor ?? null);
+    } catch (err) {
+      if (err.name === "AbortError") return;
+    }
     if (!dead) schedule();
+  }
+
+  function merge(items, limit, cursor) {
+    const covered = tasks.size <= limit; // the page holds every shown task: one missing was deleted
+    const onPage = new Set(items.map((t) => t.id));
+    if (covered) {
+      for (const id of [...tasks.keys()]) if (!onPage.has(id)) { rows.get(id)?.remove(); rows.delete(id); tasks.delete(id); }
+    }
+    let previous = null;
+    for (const t of items) {
+      const old = tasks.get(t.id);
+      tasks.set(t.id, t);
+      if (old) {
+        if (JSON.stringify(old) !== JSON.stringify(t)) {
+          update(t);
+          if (old.status !== t.status) announce(`Task ${short(t.id)} is now ${t.status}.`);
+        }
+      } else {
+        const li = row(t);
+        rows.set(t.id, li);
+        if (previous) previous.after(li); else list.prepend(li);
+        announce(`New task ${short(t.id)}, ${t.status}.`);
+      }
+      previous = rows.get(t.id);
+    }
+    if (covered) { nextCursor = cursor; more.hidden = !nextCursor; }
+    showBody();
   }
 
   function row(t) {
