@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import time
 from typing import Any
 
@@ -42,11 +44,12 @@ class Problem(Exception):
         self.headers = headers
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status,
+                                "detail": without_paths(self.detail)}
         if instance:
             body["instance"] = instance
         if self.errors:
-            body["errors"] = self.errors
+            body["errors"] = [{**e, "message": without_paths(e.get("message"))} for e in self.errors]
         return body
 
 
@@ -58,6 +61,26 @@ def invalid(field: str, message: str) -> Problem:
 
 def not_found(what: str) -> Problem:
     return Problem(404, "Not found", f"{what} does not exist.", type="not-found")
+
+
+# An absolute path of two or more components, not inside a URL or a relative name ("T-shirt/top").
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])(?:/[^\s'\"/:,;()\[\]]+){2,}")
+
+
+def without_paths(text: str | None) -> str | None:
+    """`text` with every server path shortened to its last component: errors and health checks say what
+    went wrong ("upt-tiny.pt is not a checkpoint") without telling a client how the server is laid out."""
+    if not text:
+        return text
+    return _SERVER_PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def shown_weights(pretrained: str, weights_sha256: str | None = None) -> str:
+    """A pretrained tag as is; a checkpoint file as its name and sha256 prefix, never its server path."""
+    if os.sep not in pretrained and "/" not in pretrained and not os.path.splitext(pretrained)[1]:
+        return pretrained
+    name = os.path.basename(pretrained.rstrip("/")) or pretrained
+    return f"{name} (sha256 {weights_sha256[:12]})" if weights_sha256 else name
 
 
 # Errnos that mean the storage volume is full: no space, or the tenant's/user's disk quota.

@@ -86,6 +86,8 @@ class Task(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))
     pretrained: Mapped[str] = mapped_column(Text)
+    # Of the backbone the API checked the task against: a worker serving other weights refuses it.
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

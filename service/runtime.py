@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from service.errors import Problem
+from service.errors import Problem, shown_weights, without_paths
 from service.settings import Settings
 
 FAILURE_TTL_S = 30.0
@@ -120,12 +120,15 @@ class Runtime:
             backbone = self.backbone(wait_s=0.5)
         except Problem as problem:
             return False, problem.detail
-        return True, f"{backbone.name} ({backbone.pretrained}) on {backbone.device}"
+        return True, f"{backbone.name} ({self.shown_weights(backbone)}) on {backbone.device}"
+
+    def shown_weights(self, backbone=None) -> str:
+        return shown_weights(self.settings.pretrained, backbone.weights_sha256 if backbone is not None else None)
 
     def _unavailable(self, reason: str) -> Problem:
         return Problem(
             503, "Backbone unavailable",
-            f"The backbone {self.settings.model!r} with {self.settings.pretrained!r} cannot be loaded: {reason} "
+            f"The backbone {self.settings.model!r} with {self.shown_weights()!r} cannot be loaded: {without_paths(reason)} "
             "Set UPT_MODEL and UPT_PRETRAINED (an open_clip model name and a pretrained tag or a local "
             "checkpoint file), then restart the service.",
             type="backbone-unavailable",
@@ -142,7 +145,7 @@ class Runtime:
                 return Predictor.from_artifact(backbone, artifact_dir)
             except BackboneMismatchError as error:
                 raise Problem(409, "Backbone mismatch", f"{error} The service runs {backbone.name} "
-                              f"({backbone.pretrained}); classify with the backbone the task was trained on.",
+                              f"({self.shown_weights(backbone)}); classify with the backbone the task was trained on.",
                               type="backbone-mismatch")
             except ArtifactError as error:
                 raise Problem(409, "Artifact unusable", str(error), type="artifact-unusable")

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from service.errors import shown_weights, without_paths
 from service.models import Task, TaskEvent, as_utc
 
 
@@ -42,9 +43,10 @@ class TaskOut(BaseModel):
             links["artifact"] = f"{base}/artifact"
         return cls(
             id=task.id, status=task.status, method=task.method, class_names=task.class_names,
-            num_images=task.num_images, config=task.config, model=task.model, pretrained=task.pretrained,
+            num_images=task.num_images, config=task.config, model=task.model,
+            pretrained=shown_weights(task.pretrained),
             progress=task.progress, epoch=task.epoch, epochs=task.epochs, loss=task.loss,
-            accuracy=task.accuracy, eta_s=task.eta_s, metrics=task.metrics, error=task.error,
+            accuracy=task.accuracy, eta_s=task.eta_s, metrics=task.metrics, error=without_paths(task.error),
             attempts=task.attempts, created_at=as_utc(task.created_at), updated_at=as_utc(task.updated_at),
             started_at=as_utc(task.started_at), finished_at=as_utc(task.finished_at), links=links,
         )

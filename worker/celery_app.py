@@ -25,7 +25,9 @@ def make_celery(settings: Settings) -> Celery:
     filesystem = settings.resolved_broker_url.startswith("filesystem")
     if filesystem:
         folder = str(settings.broker_folder)  # created by ensure_broker_folder before first use
-        transport_options.update(data_folder_in=folder, data_folder_out=folder, store_processed=False)
+        # The control folder (exchange-queue bindings) too: its default is ./control in the working directory.
+        transport_options.update(data_folder_in=folder, data_folder_out=folder, store_processed=False,
+                                 control_folder=str(settings.broker_folder / "control"))
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -49,7 +51,7 @@ def make_celery(settings: Settings) -> Celery:
 def ensure_broker_folder(settings: Settings) -> None:
     """The filesystem transport (local mode) needs its folder to exist before sending or consuming."""
     if settings.resolved_broker_url.startswith("filesystem"):
-        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+        (settings.broker_folder / "control").mkdir(parents=True, exist_ok=True)
 
 
 app = make_celery(get_settings())

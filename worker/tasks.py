@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from service.db import session_scope
 from service.dispatch import enqueue
-from service.errors import NO_SPACE, is_disk_full
+from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskEvent, TaskStatus, liveness_only, utcnow
 from service.settings import get_settings
 from service.storage import Storage
@@ -170,7 +170,9 @@ def run_task(task_id: str) -> None:
         partial = storage.task_dir(task_id) / f"artifact.partial-{lease.lease}"
         try:
             config = TrainConfig.from_dict(task.config)
-            result = train(get_backbone(), storage.data_dir(task_id), config, partial,
+            backbone = get_backbone()
+            _check_backbone(task, backbone, settings)
+            result = train(backbone, storage.data_dir(task_id), config, partial,
                            callbacks=_callbacks(lease, task.attempts),
                            checkpoint_dir=storage.checkpoint_dir(task_id),
                            class_folders=_class_folders(storage, task_id, len(task.class_names)))
@@ -180,6 +182,21 @@ def run_task(task_id: str) -> None:
             _record_failure(task_id, lease, storage, error)
             if not isinstance(error, Exception):
                 raise
+
+
+class WrongBackbone(Exception):
+    """The task was checked against, and is meant for, another backbone than this worker's."""
+
+
+def _check_backbone(task: Task, backbone, settings) -> None:
+    if task.model == settings.model and task.weights_sha256 in (None, backbone.weights_sha256):
+        return
+    mine = shown_weights(settings.pretrained, backbone.weights_sha256)
+    log.error("task %s was created for %s (%s); this worker serves %s (%s): refused", task.id, task.model,
+              task.pretrained, settings.model, mine)
+    raise WrongBackbone(f"This task was created for the backbone {task.model} ({task.pretrained}), but the worker "
+                        f"that took it serves {settings.model} ({mine}); it refused to train it. Run workers with "
+                        "the API's UPT_MODEL and UPT_PRETRAINED, then create the task again.")
 
 
 def _class_folders(storage: Storage, task_id: str, class_count: int) -> list[str] | None:
@@ -221,11 +238,12 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
     elif isinstance(error, SoftTimeLimitExceeded):
         values = {"status": TaskStatus.failed.value,
                   "error": f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={get_settings().task_time_limit_s})."}
-    elif isinstance(error, UptError):
-        values = {"status": TaskStatus.failed.value, "error": str(error)}
+    elif isinstance(error, (UptError, WrongBackbone)):
+        values = {"status": TaskStatus.failed.value, "error": without_paths(str(error))}
     elif isinstance(error, Exception):
         log.exception("task %s failed unexpectedly", task_id)
-        values = {"status": TaskStatus.failed.value, "error": f"Internal error in the worker: {type(error).__name__}: {error}"}
+        values = {"status": TaskStatus.failed.value,
+                  "error": without_paths(f"Internal error in the worker: {type(error).__name__}: {error}")}
     else:  # worker shutdown (SystemExit, KeyboardInterrupt): leave the row for recovery to retry
         return
     retry_in_s = values.pop("retry_in_s", None)

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from service.api.deps import MetricsDep, RuntimeDep
 from service.auth import get_sessionmaker
 from service.dispatch import broker_reachable
+from service.errors import without_paths
 from service.schemas import CheckOut, ReadyOut
 
 router = APIRouter(tags=["health"])
@@ -39,7 +40,8 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         "backbone": await run_in_threadpool(runtime.backbone_status),
     }
     body = ReadyOut(ready=all(ok for ok, _ in checks.values()),
-                    checks={name: CheckOut(ok=ok, detail=detail) for name, (ok, detail) in checks.items()})
+                    checks={name: CheckOut(ok=ok, detail=without_paths(detail))
+                            for name, (ok, detail) in checks.items()})
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 

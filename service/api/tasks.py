@@ -18,7 +18,7 @@ from service.api.deps import RuntimeDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
-from service.errors import Problem, invalid, not_found
+from service.errors import Problem, invalid, not_found, shown_weights
 from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
@@ -143,7 +143,9 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
-                    model=settings.model, pretrained=settings.pretrained, status=TaskStatus.queued.value,
+                    model=settings.model, status=TaskStatus.queued.value,
+                    pretrained=shown_weights(settings.pretrained, getattr(backbone, "weights_sha256", None)),
+                    weights_sha256=getattr(backbone, "weights_sha256", None),
                     enqueued_at=utcnow(), epochs=spec.config.epochs)
         session.add(task)
         session.commit()
