@@ -33,8 +33,8 @@ bench: install
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/polling.py
 
-# Offline demo: the project's tiny backbone with random weights, named explicitly (never a silent
-# fallback). Predictions are meaningless; everything else is the real service.
+# Offline demo: the project's tiny backbone pretrained here on Fashion-MNIST (scripts/pretrain_tiny.py),
+# named explicitly (never a silent fallback). It knows clothes in 32-pixel greyscale, nothing else.
+TINY_WEIGHTS := upt/weights/upt-tiny-fashion-mnist.safetensors
 serve-tiny: install
-	$(BIN)/upt tiny-checkpoint var/upt-tiny.pt
-	UPT_MODEL=upt-tiny UPT_PRETRAINED=var/upt-tiny.pt $(BIN)/upt serve
+	UPT_MODEL=upt-tiny UPT_PRETRAINED=$(TINY_WEIGHTS) $(BIN)/upt serve

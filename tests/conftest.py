@@ -18,6 +18,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_tiny_checkpoint() -> Path:
+    """The tiny backbone pretrained on Fashion-MNIST's training split (shipped in upt/weights)."""
+    from upt.tiny import PRETRAINED_TINY
+
+    return PRETRAINED_TINY
+
+
+@pytest.fixture(scope="session")
 def fashion_train() -> Path:
     return FASHION / "train"
 

@@ -2,8 +2,11 @@
 
 `upt-tiny` is a real open_clip CLIP (ViT image tower, Transformer text tower, OpenAI tokenizer) whose
 vision width (96) differs from its text width (64), so every projection the methods use is exercised.
-Its weights are random: it checks that code runs and learns, never what a real CLIP would reach.
-It is only used when asked for by name; nothing falls back to it.
+Two sets of weights: random ones (`write_tiny_checkpoint`), for what only needs code to run and
+gradients to flow, and `PRETRAINED_TINY`, trained here CLIP's way on Fashion-MNIST's training split
+(scripts/pretrain_tiny.py), which knows ten kinds of clothes in 32-pixel greyscale and nothing else.
+Neither shows what a real CLIP would reach. It is only used when asked for by name; nothing falls
+back to it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 
 TINY_MODEL = "upt-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+# `upt-tiny` pretrained here, CLIP's way, on Fashion-MNIST's training split (scripts/pretrain_tiny.py).
+PRETRAINED_TINY = Path(__file__).parent / "weights" / "upt-tiny-fashion-mnist.safetensors"
 
 
 def register_model_configs() -> None:
