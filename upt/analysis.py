@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .backbone import Backbone
-from .data import LabelledImage, eval_transform, labelled_batches, scan_image_folder
+from .data import LabelledImage, eval_transform, labelled_batches
+from .datasets import load_data
 from .encoders import encode_image
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
@@ -60,8 +61,8 @@ def inter_class_variance(class_features: torch.Tensor) -> float:
 def analyze(backbone: Backbone, data_dir: str | Path, templates: tuple[str, ...] = (DEFAULT_TEMPLATE,),
             batch_size: int = 64) -> VarianceReport:
     """Both variances over every image of an image folder."""
-    folder = scan_image_folder(data_dir)
-    return analyze_samples(backbone, folder.class_names, folder.samples, templates, batch_size)
+    source = load_data(data_dir)
+    return analyze_samples(backbone, source.class_names, source.train or source.test, templates, batch_size)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .artifact import annotate_artifact
 from .backbone import Backbone
+from .datasets import DataSource
 from .errors import ConfigError
 from .methods.config import CACHE_METHODS, METHODS
 from .training import SGD_OPTIONS, TrainCallbacks, TrainConfig, TrainResult, train
@@ -103,7 +104,7 @@ class AutoResult:
     choice: dict[str, Any]
 
 
-def train_auto(backbone: Backbone, data_dir: str | Path, base: TrainConfig, candidates: tuple[str, ...],
+def train_auto(backbone: Backbone, data_dir: str | Path | DataSource, base: TrainConfig, candidates: tuple[str, ...],
                out_dir: str | Path, work_dir: str | Path,
                callbacks_for: Callable[[str], TrainCallbacks] = lambda method: TrainCallbacks()) -> AutoResult:
     """Train each candidate into `work_dir/<method>`, then copy the winner's artifact to `out_dir`."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UptError
-from .methods.config import DESCRIPTIONS, ENSEMBLE_TEMPLATES, METHODS
+from .methods.config import DESCRIPTIONS, METHODS
 
 DEFAULT_MODEL = os.environ.get("UPT_MODEL", "ViT-B-16")
 DEFAULT_PRETRAINED = os.environ.get("UPT_PRETRAINED", "openai")
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .datasets import load_data
     from .progress import EpochProgressBar
     from .training import train
 
@@ -61,14 +62,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_train_auto(args)
     if args.candidates is not None:
         raise UptError("--candidates applies to --method auto only.")
-    config = _train_config(args, args.method).validate()  # before the backbone loads: fail fast
+    source = load_data(args.data, args.dataset)
+    config = _train_config(args, args.method, source).validate()  # before the backbone loads: fail fast
     backbone = _backbone(args)
     with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
-        result = train(backbone, args.data, config, args.out, progress, args.checkpoint_dir)
+        result = train(backbone, source, config, args.out, progress, args.checkpoint_dir)
     payload = {"artifact": str(result.artifact_dir), "method": config.method, "backbone": backbone.describe(),
                "trainable_parameters": result.metrics["trainable_parameters"], "metrics": result.metrics}
     if args.eval_data:
-        payload["eval"] = _predictor(args, result.artifact_dir, backbone).evaluate(_samples(args.eval_data, result))
+        payload["eval"] = _evaluate(_predictor(args, result.artifact_dir, backbone), args.eval_data, None)
     return _emit(args, payload, _summarise_training)
 
 
@@ -79,8 +81,11 @@ def cmd_train_auto(args: argparse.Namespace) -> int:
     from .auto import candidate_config, parse_candidates, train_auto
     from .progress import EpochProgressBar
 
+    from .datasets import load_data
+
     candidates = parse_candidates(args.candidates)
-    base = _train_config(args, candidates[0])
+    source = load_data(args.data, args.dataset)
+    base = _train_config(args, candidates[0], source)
     for method in candidates:
         candidate_config(base, method)  # every candidate's options checked before the backbone loads
     if args.checkpoint_dir is not None:
@@ -98,7 +103,7 @@ def cmd_train_auto(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.candidates-") as work:
-            result = train_auto(backbone, args.data, base, candidates, args.out, work, progress_bar)
+            result = train_auto(backbone, source, base, candidates, args.out, work, progress_bar)
     finally:
         for bar in bars:
             bar.close()
@@ -107,27 +112,22 @@ def cmd_train_auto(args: argparse.Namespace) -> int:
                "backbone": backbone.describe(), "trainable_parameters": metrics["trainable_parameters"],
                "metrics": metrics, "auto": result.choice}
     if args.eval_data:
-        payload["eval"] = _predictor(args, result.artifact_dir, backbone).evaluate(
-            _samples(args.eval_data, result.winner))
+        payload["eval"] = _evaluate(_predictor(args, result.artifact_dir, backbone), args.eval_data, None)
     return _emit(args, payload, _summarise_auto)
 
 
-def _train_config(args: argparse.Namespace, method: str):
+def _train_config(args: argparse.Namespace, method: str, source):
     from .training import TrainConfig
 
     return TrainConfig(
         method=method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
-        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args), lr=args.lr,
+        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args, source), lr=args.lr,
         batch_size=args.batch_size, augment_views=args.augment_views,
     )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import scan_image_folder
-
-    predictor = _predictor(args, args.artifact)
-    folder = scan_image_folder(args.data, predictor.class_names)
-    return _emit(args, predictor.evaluate(folder.samples), _summarise_eval)
+    return _emit(args, _evaluate(_predictor(args, args.artifact), args.data, args.dataset), _summarise_eval)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -140,13 +140,16 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     classes = [name.strip() for name in args.classes.split(",") if name.strip()]
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise UptError("--classes needs at least two distinct, comma-separated class names.")
-    return _emit_predictions(args, Predictor.zero_shot(_backbone(args), classes, _templates(args)))
+    return _emit_predictions(args, Predictor.zero_shot(_backbone(args), classes, _templates(args, None)))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze
+    from .analysis import analyze_samples
+    from .datasets import load_data
 
-    report = analyze(_backbone(args), args.data, _templates(args))
+    source = load_data(args.data, args.dataset)
+    report = analyze_samples(_backbone(args), source.class_names, source.train or source.test,
+                             _templates(args, source))
     return _emit(args, report.as_dict(), lambda d: (
         f"intra-class visual variance: {d['intra_class_visual']:.4f}\n"
         f"inter-class text variance:   {d['inter_class_text']:.4f}\n{d['interpretation']}"))
@@ -194,13 +197,27 @@ def _common(parser: argparse.ArgumentParser, backbone: bool = True) -> None:
 
 
 def _template_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--template", default=None,
+                        help="hand-written template, '{}' for the class name (default: the data set's own, "
+                             "as CoOp's, else 'a photo of a {}.')")
     parser.add_argument("--ensemble", action="store_true",
-                        help="average CLIP's 7 ImageNet templates instead of 'a photo of a {}.'")
+                        help="average CLIP's 7 ImageNet templates and, as CoOp, the data set's (or --template)")
+
+
+def _dataset_option(parser: argparse.ArgumentParser) -> None:
+    from .datasets import DATASETS
+
+    parser.add_argument("--dataset", default=None, choices=list(DATASETS), metavar="NAME",
+                        help="read --data as this data set of CoOp's benchmark (CoOp's layout: --data is the root "
+                             "holding its folder, or the folder); one of: " + ", ".join(DATASETS))
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="learn prompts on a few-shot split of an image folder")
-    p.add_argument("--data", required=True, type=Path, help="ImageFolder: DIR/<class name>/<image>")
+    p.add_argument("--data", required=True, type=Path,
+                   help="ImageFolder DIR/<class name>/<image> (optional DIR/classnames.txt), or a data set in "
+                        "CoOp's layout (DIR/split_zhou_<Name>.json, or ImageNet's classnames.txt and images/)")
+    _dataset_option(p)
     p.add_argument("--method", required=True, choices=(*METHODS, "auto"),
                    help="a method, or auto: train --candidates and keep the best on validation")
     p.add_argument("--candidates", default=None,
@@ -218,7 +235,8 @@ def _add_train(sub) -> None:
     p.add_argument("--augment-views", type=int, default=10,
                    help="tip-adapter(-f): augmented views averaged per cached image (default: %(default)s, the paper's)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save each epoch here and resume from it")
-    p.add_argument("--eval-data", type=Path, default=None, help="also evaluate the artifact on this image folder")
+    p.add_argument("--eval-data", type=Path, default=None,
+                   help="also evaluate the artifact on this image folder (or the test split of a CoOp data set)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _template_options(p)
     _common(p)
@@ -228,7 +246,10 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of an artifact")
     p.add_argument("--artifact", required=True, type=Path)
-    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path,
+                   help="image folder, or a CoOp data set (its test split; ImageNet-A/-R: the artifact's rows "
+                        "for their 200 classes)")
+    _dataset_option(p)
     _artifact_backbone_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -255,6 +276,7 @@ def _add_zero_shot(sub) -> None:
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="the paper's intra-class visual and inter-class text variances")
     p.add_argument("--data", required=True, type=Path)
+    _dataset_option(p)
     _template_options(p)
     _common(p)
     p.set_defaults(func=cmd_analyze)
@@ -323,16 +345,18 @@ def _predictor(args: argparse.Namespace, artifact_dir: Path, backbone=None):
     return Predictor.from_artifact(backbone, artifact)
 
 
-def _samples(data_dir: Path, result):
-    from .data import scan_image_folder
+def _evaluate(predictor, data: Path, dataset: str | None) -> dict[str, Any]:
+    """Accuracy on the test split of `data`, with the artifact's rows for the data's classes."""
+    from .datasets import load_data
 
-    return scan_image_folder(data_dir, result.metrics["class_names"]).samples
+    source = load_data(data, dataset, class_names=predictor.class_names)
+    return predictor.for_classes(source.class_names).evaluate(source.test)
 
 
-def _templates(args: argparse.Namespace) -> tuple[str, ...]:
-    from .methods.config import DEFAULT_TEMPLATE
+def _templates(args: argparse.Namespace, source) -> tuple[str, ...]:
+    from .datasets import resolve_templates
 
-    return ENSEMBLE_TEMPLATES if args.ensemble else (DEFAULT_TEMPLATE,)
+    return resolve_templates(args.template, args.ensemble, source)
 
 
 def _emit_predictions(args: argparse.Namespace, predictor) -> int:

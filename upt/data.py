@@ -16,6 +16,7 @@ from .errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_VALIDATION_PER_CLASS = 4
+CLASSNAMES_FILE = "classnames.txt"
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,26 @@ class FewShotSplit:
 
 def scan_image_folder(root: str | Path, class_names: list[str] | None = None,
                       folders_of_classes: list[str] | None = None) -> ImageFolder:
-    """`folders_of_classes[i]` is the folder of `class_names[i]` when they differ (the service stores a
+    """The classes of `root`: its folders, sorted, named by `root/classnames.txt` where there is one
+    ("<folder> <display name>" a line, ImageNet's format) and by the folder's name otherwise.
+    `class_names` picks and orders classes, each given by its display name or its folder's name;
+    `folders_of_classes[i]` is the folder of `class_names[i]` when they differ (the service stores a
     task's images by class index, so that a class name need not be a valid folder name)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected {root}/<class name>/<image> (ImageFolder layout).")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    names = list(class_names) if class_names is not None else folders
+    display = _display_names(root, folders)
+    by_name = {name: folder for folder, name in display.items()} | {folder: folder for folder in folders}
+    names = list(class_names) if class_names is not None else [display[folder] for folder in folders]
     if len(names) < 2:
         raise DataError(f"{root} holds {len(names)} class folder(s); at least two classes are needed.")
-    class_folders = list(folders_of_classes) if folders_of_classes is not None else names
-    if len(class_folders) != len(names):
-        raise DataError(f"{len(class_folders)} class folders given for {len(names)} classes.")
+    if folders_of_classes is not None:
+        class_folders = list(folders_of_classes)
+        if len(class_folders) != len(names):
+            raise DataError(f"{len(class_folders)} class folders given for {len(names)} classes.")
+    else:
+        class_folders = [by_name.get(name, name) for name in names]
     missing = [name for name, folder in zip(names, class_folders) if folder not in folders]
     if missing:
         raise DataError(f"No folder for class(es) {', '.join(missing)} under {root}.")
@@ -69,6 +78,35 @@ def scan_image_folder(root: str | Path, class_names: list[str] | None = None,
             raise DataError(f"Class {name!r} has no images in {root / folder} (accepted: {', '.join(sorted(IMAGE_SUFFIXES))}).")
         samples.extend(LabelledImage(path, label) for path in files)
     return ImageFolder(root, names, samples)
+
+
+def read_classnames(path: Path) -> dict[str, str]:
+    """`classnames.txt` as ImageNet's in CoOp's layout: one "<folder> <class name>" a line, in label order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"Cannot read {path}: {error}") from error
+    names = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        folder, _, name = line.strip().partition(" ")
+        if not name.strip():
+            raise DataError(f"{path}:{number}: expected '<folder> <class name>', got {line.strip()!r}.")
+        names[folder] = name.strip()
+    return names
+
+
+def _display_names(root: Path, folders: list[str]) -> dict[str, str]:
+    path = root / CLASSNAMES_FILE
+    names = read_classnames(path) if path.is_file() else {}
+    unnamed = [folder for folder in folders if names and folder not in names]
+    if unnamed:
+        raise DataError(f"{path} names no class for folder(s) {', '.join(unnamed[:5])}.")
+    display = {folder: names.get(folder, folder) for folder in folders}
+    if len(set(display.values())) != len(display):
+        raise DataError(f"{path} gives two folders the same class name.")
+    return display
 
 
 def sample_few_shot(folder: ImageFolder, shots: int | None, seed: int) -> FewShotSplit:

@@ -14,6 +14,7 @@ from .artifact import Artifact, load_serving_artifact
 from .backbone import Backbone
 from .data import LabelledImage, eval_transform, labelled_batches
 from .encoders import encode_image
+from .errors import DataError
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.model import template_classifier
 from .methods.tip_adapter import CacheModel
@@ -72,6 +73,22 @@ class Predictor:
     def zero_shot(cls, backbone: Backbone, class_names: list[str],
                   templates: Iterable[str] = (DEFAULT_TEMPLATE,)) -> "Predictor":
         return cls(backbone, class_names, template_classifier(backbone, list(class_names), tuple(templates)))
+
+    def for_classes(self, class_names: list[str]) -> "Predictor":
+        """This predictor over `class_names` only, in their order: its classifier rows for them.
+
+        How an ImageNet artifact is evaluated on ImageNet-A and -R (200 of its 1000 classes), as CoOp
+        does: the prompts are the same for every class, so the rows equal a classifier built for the 200.
+        """
+        if list(class_names) == self.class_names:
+            return self
+        index = {name: row for row, name in enumerate(self.class_names)}
+        unknown = [name for name in class_names if name not in index]
+        if unknown:
+            raise DataError(f"The artifact has no class {', '.join(map(repr, unknown[:5]))}"
+                            f"{' …' if len(unknown) > 5 else ''}; it knows {len(self.class_names)} classes.")
+        rows = torch.tensor([index[name] for name in class_names], device=self.classifier.device)
+        return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from .analysis import analyze_samples
 from .artifact import save_artifact
 from .backbone import Backbone
-from .data import FewShotSplit, ImageDataset, sample_few_shot, scan_image_folder, train_transform
+from .data import FewShotSplit, ImageDataset, train_transform
+from .datasets import DataSource, few_shot_split, load_data
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
 from .methods.config import CACHE_METHODS, DEFAULT_TEMPLATE, TIP_ADAPTER, TIP_ADAPTER_F
@@ -195,37 +196,42 @@ class TrainResult:
 
 def train(
     backbone: Backbone,
-    data_dir: str | Path,
+    data: str | Path | DataSource,
     config: TrainConfig,
     out_dir: str | Path,
     callbacks: TrainCallbacks | None = None,
     checkpoint_dir: str | Path | None = None,
     class_folders: list[str] | None = None,
 ) -> TrainResult:
-    """Train `config.method` on the few-shot split of `data_dir` and write the artifact to `out_dir`.
-    `class_folders` names the folder of each of `config.class_names` where it is not the name itself."""
+    """Train `config.method` on the few-shot split of `data` (a folder, see `load_data`, or a data
+    source already read) and write the artifact to `out_dir`. `class_folders` names the folder of each
+    of `config.class_names` where it is not the name itself."""
     config.validate()
     callbacks = callbacks or TrainCallbacks()
-    folder = scan_image_folder(data_dir, config.class_names, class_folders)
-    split = sample_few_shot(folder, config.shots, config.seed)
+    source = data if isinstance(data, DataSource) else load_data(data, class_names=config.class_names,
+                                                                 class_folders=class_folders)
+    if not source.train:
+        raise DataError(f"{source.name} has no training split: it is an evaluation set.")
+    split = few_shot_split(source, config.shots, config.seed)
     if config.method in CACHE_METHODS:
-        return _train_cache_model(backbone, folder.class_names, split, config, out_dir, callbacks)
+        return _train_cache_model(backbone, source, split, config, out_dir, callbacks)
     _seed_everything(config.seed, -1)  # prompt initialisation
-    model = PromptedCLIP(backbone, folder.class_names, config.prompt_config())
+    model = PromptedCLIP(backbone, source.class_names, config.prompt_config())
     history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
     exported = model.export()
-    predictor = Predictor(backbone, folder.class_names, exported["classifier"], exported.get("visual_prompts"))
+    predictor = Predictor(backbone, source.class_names, exported["classifier"], exported.get("visual_prompts"))
     metrics = _final_metrics(predictor, split, model.trainable_parameters(), history)
-    metrics["variances"] = analyze_samples(backbone, folder.class_names, split.train + split.val,
+    metrics["variances"] = analyze_samples(backbone, source.class_names, split.train + split.val,
                                            config.templates).as_dict()
     tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
-    options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(), "metrics": metrics}
-    out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=folder.class_names,
+    options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(), "metrics": metrics,
+               "data": source.describe()}
+    out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=source.class_names,
                         tensors=tensors, options=options)
     return TrainResult(out, metrics, config, history)
 
 
-def _train_cache_model(backbone: Backbone, class_names: list[str], split: FewShotSplit, config: TrainConfig,
+def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSplit, config: TrainConfig,
                        out_dir: str | Path, callbacks: TrainCallbacks) -> TrainResult:
     """Tip-Adapter (training-free) or Tip-Adapter-F (keys fine-tuned): see upt/methods/tip_adapter.py.
 
@@ -233,6 +239,7 @@ def _train_cache_model(backbone: Backbone, class_names: list[str], split: FewSho
     take seconds, so a run that stopped simply starts again."""
     if not split.train:
         raise DataError("No training images after the few-shot split.")
+    class_names = source.class_names
     options = config.cache_options()
     started = time.monotonic()
     classifier = template_classifier(backbone, class_names, config.templates)
@@ -266,7 +273,7 @@ def _train_cache_model(backbone: Backbone, class_names: list[str], split: FewSho
     tensors = {"classifier": classifier} | cache.tensors()
     artifact_options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(),
                         "cache": options.to_dict() | {"alpha": search.alpha, "beta": search.beta},
-                        "metrics": metrics}
+                        "metrics": metrics, "data": source.describe()}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=class_names,
                         tensors=tensors, options=artifact_options)
     return TrainResult(out, metrics, config, history)

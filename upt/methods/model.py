@@ -61,6 +61,7 @@ class PromptedCLIP(nn.Module):
         self.class_names = list(class_names)
         self.config = config
         if config.learns_text:
+            check_start_token(backbone)
             check_text_prompt_fits(backbone, config, class_names)
         self.n_ctx = _context_length(backbone, config)
         self.prompts: nn.Module | None = build_prompt_generator(backbone, config, self.n_ctx)
@@ -117,6 +118,17 @@ def _token_count(backbone: Backbone, text: str) -> int:
     """Tokens of `text` without [SOS]/[EOS] and without truncation (the tokenizer cuts at the context length)."""
     ids = backbone.tokenizer([text], context_length=len(text.encode("utf-8")) + 8)[0]
     return int((ids != 0).sum()) - 2
+
+
+def check_start_token(backbone: Backbone) -> None:
+    """The learned text context replaces positions 1..m, after a start token at position 0. A tokenizer
+    with none (open_clip's multilingual models) would overwrite the class name's first tokens, and
+    classes of one token would all get the same prompt: refuse it rather than train a broken model."""
+    ids = backbone.tokenizer(["a", "b"])
+    if int(ids[0, 0]) != int(ids[1, 0]) or int(ids[0, 0]) == 0 or int(ids[0, 1]) == int(ids[1, 1]):
+        raise ConfigError(f"{backbone.name}'s tokenizer puts no start token at position 0, where the learned text "
+                          f"context (CoOp, UPT and their ablations) is placed after; use a model with CLIP's "
+                          f"tokenizer, or a method that learns no text context (zero-shot, vpt-shallow, vpt-deep).")
 
 
 def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names: list[str]) -> None:

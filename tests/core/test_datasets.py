@@ -1,0 +1,163 @@
+"""Data sets in CoOp's layout: class names, splits, templates and ImageNet's variants."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from upt.artifact import CONFIG_FILE, TENSORS_FILE
+from upt.datasets import few_shot_split, load_data, resolve_templates
+from upt.errors import ConfigError, DataError
+from upt.methods import ENSEMBLE_TEMPLATES, PromptConfig, PromptedCLIP, template_classifier
+from upt.predict import Predictor
+from upt.training import TrainConfig, train
+
+FASHION = Path(__file__).parents[1] / "fixtures" / "fashion_mnist"
+DISPLAY = ["handbag", "pullover sweater", "sneaker shoe", "pair of trousers"]  # the split's names
+FOLDERS = ["bag", "pullover", "sneaker", "trouser"]
+
+
+def coop_root(root: Path, folder: str, images: str, split_file: str) -> Path:
+    """The Fashion-MNIST fixture posing as one of CoOp's data sets under `root`."""
+    (root / folder).mkdir(parents=True)
+    os.symlink(FASHION, root / folder / images) if images else None
+    (root / folder / split_file).write_text((FASHION / "split_zhou_FashionMNIST.json").read_text())
+    return root
+
+
+def imagenet_root(root: Path) -> Path:
+    """ImageNet and three of its variants in CoOp's layout, made of the fixture's four classes."""
+    wnids = ["n04", "n02", "n03", "n01"]  # not in the classes' alphabetical order, as real wnids are not
+    names = dict(zip(wnids, ["pair of trousers", "pullover sweater", "sneaker shoe", "handbag"]))
+    by_wnid = dict(zip(wnids, ["trouser", "pullover", "sneaker", "bag"]))
+    classnames = "".join(f"{w} {names[w]}\n" for w in sorted(wnids))
+    for split, source in (("train", "train"), ("val", "test")):
+        for wnid, folder in by_wnid.items():
+            (root / "imagenet/images" / split).mkdir(parents=True, exist_ok=True)
+            os.symlink(FASHION / source / folder, root / "imagenet/images" / split / wnid)
+    (root / "imagenet/classnames.txt").write_text(classnames)
+    for variant, images in (("imagenet-adversarial", "imagenet-a"), ("imagenet-rendition", "imagenet-r")):
+        (root / variant / images).mkdir(parents=True)
+        for wnid in ("n03", "n01"):  # a subset of the classes, as -A and -R hold 200 of the 1000
+            os.symlink(FASHION / "test" / by_wnid[wnid], root / variant / images / wnid)
+        (root / variant / images / "README.txt").write_text("not a class\n")
+    v2 = root / "imagenetv2/imagenetv2-matched-frequency-format-val"
+    v2.mkdir(parents=True)
+    (root / "imagenetv2/classnames.txt").write_text(classnames)
+    for label, wnid in enumerate(sorted(wnids)):
+        os.symlink(FASHION / "test" / by_wnid[wnid], v2 / str(label))
+    return root
+
+
+def test_split_file_gives_the_splits_names_and_its_val(tmp_path):
+    source = load_data(FASHION)  # found by its split_zhou_*.json
+    assert source.class_names == DISPLAY and source.template is None
+    assert (len(source.train), len(source.val), len(source.test)) == (48, 16, 40)
+    split = few_shot_split(source, shots=12, seed=1)
+    val_paths = {s.path for s in source.val}
+    assert len(split.train) == 48  # all 12 train images of each class train: none is held out for validation
+    assert {s.path for s in split.val} <= val_paths and len(split.val) == 16  # min(K, 4) a class, from val
+    assert not {s.path for s in split.train} & val_paths
+    assert few_shot_split(source, 2, seed=1) == few_shot_split(source, 2, seed=1)
+    assert few_shot_split(source, 2, seed=1) != few_shot_split(source, 2, seed=2)
+
+
+def test_trained_artifact_holds_the_splits_names(tiny, tmp_path):
+    result = train(tiny, FASHION, TrainConfig("coop", shots=2, epochs=1, batch_size=8), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert config["class_names"] == DISPLAY
+    assert config["data"] == {"dataset": "FashionMNIST", "classes": 4, "train": 48, "val": 16, "test": 40}
+    assert result.metrics["train_count"] == 8 and result.metrics["val_count"] == 8
+
+
+def test_dataset_template_reaches_the_classifier(tiny_checkpoint, tiny, tmp_path):
+    root = coop_root(tmp_path / "data", "eurosat", "2750", "split_zhou_EuroSAT.json")
+    out = tmp_path / "artifact"
+    subprocess.run([sys.executable, "-m", "upt", "train", "--data", str(root), "--dataset", "eurosat",
+                    "--method", "vpt-shallow", "--shots", "1", "--epochs", "0", "--model", "upt-tiny",
+                    "--pretrained", str(tiny_checkpoint), "--out", str(out), "--quiet"], check=True, timeout=300)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["prompt"]["templates"] == ["a centered satellite photo of {}."]
+    classifier = load_file(str(out / TENSORS_FILE))["classifier"]
+    expected = template_classifier(tiny, DISPLAY, ("a centered satellite photo of {}.",))
+    assert torch.allclose(classifier, expected, atol=1e-6)
+    assert not torch.allclose(classifier, template_classifier(tiny, DISPLAY, ("a photo of a {}.",)), atol=1e-3)
+
+
+def test_templates_the_user_the_data_set_and_coops_ensemble(tmp_path):
+    eurosat = load_data(coop_root(tmp_path / "a", "eurosat", "2750", "split_zhou_EuroSAT.json"), "eurosat")
+    dtd = load_data(coop_root(tmp_path / "b", "dtd", "images", "split_zhou_DescribableTextures.json"), "dtd")
+    imagenet = load_data(imagenet_root(tmp_path / "c"), "imagenet")
+    assert resolve_templates(None, False, dtd) == ("{} texture.",)
+    assert resolve_templates("a sketch of a {}.", False, dtd) == ("a sketch of a {}.",)
+    assert resolve_templates(None, False, None) == ("a photo of a {}.",)
+    assert resolve_templates(None, True, eurosat) == ENSEMBLE_TEMPLATES + ("a centered satellite photo of {}.",)
+    assert resolve_templates(None, True, imagenet) == ENSEMBLE_TEMPLATES  # CoOp adds none for ImageNet
+    assert resolve_templates("a {} here.", True, None) == ENSEMBLE_TEMPLATES + ("a {} here.",)
+    with pytest.raises(ConfigError, match="needs '{}'"):
+        resolve_templates("a photo", False, None)
+
+
+def test_imagenet_and_its_variants_map_classes_as_coop(tiny, tmp_path):
+    root = imagenet_root(tmp_path)
+    imagenet = load_data(root, "imagenet")
+    assert imagenet.class_names == ["handbag", "pullover sweater", "sneaker shoe", "pair of trousers"]  # wnid order
+    assert imagenet.val == imagenet.test and len(imagenet.train) == 64
+    adversarial = load_data(root, "imagenet_a")
+    assert adversarial.class_names == ["handbag", "sneaker shoe"] and not adversarial.train  # README.txt skipped
+    assert {s.label for s in adversarial.test if s.path.parent.name == "n03"} == {1}
+    v2 = load_data(root / "imagenetv2", "imagenetv2")  # the data set's own folder works too
+    assert v2.class_names == imagenet.class_names and len(v2.test) == 40
+    zero_shot = Predictor.zero_shot(tiny, imagenet.class_names)
+    subset = zero_shot.for_classes(adversarial.class_names)
+    assert torch.equal(subset.classifier, zero_shot.classifier[[0, 2]])
+    built_for_200 = Predictor.zero_shot(tiny, adversarial.class_names)
+    assert torch.allclose(subset.classifier, built_for_200.classifier, atol=1e-6)  # CoOp rebuilds it for the subset
+    assert subset.evaluate(adversarial.test)["count"] == 20
+    with pytest.raises(DataError, match="no training split"):
+        train(tiny, adversarial, TrainConfig("zero-shot"), tmp_path / "x")
+    with pytest.raises(DataError, match="No imagenet_sketch data set"):
+        load_data(root, "imagenet_sketch")
+
+
+def test_eval_command_on_an_imagenet_variant(tiny_checkpoint, tmp_path):
+    root = imagenet_root(tmp_path / "data")
+    common = ["--model", "upt-tiny", "--pretrained", str(tiny_checkpoint)]
+    subprocess.run([sys.executable, "-m", "upt", "train", "--data", str(root), "--dataset", "imagenet", "--method",
+                    "zero-shot", *common, "--out", str(tmp_path / "a"), "--quiet"], check=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "upt", "eval", "--artifact", str(tmp_path / "a"), "--data",
+                             str(root), "--dataset", "imagenet_r", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["count"] == 20 and list(report["per_class_accuracy"]) == ["handbag", "sneaker shoe"]
+
+
+def test_image_folder_display_names_from_classnames_txt(tmp_path):
+    for folder in FOLDERS:
+        os.symlink(FASHION / "test" / folder, tmp_path / folder)
+    (tmp_path / "classnames.txt").write_text("".join(f"{f} {d}\n" for f, d in zip(FOLDERS, DISPLAY)))
+    source = load_data(tmp_path)
+    assert source.class_names == DISPLAY and source.val is None
+    assert load_data(tmp_path, class_names=["sneaker shoe", "bag"]).class_names == ["sneaker shoe", "bag"]
+    (tmp_path / "classnames.txt").write_text("bag handbag\n")
+    with pytest.raises(DataError, match="names no class for folder"):
+        load_data(tmp_path)
+
+
+def test_tokenizer_without_a_start_token_is_refused_for_text_context(tiny):
+    def no_start_token(texts, context_length=77):
+        ids = tiny.tokenizer(texts, context_length=context_length)
+        return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # [SOS] dropped: names start at 0
+
+    backbone = dataclasses.replace(tiny, tokenizer=no_start_token)
+    with pytest.raises(ConfigError, match="no start token"):
+        PromptedCLIP(backbone, ["cat", "dog"], PromptConfig("coop"))
+    PromptedCLIP(backbone, ["cat", "dog"], PromptConfig("vpt-shallow"))  # no text context: fine
