@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 WORKER_STOP_GRACE_S = 10.0
+SHUTDOWN_GRACE_S = 10.0  # for requests still running when `upt serve` is asked to stop
 
 
 def register(subparsers) -> None:
@@ -93,8 +94,10 @@ def serve_command(args) -> int:
     try:
         import uvicorn
 
+        # Bounded: an open event stream (a browser following a task) would otherwise hold shutdown
+        # until its task ends; after the grace period it is cut and EventSource reconnects elsewhere.
         uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower())
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S))
     finally:
         if worker is not None:
             stop_embedded_worker(worker)

@@ -140,3 +140,37 @@ def test_an_expired_token_is_refused(sqlite_database, monkeypatch):
         time.sleep(2.1)
         expired = client.get(url, headers=STREAM)
         assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+
+
+def test_an_open_stream_does_not_hold_up_shutdown(stack, tmp_path):
+    """SIGTERM stops `upt serve` within its grace period even while a client follows a queued task."""
+    import threading
+
+    from service.commands import SHUTDOWN_GRACE_S
+    from svc_helpers import Stack
+
+    api = Stack(stack.env, tmp_path)
+    api.keys = stack.keys
+    api.start_api()
+    client = api.client("acme")
+    data, files = task_form(per_class=1, method="coop", shots=1, epochs=1)
+    task = client.post("/tasks", data=data, files=files).json()
+    opened = threading.Event()
+
+    def follow() -> None:
+        try:
+            with client.stream("GET", f"/tasks/{task['id']}/events", headers=STREAM, timeout=120) as response:
+                for _ in read_events(response):
+                    opened.set()
+        except httpx.HTTPError:
+            pass
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    assert opened.wait(30)
+    started = time.monotonic()
+    code = api.api.stop(timeout=SHUTDOWN_GRACE_S + 20)
+    # -9: it had to be killed. Otherwise uvicorn ends by re-raising the SIGTERM it caught (-15).
+    assert code in (0, -15) and time.monotonic() - started < SHUTDOWN_GRACE_S + 10, api.api.tail()
+    reader.join(10)
+    assert not reader.is_alive()
