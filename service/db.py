@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from service.settings import get_settings
@@ -59,3 +61,13 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's clock (UTC). Heartbeats are written and judged by it, so that workers and
+    sweepers on hosts whose clocks disagree still agree on how old a heartbeat is."""
+    if session.get_bind().dialect.name == "sqlite":  # one host: its clock, read by SQLite
+        value = session.scalar(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))
+        return datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+    value = session.scalar(text("SELECT clock_timestamp()"))  # not now(): the transaction's start
+    return value.astimezone(timezone.utc)

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,14 +38,21 @@ class TaskCollector:
 
     @staticmethod
     def _durations(session) -> HistogramMetricFamily:
-        finished = select(Task.started_at, Task.finished_at).where(
-            Task.status == TaskStatus.succeeded.value, Task.started_at.is_not(None), Task.finished_at.is_not(None))
-        durations = [(end - start).total_seconds() for start, end in session.execute(finished).all()]
-        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in TRAINING_BUCKETS]
-        buckets.append(("+Inf", len(durations)))
+        # Aggregated by the database: one row per scrape however many trainings have succeeded.
+        if session.get_bind().dialect.name == "sqlite":
+            seconds = (func.julianday(Task.finished_at) - func.julianday(Task.started_at)) * 86400.0
+        else:
+            seconds = func.extract("epoch", Task.finished_at - Task.started_at)
+        columns = [func.count(), func.coalesce(func.sum(seconds), 0.0)]
+        columns += [func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0) for bound in TRAINING_BUCKETS]
+        row = session.execute(select(*columns).where(
+            Task.status == TaskStatus.succeeded.value, Task.started_at.is_not(None), Task.finished_at.is_not(None),
+        )).one()
+        count, total, per_bucket = int(row[0]), float(row[1]), [int(v) for v in row[2:]]
+        buckets = [(str(b), n) for b, n in zip(TRAINING_BUCKETS, per_bucket)] + [("+Inf", count)]
         family = HistogramMetricFamily("upt_training_duration_seconds",
                                        "Wall time of succeeded trainings, first claim to finish")
-        family.add_metric([], buckets, sum_value=sum(durations))
+        family.add_metric([], buckets, sum_value=total)
         return family
 
 

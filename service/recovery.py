@@ -14,26 +14,30 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.db import session_scope
+from service.db import db_now, session_scope
 from service.dispatch import enqueue
 from service.errors import database_outage
 from service.models import Task, TaskStatus, as_utc, liveness_only, utcnow
 from service.settings import Settings
+from service.storage import Storage
 
 log = logging.getLogger("upt.recovery")
 
 
 def requeue_lost_messages(settings: Settings) -> list[str]:
-    cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
     sent = []
     with session_scope() as session:
+        cutoff = db_now(session) - timedelta(seconds=settings.requeue_after_s)
         rows = session.execute(
             select(Task.id, Task.enqueued_at).where(Task.status == TaskStatus.queued.value,
                                                     Task.enqueued_at < cutoff)
@@ -41,7 +45,8 @@ def requeue_lost_messages(settings: Settings) -> list[str]:
         for task_id, enqueued_at in rows:
             claimed = session.execute(
                 update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value,
-                                   Task.enqueued_at == enqueued_at).values(enqueued_at=utcnow(), **liveness_only())
+                                   Task.enqueued_at == enqueued_at).values(enqueued_at=db_now(session),
+                                                                           **liveness_only())
             ).rowcount
             if claimed:
                 sent.append(task_id)
@@ -67,9 +72,9 @@ def dead_on_this_host(worker: str | None) -> bool:
 
 
 def recover_dead_workers(settings: Settings) -> list[str]:
-    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
     requeued = []
     with session_scope() as session:
+        cutoff = db_now(session) - timedelta(seconds=settings.heartbeat_timeout_s)
         active = session.scalars(
             select(Task).where(Task.status.in_([TaskStatus.running.value, TaskStatus.cancelling.value]))
         ).all()
@@ -104,9 +109,51 @@ def _after_worker_loss(task: Task, settings: Settings) -> dict:
     return {"status": TaskStatus.queued.value, "lease": None, "enqueued_at": now}
 
 
-def sweep(settings: Settings) -> None:
+def _newest_mtime(folder: Path) -> float:
+    """The latest change anywhere under `folder` (a request still writing into it keeps it young)."""
+    newest = folder.stat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:  # removed while we look
+                pass
+    return newest
+
+
+def sweep_storage(settings: Settings) -> list[Path]:
+    """Remove what killed requests left: upload scratch folders, and task folders with no row (a POST
+    /tasks killed between writing its images and committing its row), once untouched for
+    UPT_ORPHAN_GRACE_S. A request in progress writes into its folders, so they stay young."""
+    storage = Storage.from_settings(settings)
+    cutoff = time.time() - settings.orphan_grace_s
+    scratch = storage.root / "tmp"
+    old_scratch = [p for p in scratch.glob("upload-*") if p.is_dir() and p.stat().st_mtime < cutoff] \
+        if scratch.is_dir() else []
+    tasks = storage.root / "tasks"
+    candidates = {p.name: p for p in (tasks.iterdir() if tasks.is_dir() else ())
+                  if p.is_dir() and p.name.isalnum() and p.stat().st_mtime < cutoff}
+    with session_scope() as session:
+        names = list(candidates)
+        known = set()
+        for start in range(0, len(names), 500):
+            known.update(session.scalars(select(Task.id).where(Task.id.in_(names[start:start + 500]))))
+    removed = []
+    for folder in old_scratch + [p for name, p in candidates.items() if name not in known]:
+        if _newest_mtime(folder) < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.warning("removed %d folder(s) left by interrupted requests (untouched for %.0fs)", len(removed),
+                    settings.orphan_grace_s)
+    return removed
+
+
+def sweep(settings: Settings, storage_too: bool = True) -> None:
     recover_dead_workers(settings)
     requeue_lost_messages(settings)
+    if storage_too:
+        sweep_storage(settings)
 
 
 class Sweeper(threading.Thread):
@@ -118,9 +165,15 @@ class Sweeper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        # Storage is walked at start and then less often than the database is read.
+        storage_every_s = max(self.settings.sweep_interval_s, min(self.settings.orphan_grace_s, 600.0))
+        last_storage = float("-inf")
         while True:
             try:
-                sweep(self.settings)
+                storage_too = time.monotonic() - last_storage >= storage_every_s
+                sweep(self.settings, storage_too)
+                if storage_too:
+                    last_storage = time.monotonic()
                 database_outage.recovered()
             except (OperationalError, InterfaceError) as error:  # one line per outage, not a traceback a sweep
                 database_outage.failed(error)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(120.0, gt=0)
     sweep_interval_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # Upload scratch and row-less task folders untouched this long were left by killed requests.
+    orphan_grace_s: float = Field(3600.0, gt=0)
     task_time_limit_s: int = Field(6 * 3600, ge=10)
     worker_concurrency: int = Field(1, ge=1)
     # A training that finds the storage volume full is retried after this, doubled each try (bounded).

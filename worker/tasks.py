@@ -21,7 +21,7 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
-from service.db import session_scope
+from service.db import db_now, session_scope
 from service.dispatch import enqueue
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskEvent, TaskStatus, liveness_only, utcnow
@@ -58,8 +58,8 @@ def worker_name() -> str:
 
 def claim(task_id: str) -> Task | None:
     lease = uuid.uuid4().hex
-    now = utcnow()
     with session_scope() as session:
+        now = db_now(session)
         claimed = session.execute(
             update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value)
             .values(status=TaskStatus.running.value, lease=lease, worker=worker_name(),
@@ -103,7 +103,7 @@ class Lease:
                 return
             if row.status == TaskStatus.cancelling.value:
                 self.stop_reason = "cancel"
-            self.update(session, heartbeat_at=utcnow(), **liveness_only())
+            self.update(session, heartbeat_at=db_now(session), **liveness_only())
 
     def update(self, session, **values) -> bool:
         return bool(session.execute(
@@ -126,14 +126,14 @@ def _callbacks(lease: Lease, attempt: int):
             with session_scope() as session:
                 lease.update(session, progress=report.progress, epoch=report.epoch, epochs=report.epochs,
                              loss=report.loss, accuracy=report.accuracy, eta_s=report.eta_s,
-                             heartbeat_at=utcnow())
+                             heartbeat_at=db_now(session))
 
         def on_epoch_end(self, report) -> None:
             self.last_write = time.monotonic()
             with session_scope() as session:
                 if not lease.update(session, progress=report.progress, epoch=report.epoch, epochs=report.epochs,
                                     loss=report.loss, accuracy=report.accuracy, eta_s=report.eta_s,
-                                    heartbeat_at=utcnow()):
+                                    heartbeat_at=db_now(session)):
                     lease.stop_reason = "lost"
                     return
                 _record_epoch(session, lease.task_id, attempt, report.as_dict())

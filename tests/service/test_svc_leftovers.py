@@ -7,12 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.models import TaskStatus, utcnow
 from svc_helpers import CLASSES, ROOT, base_env, images, task_form
+
+TaskStatusNames = [s.value for s in TaskStatus]
 
 
 def test_the_filesystem_broker_writes_nothing_in_the_working_directory(tmp_path, tiny_checkpoint):
@@ -127,3 +132,109 @@ def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_he
     for accepted in (same, other):
         run_task(accepted)
         assert task_row(accepted).status == "succeeded", task_row(accepted).error
+
+
+def _age(folder: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (then, then))
+
+
+def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_database, monkeypatch):
+    from service import recovery
+    from service.storage import Storage
+
+    monkeypatch.setattr(recovery, "enqueue", lambda *a, **k: None)
+    settings = sqlite_database.model_copy(update={"orphan_grace_s": 600})
+    storage = Storage.from_settings(settings)
+    row_task = add_queued_task(with_images=True)
+    folders = {}
+    for name, parent in (("old-scratch", "tmp/upload-old"), ("new-scratch", "tmp/upload-new"),
+                         ("orphan", f"tasks/{'a' * 32}"), ("young-orphan", f"tasks/{'b' * 32}")):
+        folder = storage.root / parent
+        (folder / "data" / "00000").mkdir(parents=True)
+        (folder / "data" / "00000" / "1.png").write_bytes(b"x" * 1000)
+        folders[name] = folder
+    for name in ("old-scratch", "orphan"):
+        _age(folders[name], 3600)
+    _age(storage.task_dir(row_task), 3600)  # old, but its task exists
+    recovery.sweep(settings)
+    assert not folders["old-scratch"].exists() and not folders["orphan"].exists()
+    assert folders["new-scratch"].exists() and folders["young-orphan"].exists()
+    assert storage.data_dir(row_task).is_dir()
+
+
+def test_heartbeats_are_judged_by_the_database_clock_not_each_hosts(worker_here, monkeypatch):
+    from service import recovery
+    import worker.tasks as worker_tasks
+
+    monkeypatch.setattr(recovery, "enqueue", lambda *a, **k: None)
+    task_id = add_queued_task()
+    behind = lambda: utcnow() - timedelta(minutes=10)  # noqa: E731  a worker host whose clock is late
+    monkeypatch.setattr(worker_tasks, "utcnow", behind)
+    task = worker_tasks.claim(task_id)
+    worker_tasks.Lease(task_id, task.lease, 1.0).beat()
+    monkeypatch.setattr(recovery, "utcnow", lambda: utcnow() + timedelta(minutes=10))  # a sweeper's, early
+    assert recovery.recover_dead_workers(worker_here) == []
+    row = task_row(task_id)
+    assert row.status == "running" and row.lease == task.lease
+
+
+def test_metrics_scrape_reads_an_aggregate_not_every_succeeded_task(sqlite_database, monkeypatch):
+    from sqlalchemy.orm import Session
+
+    from service import db
+    from service.metrics import Metrics
+    from service.models import Task, Tenant
+
+    with db.session_scope() as session:
+        tenant = Tenant(name="m")
+        session.add(tenant)
+        session.flush()
+        start = utcnow() - timedelta(hours=1)
+        for index in range(300):
+            session.add(Task(tenant_id=tenant.id, status="succeeded", method="coop", config={}, class_names=[],
+                             num_images=1, model="m", pretrained="p", started_at=start,
+                             finished_at=start + timedelta(seconds=20 if index % 3 else 100)))
+    fetched: list[int] = []
+    execute = Session.execute
+
+    def counting(self, *args, **kwargs):
+        frozen = execute(self, *args, **kwargs).freeze()
+        fetched.append(len(frozen.data))
+        return frozen()
+
+    monkeypatch.setattr(Session, "execute", counting)
+    text = Metrics().render().body.decode()
+    assert max(fetched) <= len(TaskStatusNames), fetched  # one row per status, one for the histogram
+    assert metric(text, 'upt_training_duration_seconds_bucket{le="30"}') == 200
+    assert metric(text, 'upt_training_duration_seconds_bucket{le="120"}') == 300
+    assert metric(text, "upt_training_duration_seconds_count") == 300
+    assert metric(text, "upt_training_duration_seconds_sum") == pytest.approx(14000, abs=0.1)
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.service
+def test_metrics_training_durations_on_postgresql(stack):
+    import psycopg
+
+    client = stack.client("acme")
+    data, files = task_form(per_class=1, shots=1, epochs=1)
+    task = client.post("/tasks", data=data, files=files).json()
+    url = stack.env["UPT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    before = httpx.get(f"{stack.url}/metrics").text
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE tasks SET status = 'succeeded', started_at = now() - interval '45 seconds', "
+                     "finished_at = now() WHERE id = %s", (task["id"],))
+    after = httpx.get(f"{stack.url}/metrics").text
+
+    value = metric
+    assert value(after, "upt_training_duration_seconds_count") == value(before, "upt_training_duration_seconds_count") + 1
+    assert value(after, 'upt_training_duration_seconds_bucket{le="60"}') == \
+        value(before, 'upt_training_duration_seconds_bucket{le="60"}') + 1
+    assert value(after, 'upt_training_duration_seconds_bucket{le="30"}') == \
+        value(before, 'upt_training_duration_seconds_bucket{le="30"}')
+    assert client.delete(f"/tasks/{task['id']}").status_code == 204
