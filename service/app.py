@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from service.api import classify, events, health, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
+from service.instant import InstantStages
 from service.metrics import Metrics, MetricsMiddleware
 from service.recovery import Sweeper
 from service.runtime import Runtime
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper.start()
         yield
         sweeper.stop()
+        app.state.instant.shutdown()
 
     app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,
                   description="Few-shot prompt tuning of a frozen CLIP, as a service.")
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = Runtime(settings)
     app.state.storage = Storage.from_settings(settings)
     app.state.metrics = Metrics()
+    app.state.instant = InstantStages(settings, app.state.storage, app.state.runtime)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.encoder_batch.observe)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -114,6 +114,11 @@ class Task(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
 
+    # The training-free stage (service.instant): building | ready | failed; null before it is asked for.
+    instant_status: Mapped[str | None] = mapped_column(String(16))
+    instant_accuracy: Mapped[float | None] = mapped_column(Float)
+    instant_error: Mapped[str | None] = mapped_column(Text)
+
     events: Mapped[list[TaskEvent]] = relationship(
         back_populates="task", cascade="all, delete-orphan", passive_deletes=True, order_by="TaskEvent.id"
     )

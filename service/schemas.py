@@ -11,6 +11,31 @@ from service.errors import shown_weights, without_paths
 from service.models import Task, TaskEvent, as_utc
 
 
+# The tuned stage's state for each task status: it answers once the training has succeeded.
+TUNED_STATES = {"queued": "queued", "running": "training", "cancelling": "training", "succeeded": "ready",
+                "failed": "failed", "cancelled": "cancelled"}
+
+
+class StageOut(BaseModel):
+    """One way a task can answer /classify: `instant` (Tip-Adapter's training-free cache, built
+    seconds after creation) or `tuned` (the task's method, once trained)."""
+
+    state: str  # instant: pending | building | ready | failed; tuned: queued | training | ready | failed | cancelled
+    method: str
+    val_accuracy: float | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, task: Task) -> dict[str, "StageOut"]:
+        metrics = task.metrics or {}
+        return {
+            "instant": cls(state=task.instant_status or "pending", method="tip-adapter",
+                           val_accuracy=task.instant_accuracy, error=task.instant_error),
+            "tuned": cls(state=TUNED_STATES.get(task.status, task.status), method=task.method,
+                         val_accuracy=metrics.get("val_accuracy"), error=task.error),
+        }
+
+
 class TaskOut(BaseModel):
     id: str
     status: str
@@ -33,6 +58,7 @@ class TaskOut(BaseModel):
     updated_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    stages: dict[str, StageOut]
     links: dict[str, str]
 
     @classmethod
@@ -49,6 +75,7 @@ class TaskOut(BaseModel):
             accuracy=task.accuracy, eta_s=task.eta_s, metrics=task.metrics, error=without_paths(task.error),
             attempts=task.attempts, created_at=as_utc(task.created_at), updated_at=as_utc(task.updated_at),
             started_at=as_utc(task.started_at), finished_at=as_utc(task.finished_at), links=links,
+            stages=StageOut.of(task),
         )
 
 
@@ -85,6 +112,7 @@ class ImagePrediction(BaseModel):
 
 class ClassifyOut(BaseModel):
     task_id: str | None
+    stage: str  # what answered: instant (training-free cache), tuned (trained), or zero-shot
     class_names: list[str]
     predictions: list[ImagePrediction]
 

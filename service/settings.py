@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
+    # The training-free stage (Tip-Adapter's cache) built by the API right after a task's uploads are
+    # stored: augmented views averaged per training image (the paper's 10; fewer is faster on a CPU).
+    instant_augment_views: int = Field(10, ge=1, le=100)
 
     # Dependability: heartbeats, re-enqueueing of lost messages, bounded retries.
     heartbeat_interval_s: float = Field(5.0, gt=0)

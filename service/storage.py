@@ -3,6 +3,7 @@
     <UPT_DATA_DIR>/storage/tasks/<task id>/data/<class index>/<n>.png   uploaded images (re-encoded)
     <UPT_DATA_DIR>/storage/tasks/<task id>/checkpoint/                   epoch checkpoints (resume)
     <UPT_DATA_DIR>/storage/tasks/<task id>/artifact/                     adapter_config.json + prompts
+    <UPT_DATA_DIR>/storage/tasks/<task id>/instant/                      the training-free stage's artifact
 
 In production the storage folder is a volume shared by the API replicas and the workers.
 """
@@ -39,6 +40,11 @@ class Storage:
         longer than a folder name may be; the names live in the database and the artifact."""
         return [f"{index:05d}" for index in range(class_count)]
 
+    def task_class_folders(self, task_id: str, class_count: int) -> list[str] | None:
+        """The folders of a task's classes: by index, or None (named by class) for a task stored before."""
+        folders = self.class_folders(class_count)
+        return folders if (self.data_dir(task_id) / folders[0]).is_dir() else None
+
     def checkpoint_dir(self, task_id: str) -> Path:
         return self.task_dir(task_id) / "checkpoint"
 
@@ -47,6 +53,12 @@ class Storage:
 
     def has_artifact(self, task_id: str) -> bool:
         return (self.artifact_dir(task_id) / "adapter_config.json").is_file()
+
+    def instant_dir(self, task_id: str) -> Path:
+        return self.task_dir(task_id) / "instant"
+
+    def has_instant(self, task_id: str) -> bool:
+        return (self.instant_dir(task_id) / "adapter_config.json").is_file()
 
     def delete_task(self, task_id: str) -> None:
         shutil.rmtree(self.task_dir(task_id), ignore_errors=True)

@@ -175,7 +175,7 @@ def run_task(task_id: str) -> None:
             result = train(backbone, storage.data_dir(task_id), config, partial,
                            callbacks=_callbacks(lease, task.attempts),
                            checkpoint_dir=storage.checkpoint_dir(task_id),
-                           class_folders=_class_folders(storage, task_id, len(task.class_names)))
+                           class_folders=storage.task_class_folders(task_id, len(task.class_names)))
             _succeed(task_id, lease, storage, partial, result.metrics)
         except BaseException as error:  # noqa: BLE001 - every outcome must be written to the row
             shutil.rmtree(partial, ignore_errors=True)
@@ -197,12 +197,6 @@ def _check_backbone(task: Task, backbone, settings) -> None:
     raise WrongBackbone(f"This task was created for the backbone {task.model} ({task.pretrained}), but the worker "
                         f"that took it serves {settings.model} ({mine}); it refused to train it. Run workers with "
                         "the API's UPT_MODEL and UPT_PRETRAINED, then create the task again.")
-
-
-def _class_folders(storage: Storage, task_id: str, class_count: int) -> list[str] | None:
-    """Images stored by class index; a task queued before that change has folders named by class."""
-    folders = storage.class_folders(class_count)
-    return folders if (storage.data_dir(task_id) / folders[0]).is_dir() else None
 
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:

@@ -6,31 +6,34 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import BatcherDep, MetricsDep, RuntimeDep, StorageDep
+from service.api.deps import BatcherDep, InstantDep, MetricsDep, RuntimeDep, StorageDep
 from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.errors import Problem, invalid
-from service.models import TaskStatus
+from service.instant import InstantStages, instant_key
+from service.models import Task, TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
 from service.task_input import check_class_names
 from service.uploads import check_request_pixels, open_image, parse_form, remove, scratch_dir
 
 router = APIRouter(tags=["classify"])
+STAGES = ("instant", "tuned")
 
 
 @router.post("/classify", response_model=ClassifyOut, openapi_extra=CLASSIFY_FORM)
 async def classify(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                    runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep,
-                   batcher: BatcherDep) -> ClassifyOut:
-    """Multipart form: `files` (repeated), and `task_id` or `class_names` (repeated); optional `top_k`."""
+                   batcher: BatcherDep, instant: InstantDep) -> ClassifyOut:
+    """Multipart form: `files` (repeated), and `task_id` or `class_names` (repeated); optional `top_k`;
+    optional `stage` (`instant` or `tuned`) with a task. The response says which `stage` answered."""
     scratch = scratch_dir(storage.root / "tmp")
     try:
         form = await parse_form(request, scratch, max_files=settings.max_classify_files,
                                 max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes,
                                 max_files_setting="UPT_MAX_CLASSIFY_FILES")
         return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics,
-                                       batcher)
+                                       batcher, instant)
     finally:
         remove(scratch)
 
@@ -45,7 +48,20 @@ def _top_k(raw: str | None, maximum: int) -> int:
     return value
 
 
-def _classify(form, tenant, session, settings, runtime, storage, metrics, batcher) -> ClassifyOut:
+def _task_predictor(task: Task, stage: str | None, runtime, storage, instant: InstantStages):
+    """The best ready stage (tuned once the training succeeded, else instant), or the one pinned."""
+    tuned_ready = task.status == TaskStatus.succeeded.value and storage.has_artifact(task.id)
+    if stage == "tuned" or (stage is None and tuned_ready):
+        if not tuned_ready:
+            raise Problem(409, "Task not finished", f"Task {task.id} is {task.status}; its tuned stage answers once "
+                          "it has succeeded (poll GET /tasks/{id}); its instant stage answers now.",
+                          type="task-not-finished")
+        return runtime.tuned_predictor(task.id, storage.artifact_dir(task.id)), "tuned"
+    instant.ensure(task.id)  # built right after creation; built here if that build was lost
+    return runtime.tuned_predictor(instant_key(task.id), storage.instant_dir(task.id)), "instant"
+
+
+def _classify(form, tenant, session, settings, runtime, storage, metrics, batcher, instant) -> ClassifyOut:
     task_id, names = form.one("task_id"), form.many("class_names")
     top_k = _top_k(form.one("top_k"), settings.max_top_k)
     files = form.files_of("files")
@@ -54,15 +70,15 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
     if task_id and names:
         raise invalid("task_id", "give either `task_id` (a finished task) or `class_names` (zero-shot), not both.")
     if not task_id and not names:
-        raise invalid("task_id", "give `task_id` of a finished task, or `class_names` for zero-shot.")
+        raise invalid("task_id", "give `task_id` of a task, or `class_names` for zero-shot.")
+    stage = form.one("stage")
+    if stage is not None and (not task_id or stage not in STAGES):
+        raise invalid("stage", f"with a `task_id`, one of {', '.join(STAGES)}.")
     if task_id:
         task = tenant_task(session, tenant, task_id)
-        if task.status != TaskStatus.succeeded.value or not storage.has_artifact(task.id):
-            raise Problem(409, "Task not finished", f"Task {task_id} is {task.status}; classify with it once it has "
-                          "succeeded (poll GET /tasks/{id}).", type="task-not-finished")
-        predictor = runtime.tuned_predictor(task.id, storage.artifact_dir(task.id))
+        predictor, stage = _task_predictor(task, stage, runtime, storage, instant)
     else:
-        predictor = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False))
+        predictor, stage = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
     check_request_pixels([(f.path, f.filename, "files") for f in files], settings.max_image_pixels,
                          settings.max_request_pixels)
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
@@ -73,7 +89,7 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
     logits = batcher.logits(predictor, batch)
     ranked = predictor.rank(logits, top_k)  # the same ranking as Predictor.predict, on micro-batched logits
     return ClassifyOut(
-        task_id=task_id, class_names=list(predictor.class_names),
+        task_id=task_id, stage=stage, class_names=list(predictor.class_names),
         predictions=[ImagePrediction(filename=f.filename,
                                      labels=[Label(label=p.label, probability=p.probability) for p in top])
                      for f, top in zip(files, ranked)],

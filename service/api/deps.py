@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.batching import MicroBatcher
+from service.instant import InstantStages
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.storage import Storage
@@ -24,6 +25,10 @@ def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
+def get_instant(request: Request) -> InstantStages:
+    return request.app.state.instant
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -32,3 +37,4 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+InstantDep = Annotated[InstantStages, Depends(get_instant)]

@@ -32,7 +32,9 @@ TASK_FORM = _multipart({
 
 CLASSIFY_FORM = _multipart({
     "files": _files,
-    "task_id": {**_text, "description": "a succeeded task"},
+    "task_id": {**_text, "description": "a task: answered by its training-free stage until it has trained"},
     "class_names": {**_texts, "description": "zero-shot classes, instead of task_id"},
     "top_k": {"type": "integer", "minimum": 1, "default": 5},
+    "stage": {**_text, "enum": ["instant", "tuned"],
+              "description": "with task_id: pin a stage (default: tuned once succeeded, else instant)"},
 }, ["files"])

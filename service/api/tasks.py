@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
-from service.api.deps import RuntimeDep, StorageDep
+from service.api.deps import InstantDep, RuntimeDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found, shown_weights
+from service.instant import instant_key
 from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
@@ -61,7 +62,7 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Ta
 @router.post("/tasks", status_code=202, response_model=TaskOut, openapi_extra=TASK_FORM,
              responses={202: {"description": "Task queued; `Location` names it."}})
 async def create_task(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                      runtime: RuntimeDep, storage: StorageDep,
+                      runtime: RuntimeDep, storage: StorageDep, instant: InstantDep,
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     """Multipart form: `class_names` (repeated), `files` + `labels` (repeated) or one `archive` zip,
     `method`, optional `shots`, `epochs`, `seed`, `n_ctx`, `depth`, `ctx_init`, `lr`, `batch_size`."""
@@ -89,7 +90,10 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         if locked:
             await run_in_threadpool(_unlock_key, session, tenant, idempotency_key)
     if not replayed:
-        await run_in_threadpool(enqueue, task.id)  # only after the row is committed
+        # Both only after the row is committed. The instant stage is built here, in the API process,
+        # not by a worker, so a full queue cannot delay a task's first answer (see service.instant).
+        instant.schedule(task.id)
+        await run_in_threadpool(enqueue, task.id)
     return accepted(task, replayed)
 
 
@@ -251,6 +255,7 @@ def delete_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: S
     session.commit()
     storage.delete_task(task_id)
     runtime.tuned.discard(task_id)
+    runtime.tuned.discard(instant_key(task_id))
     return Response(status_code=204)
 
 

@@ -1,0 +1,142 @@
+"""The instant stage: every task's training-free classifier (Tip-Adapter's cache), ready seconds after
+the task is created, whatever the queue holds.
+
+Where it is built, and why there: in the API process that stored the uploads, on a thread of its own
+(off the event loop), right after the task row is committed. Not by a worker: workers may be busy
+training other tasks for hours, and the time to a task's first answer must not depend on the queue.
+The API process already holds the backbone for /classify, and a cache is a few encoder passes over the
+shots, no training. The result is an ordinary `tip-adapter` artifact in the task's folder on the shared
+storage volume, so any API replica serves it; the task row holds the stage's state (building, ready,
+failed), so GET /tasks/{id} and its ETag change when it is ready.
+
+If the process that was building it died (the row says building, or nothing), /classify builds it on
+demand (`ensure`), guarded by a lock per task in this process; two replicas building at once write the
+same artifact (same seed and data) and publish it with an atomic rename, so either result is the one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sqlalchemy import update
+
+from service.db import session_scope
+from service.errors import Problem
+from service.models import Task
+from service.runtime import Runtime
+from service.settings import Settings
+from service.storage import Storage
+
+log = logging.getLogger("upt.instant")
+BUILDING, READY, FAILED = "building", "ready", "failed"
+INSTANT_METHOD = "tip-adapter"
+
+
+def instant_key(task_id: str) -> str:
+    """The instant stage's key in the API's predictor cache (beside the tuned one's, the task id)."""
+    return f"{task_id}/instant"
+
+
+def instant_config(task: Task, settings: Settings):
+    """The task's own split (shots, seed) and templates, with the training-free method."""
+    from upt.training import TrainConfig
+
+    own = TrainConfig.from_dict(task.config)
+    return TrainConfig(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
+                       class_names=list(task.class_names), augment_views=settings.instant_augment_views)
+
+
+class InstantStages:
+    """Builds, publishes and (on demand) rebuilds the instant stage of tasks."""
+
+    def __init__(self, settings: Settings, storage: Storage, runtime: Runtime) -> None:
+        self.settings, self.storage, self.runtime = settings, storage, runtime
+        # One build at a time: each is a burst of encoder passes, and /classify shares the device.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instant-stage")
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def schedule(self, task_id: str) -> Future:
+        """Build in the background (called once the task row is committed)."""
+        return self._pool.submit(self._build_logged, task_id)
+
+    def ensure(self, task_id: str) -> None:
+        """The stage's artifact exists when this returns, or a problem says why it cannot (409: the
+        build failed, and is not retried for every request; 503: the backbone is not loaded yet)."""
+        if self.storage.has_instant(task_id):
+            return
+        self.build(task_id, retry_failed=False)
+        if not self.storage.has_instant(task_id):
+            with session_scope() as session:
+                task = session.get(Task, task_id)
+                error = task.instant_error if task is not None else "the task was deleted"
+            raise Problem(409, "Instant stage unavailable", f"Task {task_id} has no training-free stage: {error}",
+                          type="instant-stage-unavailable")
+
+    def build(self, task_id: str, retry_failed: bool = True) -> None:
+        with self._lock_of(task_id):
+            if self.storage.has_instant(task_id):
+                return
+            with session_scope() as session:
+                task = session.get(Task, task_id)
+                if task is None or (task.instant_status == FAILED and not retry_failed):
+                    return
+                config = instant_config(task, self.settings)
+                class_count = len(task.class_names)
+                session.execute(update(Task).where(Task.id == task_id)
+                                .values(instant_status=BUILDING, instant_error=None))
+            self._train_and_publish(task_id, config, class_count)
+
+    def _train_and_publish(self, task_id: str, config, class_count: int) -> None:
+        from upt.errors import UptError
+        from upt.training import train
+
+        try:
+            backbone = self.runtime.backbone()
+        except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
+            self._mark(task_id, instant_status=None)
+            raise
+        partial = self.storage.task_dir(task_id) / f"instant.partial-{uuid.uuid4().hex}"
+        try:
+            result = train(backbone, self.storage.data_dir(task_id), config, partial,
+                           class_folders=self.storage.task_class_folders(task_id, class_count))
+        except UptError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            self._mark(task_id, instant_status=FAILED, instant_error=str(error))
+            return
+        except Exception as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            log.exception("instant stage of task %s failed", task_id)
+            self._mark(task_id, instant_status=FAILED, instant_error=f"Internal error: {type(error).__name__}: {error}")
+            return
+        with session_scope() as session:
+            # Published in the transaction that marks it ready: a reader that sees `ready` finds the folder.
+            marked = session.execute(update(Task).where(Task.id == task_id).values(
+                instant_status=READY, instant_accuracy=result.metrics["val_accuracy"], instant_error=None)).rowcount
+            if marked:
+                shutil.rmtree(self.storage.instant_dir(task_id), ignore_errors=True)
+                partial.rename(self.storage.instant_dir(task_id))
+        if not marked:  # deleted meanwhile: leave nothing behind
+            shutil.rmtree(partial, ignore_errors=True)
+            self.storage.delete_task(task_id)
+
+    def _mark(self, task_id: str, **values) -> None:
+        with session_scope() as session:
+            session.execute(update(Task).where(Task.id == task_id).values(**values))
+
+    def _build_logged(self, task_id: str) -> None:
+        try:
+            self.build(task_id)
+        except Exception:  # a background build never takes the API down; /classify retries it
+            log.exception("building the instant stage of task %s failed", task_id)
+
+    def _lock_of(self, task_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(task_id, threading.Lock())
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

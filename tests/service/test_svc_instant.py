@@ -1,0 +1,83 @@
+"""The instant stage: a task answers /classify from its training-free cache before any worker takes it,
+and from its trained prompts once it has succeeded."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from svc_helpers import images, task_form, wait_for
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+
+def wait_for_stage(client, task_id: str, stage: str, states: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    task = {}
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task["stages"][stage]["state"] in states:
+            return task
+        time.sleep(0.3)
+    raise AssertionError(f"stage {stage} of task {task_id} not in {states} after {timeout}s: {task}")
+
+
+def classify(client, task_id: str, **extra):
+    (_, path), = images("test", 1)[:1]
+    return client.post("/classify", data={"task_id": task_id, **extra},
+                       files=[("files", (path.name, path.read_bytes(), "image/png"))])
+
+
+def test_a_task_answers_before_any_worker_and_switches_stage_when_trained(stack):
+    client = stack.client("acme")
+    data, files = task_form(per_class=4, method="coop", shots=2, epochs=3, batch_size=4)
+    created = client.post("/tasks", data=data, files=files)
+    assert created.status_code == 202, created.text
+    task_id = created.json()["id"]
+    assert created.json()["stages"]["tuned"]["state"] == "queued"
+
+    # No worker runs: the queue cannot move, yet the task answers.
+    task = wait_for_stage(client, task_id, "instant", {"ready", "failed"})
+    instant = task["stages"]["instant"]
+    assert instant["state"] == "ready", (instant, stack.api.tail())
+    assert instant["method"] == "tip-adapter" and 0.0 <= instant["val_accuracy"] <= 1.0
+    assert task["status"] == "queued"
+    answered = classify(client, task_id)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["stage"] == "instant" and len(answered.json()["predictions"][0]["labels"]) == 4
+    pinned = classify(client, task_id, stage="tuned")
+    assert pinned.status_code == 409 and pinned.json()["type"].endswith("task-not-finished")
+    assert classify(client, task_id, stage="later").status_code == 422
+
+    # The instant stage's folder lost (a replica died mid-build, a volume restored): built on demand.
+    shutil.rmtree(stack.tmp / "data" / "storage" / "tasks" / task_id / "instant")
+    rebuilt = classify(client, task_id)
+    assert rebuilt.status_code == 200 and rebuilt.json()["stage"] == "instant"
+    assert rebuilt.json()["predictions"] == answered.json()["predictions"]  # the same cache again
+
+    worker = stack.start_worker()
+    try:
+        done = wait_for(client, task_id, {"succeeded", "failed"})
+        assert done["status"] == "succeeded", worker.tail()
+    finally:
+        worker.stop()
+    assert done["stages"]["tuned"] == {"state": "ready", "method": "coop",
+                                       "val_accuracy": done["metrics"]["val_accuracy"], "error": None}
+    assert done["stages"]["instant"]["state"] == "ready"
+    assert classify(client, task_id).json()["stage"] == "tuned"
+    assert classify(client, task_id, stage="instant").json()["stage"] == "instant"
+    assert client.delete(f"/tasks/{task_id}").status_code == 204
+
+
+def test_a_cancelled_training_keeps_its_instant_stage(stack):
+    client = stack.client("acme")
+    data, files = task_form(per_class=4, method="vpt-shallow", shots=2, epochs=50)
+    task_id = client.post("/tasks", data=data, files=files).json()["id"]
+    assert client.post(f"/tasks/{task_id}/cancel").json()["status"] == "cancelled"  # no worker: at once
+    task = wait_for_stage(client, task_id, "instant", {"ready", "failed"})
+    assert task["status"] == "cancelled" and task["stages"]["tuned"]["state"] == "cancelled"
+    answered = classify(client, task_id)
+    assert answered.status_code == 200 and answered.json()["stage"] == "instant"
+    assert client.delete(f"/tasks/{task_id}").status_code == 204
