@@ -213,9 +213,11 @@ def check_against_backbone(config, backbone) -> None:
     """Options that only the backbone can judge (a prompt depth beyond its layers): a 422 now, rather
     than a task that is queued and then fails in the worker."""
     from upt.errors import ConfigError
-    from upt.methods import build_prompt_generator
+    from upt.methods import CACHE_METHODS, build_prompt_generator
     from upt.methods.model import check_text_prompt_fits
 
+    if config.method in CACHE_METHODS:  # no prompts: nothing the backbone must fit
+        return
     # Without ctx_init, whose phrase sets the context length: only the widths and depths are checked.
     prompt_config = dataclasses.replace(config.prompt_config(), ctx_init=None)
     try:

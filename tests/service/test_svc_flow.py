@@ -107,7 +107,8 @@ def test_create_train_classify_cancel_delete(stack, tmp_path):
 
         metrics = client.get("/metrics").text
         assert metric(metrics, 'upt_tasks{status="cancelled"}') >= 1
-        assert metric(metrics, "upt_classify_batch_size_count") == batches_before + 1
+        # Two answered: the trained task's, and the cancelled one's from its instant stage.
+        assert metric(metrics, "upt_classify_batch_size_count") == batches_before + 2
         assert 'upt_http_requests_total{method="POST",route="/tasks",status="202"}' in metrics
         assert "upt_training_duration_seconds_count" in metrics
         ready = client.get("/readyz")

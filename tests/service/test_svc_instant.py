@@ -81,3 +81,21 @@ def test_a_cancelled_training_keeps_its_instant_stage(stack):
     answered = classify(client, task_id)
     assert answered.status_code == 200 and answered.json()["stage"] == "instant"
     assert client.delete(f"/tasks/{task_id}").status_code == 204
+
+
+def test_a_tip_adapter_f_task_trains_in_a_worker_and_serves_its_cache(stack):
+    client = stack.client("acme")
+    data, files = task_form(per_class=4, method="tip-adapter-f", shots=2, epochs=3)
+    created = client.post("/tasks", data=data, files=files)
+    assert created.status_code == 202, created.text  # no prompts to check against the backbone
+    worker = stack.start_worker()
+    try:
+        done = wait_for(client, created.json()["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded", worker.tail()
+    finally:
+        worker.stop()
+    assert done["metrics"]["trainable_parameters"] == 8 * 64 and done["epoch"] == 3  # 8 keys of width 64
+    assert {"alpha", "beta"} <= set(done["metrics"]["cache"])
+    answered = classify(client, done["id"])
+    assert answered.status_code == 200 and answered.json()["stage"] == "tuned"
+    assert client.delete(f"/tasks/{done['id']}").status_code == 204
