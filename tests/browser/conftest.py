@@ -141,14 +141,16 @@ def other_origin() -> str:
 
 @pytest.fixture(scope="session")
 def real_service(tmp_path_factory, other_origin):
-    """`upt serve` (embedded mode: API + worker, SQLite, filesystem broker) on the tiny backbone, with
+    """`upt serve` (embedded mode: API + worker, SQLite, filesystem broker) on the pretrained tiny backbone, with
     API keys required and pages on `other_origin` allowed. Yields {"url", "key"}. UPT_TEST_SERVICE_URL
     (+ UPT_TEST_API_KEY) uses a running one."""
     if os.environ.get("UPT_TEST_SERVICE_URL"):
         yield {"url": os.environ["UPT_TEST_SERVICE_URL"].rstrip("/"), "key": os.environ.get("UPT_TEST_API_KEY", "")}
         return
+    from upt.tiny import PRETRAINED_TINY
+
     tmp = tmp_path_factory.mktemp("upt-service")
-    checkpoint = tmp / "upt-tiny.pt"
+    checkpoint = PRETRAINED_TINY  # the tiny CLIP pretrained on Fashion-MNIST: sensible predictions on screen
     base_cmd = _upt_command()
     # Only this test's settings: nothing inherited (another test's UPT_DATABASE_URL would point elsewhere).
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
@@ -157,13 +159,6 @@ def real_service(tmp_path_factory, other_origin):
                UPT_HEARTBEAT_INTERVAL_S="1", UPT_SWEEP_INTERVAL_S="2", UPT_CORS_ORIGINS=other_origin,
                # This checkout first, whatever an older editable install registered (namespace packages).
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if base_cmd[-1] == "service":  # no `upt` CLI yet: write the tiny checkpoint with the library
-        from upt.tiny import write_tiny_checkpoint
-
-        write_tiny_checkpoint(checkpoint)
-    else:
-        subprocess.run(base_cmd + ["tiny-checkpoint", str(checkpoint)], env=env, check=True, cwd=tmp,
-                       capture_output=True, timeout=300)
     out = subprocess.run(base_cmd + ["keys", "create", "--tenant", "browser-test", "--json"], env=env, cwd=tmp,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 """The web client in headless Chromium.
 
-- test_end_to_end_on_the_real_service: `upt serve` on the tiny backbone with API keys on. Enter the key, create a
+- test_end_to_end_on_the_real_service: `upt serve` on the pretrained tiny backbone with API keys on. Enter the key, create a
   task with real Fashion-MNIST images, watch the progress bar move and the task succeed, read its plot and
   confusion matrix, classify images (tuned and zero-shot), download the artifact, and save screenshots of the
   main views to docs/screenshots/ (desktop and phone widths).
@@ -173,6 +173,8 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     assert cards.first.locator(".topk li").count() == len(CLASSES)  # top-5 of 4 classes
     probs = [float(x.rstrip("%")) for x in cards.first.locator(".topk-p").all_inner_texts()]
     assert abs(sum(probs) - 100) < 1.0 and probs == sorted(probs, reverse=True)
+    # The pretrained tiny CLIP knows clothes: each image's top label is its class.
+    assert [card.locator(".topk-label").first.inner_text() for card in cards.all()] == ["sneaker", "trouser"]
     page.locator(".results").screenshot(path=str(screenshots_dir / "classify-result.png"))
 
     # The artifact downloads with the key (a fetch, not a bare link).
@@ -185,10 +187,11 @@ def test_end_to_end_on_the_real_service(real_service, open_page, fixture_images,
     page.get_by_role("link", name="Try it").first.click()
     page.get_by_role("heading", name="Try it", exact=True).wait_for()
     page.check('input[name=try-mode][value="zero"]')
-    page.fill("#try-names", "a bag, a pullover, a sneaker, a trouser, a dress, a coat")
+    page.fill("#try-names", "bag, pullover, sneaker, trouser, dress, coat")
     page.locator("form.classify .dz-input").set_input_files(tests[:1])
     page.locator(".result-card").wait_for()
     assert page.locator(".result-card .topk li").count() == 5
+    assert page.locator(".result-card .topk-label").first.inner_text() == "sneaker"  # zero-shot, pretrained
     shot(page, screenshots_dir, "try-zero-shot.png")
 
     # Phone width: same views, one column; the key is already in this browser's storage.
