@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.db import Base
@@ -88,6 +88,8 @@ class Task(Base):
     pretrained: Mapped[str] = mapped_column(Text)
     # Of the backbone the API checked the task against: a worker serving other weights refuses it.
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Bytes this task keeps on the storage volume (its images, then its artifact): the tenant's quota.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

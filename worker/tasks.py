@@ -22,6 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
 from service.db import db_now, session_scope
+from service.quotas import folder_bytes
 from service.dispatch import enqueue
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskEvent, TaskStatus, liveness_only, utcnow
@@ -207,7 +208,8 @@ def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metric
         # the task to another worker between the lease check and the rename, and a worker that lost
         # its lease (presumed dead, but still running) never replaces the artifact of the one holding it.
         done = lease.update(session, status=TaskStatus.succeeded.value, progress=1.0, metrics=_jsonable(metrics),
-                            finished_at=utcnow(), eta_s=0.0, lease=None)
+                            finished_at=utcnow(), eta_s=0.0, lease=None,
+                            stored_bytes=Task.stored_bytes + folder_bytes(partial))
         if done:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # atomic: readers see no artifact or a whole one

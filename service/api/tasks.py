@@ -21,6 +21,7 @@ from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
+from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
@@ -74,6 +75,13 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         locked = await run_in_threadpool(_lock_key, session, tenant, idempotency_key)
         if not locked:  # the task was created between the look-up and the lock
             existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
+    if existing is None:
+        try:
+            await run_in_threadpool(_check_quotas, session, tenant, settings, request)
+        except Problem:
+            if locked:
+                await run_in_threadpool(_unlock_key, session, tenant, idempotency_key)
+            raise
     scratch = scratch_dir(storage.root / "tmp")
     try:
         # The body is read even for a replay: only its fingerprint tells a retry from another request.
@@ -95,6 +103,13 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         instant.schedule(task.id)
         await run_in_threadpool(enqueue, task.id)
     return accepted(task, replayed)
+
+
+def _check_quotas(session: Session, tenant: Tenant, settings: Settings, request: Request) -> None:
+    """Before the body is read: the tenant's queue share, and its storage with this request's declared size."""
+    check_active_tasks(session, tenant, settings)
+    declared = request.headers.get("content-length", "")
+    check_stored_bytes(session, tenant, settings, int(declared) if declared.isdigit() else 0)
 
 
 def _lock_key(session: Session, tenant: Tenant, key: str) -> bool:
@@ -144,12 +159,14 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
     task_id = new_task_id()
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
+        written = folder_bytes(storage.data_dir(task_id))
+        check_stored_bytes(session, tenant, settings, written)  # what was really stored (PNG, not the upload)
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
                     model=settings.model, status=TaskStatus.queued.value,
                     pretrained=shown_weights(settings.pretrained, getattr(backbone, "weights_sha256", None)),
-                    weights_sha256=getattr(backbone, "weights_sha256", None),
+                    weights_sha256=getattr(backbone, "weights_sha256", None), stored_bytes=written,
                     enqueued_at=utcnow(), epochs=spec.config.epochs)
         session.add(task)
         session.commit()
