@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_zero_shot(sub)
     _add_analyze(sub)
+    _add_reproduce(sub)
     _add_tiny_checkpoint(sub)
     _add_methods(sub)
     _register_service_commands(sub)
@@ -153,6 +154,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return _emit(args, report.as_dict(), lambda d: (
         f"intra-class visual variance: {d['intra_class_visual']:.4f}\n"
         f"inter-class text variance:   {d['inter_class_text']:.4f}\n{d['interpretation']}"))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import GridSpec, RunOptions, plan, reproduce
+
+    grid = GridSpec(args.grid, _names(args.datasets), _names(args.methods), _numbers(args.shots),
+                    _numbers(args.seeds))
+    runs = grid.runs()
+    if args.dry_run:
+        payload = plan(runs, args.root, args.out).as_dict() | {"grid": args.grid,
+                                                                "not_implemented": list(grid.unavailable_methods())}
+        return _emit(args, payload, _summarise_plan)
+    options = RunOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    payload = reproduce(_backbone(args), grid, args.root, args.out, options, show_progress=not args.quiet)
+    return _emit(args, payload, lambda d: f"{d['runs']} runs: {d['report']}, {d['results_csv']}, "
+                                          f"{len(d['plots'])} plot(s) in {args.out / 'plots'}")
 
 
 def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -280,6 +297,46 @@ def _add_analyze(sub) -> None:
     _template_options(p)
     _common(p)
     p.set_defaults(func=cmd_analyze)
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run the paper's experiment grid (resumable) and write its tables and plots")
+    p.add_argument("--grid", required=True, choices=("few-shot", "dg"),
+                   help="few-shot: 11 data sets x 1/2/4/8/16 shots x seeds 1-3 (Table 2, Figure 4); "
+                        "dg: ImageNet at 16 shots, evaluated on -V2, -Sketch, -A, -R (Table 1)")
+    p.add_argument("--root", required=True, type=Path, help="the folder holding the data sets in CoOp's layout")
+    p.add_argument("--out", required=True, type=Path,
+                   help="results folder: runs/, results.csv, report.md, plots/ (finished runs here are skipped)")
+    p.add_argument("--datasets", default=None, help="comma-separated, to narrow the grid (default: the paper's)")
+    p.add_argument("--methods", default=None, help="comma-separated, to narrow the grid (default: the paper's)")
+    p.add_argument("--shots", default=None, help="comma-separated, e.g. 16 (default: the paper's)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default: 1,2,3)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the paper's schedule")
+    p.add_argument("--batch-size", type=int, default=None, help="default: each method's (32 for the prompt methods)")
+    p.add_argument("--lr", type=float, default=None, help="default: each method's (0.002)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, those finished, and the data sets missing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_reproduce)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _numbers(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if text is None else tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise UptError(f"Expected comma-separated whole numbers, not {text!r}.") from None
+
+
+def _summarise_plan(d: dict[str, Any]) -> str:
+    lines = [f"{d['grid']}: {d['runs']} runs, {len(d['done'])} finished, {len(d['todo'])} to run"]
+    lines += [f"  to run: {key}" for key in d["todo"]]
+    lines += [f"  missing data set: {name} (expected at {path})" for name, path in d["missing"].items()]
+    lines += [f"  left out, not implemented in this version: {m}" for m in d["not_implemented"]]
+    return "\n".join(lines)
 
 
 def _add_tiny_checkpoint(sub) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -88,7 +89,8 @@ class Predictor:
             raise DataError(f"The artifact has no class {', '.join(map(repr, unknown[:5]))}"
                             f"{' …' if len(unknown) > 5 else ''}; it knows {len(self.class_names)} classes.")
         rows = torch.tensor([index[name] for name in class_names], device=self.classifier.device)
-        return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts)
+        cache = None if self.cache is None else dataclasses.replace(self.cache, values=self.cache.values[:, rows])
+        return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts, cache)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)

@@ -18,7 +18,7 @@ from .templates import resolve_templates
 
 __all__ = [
     "DATASETS", "FEW_SHOT_DATASETS", "IMAGENET_VARIANTS", "CoOpDataset", "DataSource", "dataset", "dataset_folder",
-    "few_shot_split", "load_data", "resolve_templates",
+    "expected_path", "few_shot_split", "load_data", "resolve_templates",
 ]
 
 
@@ -31,7 +31,7 @@ def load_data(path: str | Path, dataset_name: str | None = None, class_names: li
         spec = dataset(dataset_name)
         folder = dataset_folder(spec, path)
         if folder is None:
-            raise DataError(f"No {spec.name} data set at {path}: expected {path / spec.folder / _marker(spec)} "
+            raise DataError(f"No {spec.name} data set at {path}: expected {expected_path(spec, path)} "
                             f"(CoOp's layout, see its DATASETS.md).")
         return readers.read(spec, folder)
     if not path.is_dir():
@@ -59,6 +59,11 @@ def dataset_folder(spec: CoOpDataset, root: str | Path) -> Path | None:
         if (candidate / _marker(spec)).exists():
             return candidate
     return None
+
+
+def expected_path(spec: CoOpDataset, root: str | Path) -> Path:
+    """What `dataset_folder` looks for under `root`: the split file, ImageNet's images/train, …"""
+    return Path(root) / spec.folder / _marker(spec)
 
 
 def _marker(spec: CoOpDataset) -> str:
