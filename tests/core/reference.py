@@ -1,0 +1,229 @@
+"""An independent, plain re-implementation of every method, written from the paper and UPT-NOTES.md.
+
+Nothing here calls `upt`'s encoders or open_clip's forward passes: each Transformer block, attention
+head, layer norm, pooling and projection is spelled out from the frozen CLIP's weight tensors, and
+each prompt is put where the paper puts it. The tests compare the project's forward with this one
+(in float64, to 1e-6), so any change to the mathematics shows up as a number, not as a property.
+
+The learned tensors are read by their artifact names (`prompt.<name>` in every saved artifact):
+    coop         context                         (depth, m, text width)
+    vpt-*        prompts                         (depth, n, vision width)
+    joint        text.context, visual.prompts
+    upt / mlp    unified (depth, 2m, text width), mixer.*, to_vision.*
+    shared       unified (depth, m, text width), to_vision.*
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+# ---- building blocks, from the weights -------------------------------------------------------------
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def ln(x: Tensor, module: nn.LayerNorm) -> Tensor:
+    return layer_norm(x, module.weight, module.bias, module.eps)
+
+
+def gelu(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def multi_head_attention(x: Tensor, in_weight: Tensor, in_bias: Tensor, out_weight: Tensor, out_bias: Tensor,
+                         heads: int, causal: bool = False) -> Tensor:
+    """Scaled dot-product self-attention of the tokens of x (batch, length, width) with `heads` heads."""
+    batch, length, width = x.shape
+    head_dim = width // heads
+    q, k, v = (x @ in_weight.T + in_bias).split(width, dim=-1)
+
+    def per_head(t: Tensor) -> Tensor:
+        return t.reshape(batch, length, heads, head_dim).transpose(1, 2)
+
+    q, k, v = per_head(q), per_head(k), per_head(v)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    if causal:
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    mixed = scores.softmax(dim=-1) @ v
+    mixed = mixed.transpose(1, 2).reshape(batch, length, width)
+    return mixed @ out_weight.T + out_bias
+
+
+def clip_block(x: Tensor, block: nn.Module, causal: bool) -> Tensor:
+    """One pre-norm residual block of CLIP: x + attn(LN1(x)), then + MLP(LN2(x))."""
+    assert isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity), "layer scale not modelled"
+    attn = block.attn
+    x = x + multi_head_attention(ln(x, block.ln_1), attn.in_proj_weight, attn.in_proj_bias,
+                                 attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, causal)
+    activation = quick_gelu if type(block.mlp.gelu).__name__ == "QuickGELU" else gelu
+    hidden = activation(ln(x, block.ln_2) @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias)
+    return x + hidden @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias
+
+
+# ---- the two towers with prompts --------------------------------------------------------------------
+
+def text_feature(clip, token_ids: list[int], context: Tensor | None) -> Tensor:
+    """ψ of one unpadded token sequence [SOS] ... [EOS]; context (depth, m, width) takes positions 1..m.
+
+    Layer 0's context replaces the word embeddings after [SOS] (before the positional embedding is
+    added); before block i < depth the outputs at positions 1..m are replaced by layer i's context.
+    The feature is the final-norm output at the end-of-text token (the last one here), projected.
+    """
+    assert clip.text_pool_type == "argmax", "the reference models CLIP's end-of-text pooling"
+    ids = torch.tensor(token_ids, device=clip.token_embedding.weight.device)
+    x = clip.token_embedding.weight[ids]
+    m = 0 if context is None else context.shape[1]
+    if context is not None:
+        x = torch.cat([x[:1], context[0].to(x.dtype), x[1 + m:]])
+    x = (x + clip.positional_embedding[: len(token_ids)]).unsqueeze(0)
+    for index, block in enumerate(clip.transformer.resblocks):
+        if context is not None and 0 < index < context.shape[0]:
+            x = torch.cat([x[:, :1], context[index].to(x.dtype).unsqueeze(0), x[:, 1 + m:]], dim=1)
+        x = clip_block(x, block, causal=True)
+    x = ln(x, clip.ln_final)[0, len(token_ids) - 1]
+    projection = clip.text_projection
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def image_features(clip, images: Tensor, prompts: Tensor | None) -> Tensor:
+    """φ of a batch with visual prompts (depth, n, width) after [CLS], before the patch tokens.
+
+    Layer 0's prompts are inserted after the positional embeddings and before ln_pre; before block
+    i < depth the outputs at the prompt positions are replaced by layer i's prompts. The prompt
+    outputs are dropped before pooling ([CLS] token or the mean of the patch tokens).
+    """
+    visual = clip.visual
+    assert visual.attn_pool is None and not visual.final_ln_after_pool
+    batch = images.shape[0]
+    patches = F.conv2d(images, visual.conv1.weight, stride=visual.conv1.stride)
+    patches = patches.flatten(2).transpose(1, 2)  # (batch, grid², width)
+    cls = visual.class_embedding.reshape(1, 1, -1).expand(batch, 1, -1)
+    x = torch.cat([cls, patches], dim=1) + visual.positional_embedding
+    n = 0 if prompts is None else prompts.shape[1]
+    if prompts is not None:
+        x = torch.cat([x[:, :1], prompts[0].to(x.dtype).expand(batch, -1, -1), x[:, 1:]], dim=1)
+    x = ln(x, visual.ln_pre) if isinstance(visual.ln_pre, nn.LayerNorm) else x
+    for index, block in enumerate(visual.transformer.resblocks):
+        if prompts is not None and 0 < index < prompts.shape[0]:
+            x = torch.cat([x[:, :1], prompts[index].to(x.dtype).expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
+        x = clip_block(x, block, causal=False)
+    x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+    x = ln(x, visual.ln_post)
+    pooled = x[:, 1:].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]
+    return pooled @ visual.proj
+
+
+# ---- token sequences and classifiers ----------------------------------------------------------------
+
+def _until_eot(ids: Tensor) -> list[int]:
+    ids = ids.tolist()
+    eot = ids.index(max(ids))  # the end-of-text id is the largest in CLIP's vocabulary
+    return ids[: eot + 1]
+
+
+def class_sequence(tokenizer, name: str, n_ctx: int) -> list[int]:
+    """[SOS] + n_ctx placeholder positions + the tokens of "<name>." + [EOS], built by hand."""
+    sos, *body = _until_eot(tokenizer([f"{name}."])[0])
+    return [sos] + [sos] * n_ctx + body  # the placeholders' ids never matter: their embeddings are replaced
+
+
+def context_from_words(clip, tokenizer, phrase: str) -> Tensor:
+    """The word embeddings of `phrase` (without [SOS]/[EOS]), as a (1, m, width) context."""
+    ids = _until_eot(tokenizer([phrase])[0])[1:-1]
+    return clip.token_embedding.weight[torch.tensor(ids)].unsqueeze(0)
+
+
+def prompted_classifier(clip, tokenizer, class_names: list[str], context: Tensor) -> Tensor:
+    """W (k, d): each class name after the learned context, encoded and normalised."""
+    rows = [text_feature(clip, class_sequence(tokenizer, name, context.shape[1]), context) for name in class_names]
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def template_classifier(clip, tokenizer, class_names: list[str], templates: tuple[str, ...]) -> Tensor:
+    """The zero-shot classifier: per class, the normalised features of every template averaged, and the
+    mean normalised again (CLIP's prompt ensemble)."""
+    rows = []
+    for name in class_names:
+        features = [F.normalize(text_feature(clip, _until_eot(tokenizer([t.format(name)])[0]), None), dim=-1)
+                    for t in templates]
+        rows.append(F.normalize(torch.stack(features).mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+# ---- each method's prompts, from its learned tensors -------------------------------------------------
+
+def equation_5(u: Tensor, p: dict[str, Tensor], prefix: str = "mixer.") -> Tensor:
+    """UPT's θ: U' = SA(U) + LN(U); Û = FFN(LN(U')) + LN(U'), with d/64 heads; the 2m tokens of
+    each layer's U attend to each other (the layer index is the batch)."""
+    width = u.shape[-1]
+    heads = max(1, width // 64)
+    attended = multi_head_attention(u, p[prefix + "attention.in_proj_weight"], p[prefix + "attention.in_proj_bias"],
+                                    p[prefix + "attention.out_proj.weight"], p[prefix + "attention.out_proj.bias"],
+                                    heads)
+    u_prime = attended + layer_norm(u, p[prefix + "norm_in.weight"], p[prefix + "norm_in.bias"])
+    normed = layer_norm(u_prime, p[prefix + "norm_mid.weight"], p[prefix + "norm_mid.bias"])
+    hidden = gelu(normed @ p[prefix + "ffn.0.weight"].T + p[prefix + "ffn.0.bias"])
+    return hidden @ p[prefix + "ffn.3.weight"].T + p[prefix + "ffn.3.bias"] + normed
+
+
+def prompt_mlp(u: Tensor, p: dict[str, Tensor], prefix: str = "mixer.") -> Tensor:
+    """The MLP ablation: Linear → GELU → Linear on each token by itself."""
+    hidden = gelu(u @ p[prefix + "layers.0.weight"].T + p[prefix + "layers.0.bias"])
+    return hidden @ p[prefix + "layers.3.weight"].T + p[prefix + "layers.3.bias"]
+
+
+@dataclass
+class ReferencePrompts:
+    text: Tensor | None = None
+    visual: Tensor | None = None
+
+
+def to_vision(tokens: Tensor, p: dict[str, Tensor]) -> Tensor:
+    return tokens @ p["to_vision.weight"].T + p["to_vision.bias"]
+
+
+def method_prompts(method: str, p: dict[str, Tensor], n_ctx: int) -> ReferencePrompts:
+    if method == "zero-shot":
+        return ReferencePrompts()
+    if method == "coop":
+        return ReferencePrompts(text=p["context"])
+    if method in ("vpt-shallow", "vpt-deep"):
+        return ReferencePrompts(visual=p["prompts"])
+    if method == "joint":
+        return ReferencePrompts(text=p["text.context"], visual=p["visual.prompts"])
+    if method == "shared":
+        u = p["unified"]
+        return ReferencePrompts(text=u, visual=to_vision(u, p))
+    mixed = equation_5(p["unified"], p) if method == "upt" else prompt_mlp(p["unified"], p)
+    return ReferencePrompts(text=mixed[:, :n_ctx], visual=to_vision(mixed[:, n_ctx:], p))
+
+
+TEXT_LEARNING = {"coop", "joint", "upt", "mlp", "shared"}
+
+
+def logits(clip, tokenizer, method: str, p: dict[str, Tensor], class_names: list[str], images: Tensor,
+           n_ctx: int, templates: tuple[str, ...]) -> Tensor:
+    """logit_scale · cos(φ(x; visual prompts), W) for every image and class."""
+    prompts = method_prompts(method, p, n_ctx)
+    if method in TEXT_LEARNING:
+        classifier = prompted_classifier(clip, tokenizer, class_names, prompts.text)
+    else:
+        classifier = template_classifier(clip, tokenizer, class_names, templates)
+    features = F.normalize(image_features(clip, images, prompts.visual), dim=-1)
+    return clip.logit_scale.exp() * features @ classifier.T
