@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: serve serve-tiny test install install-test system-test-deps bench
+.PHONY: serve serve-tiny test install install-test system-test-deps bench mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ serve: install
 
 test: install-test system-test-deps
 	$(BIN)/python -m pytest
+
+# On demand, not part of `make test`: plants each curated bug of scripts/mutation.py in a copy of the
+# tree and checks that a test fails (score and surviving mutants in the README).
+mutation: install-test
+	$(BIN)/python scripts/mutation.py
 
 bench: install
 	$(BIN)/python bench/text_truncation.py

@@ -45,6 +45,18 @@ def test_theta_dropout_is_active_in_training_only():
         assert torch.equal(theta.eval()(u), theta(u))
 
 
+@pytest.mark.parametrize("method", ["coop", "vpt-deep", "upt", "joint", "shared", "mlp"])
+def test_prompts_start_from_a_normal_distribution_of_std_0_02(asym, method):
+    """Random initialisation N(0, 0.02²) (the notes; CoOp's and VPT's), for every prompt tensor."""
+    torch.manual_seed(0)
+    model = PromptedCLIP(asym, ["a", "b"], PromptConfig(method, n_ctx=16, depth=2 if method != "vpt-deep" else None))
+    prompts = model.generate()
+    initial = [t for name, t in model.named_parameters() if name.rsplit(".", 1)[-1] in ("context", "prompts", "unified")]
+    assert initial and prompts is not None
+    values = torch.cat([t.detach().flatten() for t in initial])
+    assert abs(float(values.mean())) < 0.002 and 0.0185 < float(values.std()) < 0.0215
+
+
 @pytest.fixture(scope="module")
 def asym():
     return float64_backbone(ASYMMETRIC)
