@@ -63,6 +63,9 @@ EVAL_TRANSFORM = PROTOCOL + "::test_evaluation_transform_resizes_the_shorter_sid
 EVALUATION = PROTOCOL + "::test_evaluation_sees_every_image_once"
 ARTIFACT = "tests/core/test_artifact.py"
 SCHEDULE_TABLE = "tests/core/test_training.py::test_paper_schedule"
+TIP_CACHE = "tests/core/test_reference_tip_adapter.py::test_cache_holds_the_shots_normalised_keys_and_one_hot_labels"
+TIP_LOGITS = "tests/core/test_reference_tip_adapter.py::test_served_logits_are_the_papers_formula"
+TIP_SEARCH = "tests/core/test_reference_tip_adapter.py::test_alpha_and_beta_reach_the_best_validation_accuracy_of_the_grid"
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
 
 
@@ -81,6 +84,7 @@ def m(name, file, original, replacement, description, *tests, issue=False) -> Mu
     return Mutant(name, file, original, replacement, description, tuple(tests), issue)
 
 
+TIP = "upt/methods/tip_adapter.py"
 PROMPTS, MODEL, ENC = "upt/methods/prompts.py", "upt/methods/model.py", "upt/encoders.py"
 TRAIN, DATA, ART, PRED = "upt/training.py", "upt/data.py", "upt/artifact.py", "upt/predict.py"
 
@@ -136,8 +140,8 @@ MUTANTS: list[Mutant] = [
       "training images overlap validation on small classes", SPLIT_SIZES, issue=True),
     m("validation-accuracy-on-train", TRAIN, "report = predictor.evaluate(split.val)",
       "report = predictor.evaluate(split.train)", "the reported validation accuracy measured on the training images", VALIDATION, issue=True),
-    m("files-not-sorted", DATA, "files = sorted(p for p in (root / name).iterdir()",
-      "files = list(p for p in (root / name).iterdir()",
+    m("files-not-sorted", DATA, "files = sorted(p for p in (root / folder).iterdir()",
+      "files = list(p for p in (root / folder).iterdir()",
       "image files not sorted before sampling (file-system order)", SPLIT_ORDER, issue=True),
     m("crop-scale-0.8", DATA, "scale=(0.08, 1.0)", "scale=(0.8, 1.0)",
       "random-resized-crop scale 0.8-1 instead of 0.08-1", AUGMENTATION, issue=True),
@@ -148,8 +152,12 @@ MUTANTS: list[Mutant] = [
       "SGD without momentum", SGD, issue=True),
     m("same-shuffle-every-epoch", TRAIN, "generator = _seed_everything(self.config.seed, epoch)",
       "generator = _seed_everything(self.config.seed, 0)", "the same shuffle and crops in every epoch", SHUFFLE, issue=True),
-    m("ln-pre-before-prompts", ENC, "    n_prompts = 0\n", "    x = visual.ln_pre(x)\n    n_prompts = 0\n",
-      "ln_pre applied before the visual prompts are inserted (and again after)", LOGITS, issue=True),
+    m("ln-pre-before-prompts", ENC,
+      "x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)\n    x = visual.ln_pre(x)\n",
+      "x = torch.cat([visual.ln_pre(x)[:, :1], _expand(prompts[0], x), visual.ln_pre(x)[:, 1:]], dim=1)\n"
+      "    x = visual.ln_pre(x) if prompts is None else x\n",
+      "ln_pre applied to the image tokens before the visual prompts are inserted (prompts bypass it)", LOGITS,
+      issue=True),
     m("artifact-classes-resorted", ART, 'return list(self.config["class_names"])',
       'return sorted(self.config["class_names"])', "an artifact's class names re-sorted on load", CLASS_ORDER, issue=True),
     # ---- methods/ ------------------------------------------------------------------------------------
@@ -237,10 +245,10 @@ MUTANTS: list[Mutant] = [
     # ---- artifact.py and predict.py ------------------------------------------------------------------
     m("artifact-hash-unchecked", ART, 'if _sha256(tensors_path) != config.get("tensors_sha256"):', "if False:",
       "a corrupted tensors file is loaded", ARTIFACT),
-    m("artifact-backbone-unchecked", PRED, "artifact.check_backbone(backbone)\n", "",
+    m("artifact-backbone-unchecked", PRED, "artifact.check_backbone(backbone)", "pass",
       "an artifact served on another backbone", ARTIFACT),
-    m("served-logits-unscaled", PRED, "return self.backbone.logit_scale * features.to(self.classifier.dtype)",
-      "return features.to(self.classifier.dtype)", "served logits without the logit scale", EXPORT),
+    m("served-logits-unscaled", PRED, "logits = self.backbone.logit_scale * features @ self.classifier.T",
+      "logits = features @ self.classifier.T", "served logits without the logit scale", EXPORT),
     m("served-visual-prompts-ignored", PRED, "encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True)",
       "encode_image(self.backbone.clip, batch, None, normalize=True)", "serving ignores the visual prompts", EXPORT),
     m("evaluation-argmin", PRED, "predicted.append(self.logits(batch).argmax(dim=-1).cpu())",
@@ -248,6 +256,26 @@ MUTANTS: list[Mutant] = [
     m("rank-ascending", PRED, "values, indices = probabilities.topk(min(top_k, len(self.class_names)), dim=-1)",
       "values, indices = probabilities.topk(min(top_k, len(self.class_names)), dim=-1, largest=False)",
       "predictions ranked least likely first", CLASS_ORDER),
+    # ---- methods/tip_adapter.py (Tip-Adapter, Tip-Adapter-F) -----------------------------------------
+    m("tip-affinity-sign", TIP, "return torch.exp(-beta * (1.0 - affinity)) @ values",
+      "return torch.exp(-beta * (affinity - 1.0)) @ values", "cache affinities exp(β(1 − fKᵀ)) instead of exp(−β(…))",
+      TIP_LOGITS),
+    m("tip-alpha-ignored", TIP, "return self.alpha * cache_logits(", "return cache_logits(",
+      "the cache's votes not weighted by α", TIP_LOGITS),
+    m("tip-keys-normalised-per-view", TIP, "return F.normalize(view_features.mean(dim=0), dim=-1)",
+      "return F.normalize(view_features, dim=-1).mean(dim=0)", "keys: views normalised, then averaged", TIP_CACHE),
+    m("tip-values-shifted", TIP, "return F.one_hot(labels, n_classes).float()",
+      "return F.one_hot(labels.roll(1), n_classes).float()", "cache values not the shots' own labels", TIP_CACHE),
+    m("tip-search-ignores-beta", TIP, "votes = torch.exp(-beta * (1.0 - affinity)) @ values",
+      "votes = torch.exp(-(1.0 - affinity)) @ values", "the α, β search scores every β as β = 1", TIP_SEARCH),
+    m("tip-search-without-zero-shot", TIP, "accuracy = float(((zero_shot_logits + alpha * votes)",
+      "accuracy = float(((alpha * votes)", "the search scores the cache alone, without the zero-shot logits",
+      TIP_SEARCH),
+    m("tip-served-cache-only", PRED, "logits = logits + self.cache.logits(features)",
+      "logits = self.cache.logits(features)", "served Tip-Adapter logits drop the zero-shot term", TIP_LOGITS),
+    m("tip-classifier-first-template", TRAIN, "classifier = template_classifier(backbone, class_names, config.templates)",
+      "classifier = template_classifier(backbone, class_names, config.templates[:1])",
+      "Tip-Adapter's W from the first template only", TIP_LOGITS),
 ]
 
 
