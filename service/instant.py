@@ -43,9 +43,11 @@ def instant_key(task_id: str) -> str:
 
 def instant_config(task: Task, settings: Settings):
     """The task's own split (shots, seed) and templates, with the training-free method."""
+    from upt.auto import config_from_dict
     from upt.training import TrainConfig
 
-    own = TrainConfig.from_dict(task.config)
+    own = config_from_dict(task.config)
+    own = getattr(own, "base", own)  # method=auto: the options its candidates share
     return TrainConfig(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
                        class_names=list(task.class_names), augment_views=settings.instant_augment_views)
 

@@ -85,6 +85,10 @@ class TaskPage(BaseModel):
 
 
 class EventOut(BaseModel):
+    """`epoch`: one training epoch (method=auto: numbered across candidates, with `data.candidate`);
+    `candidate`: method=auto finished a candidate (`epoch` is its index, `data` its leaderboard row)."""
+
+    kind: str
     epoch: int
     attempt: int
     created_at: datetime
@@ -92,7 +96,8 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, event: TaskEvent) -> "EventOut":
-        return cls(epoch=event.epoch, attempt=event.attempt, created_at=as_utc(event.created_at), data=event.data)
+        return cls(kind=event.kind, epoch=event.epoch, attempt=event.attempt, created_at=as_utc(event.created_at),
+                   data=event.data)
 
 
 class EventPage(BaseModel):

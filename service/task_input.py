@@ -41,12 +41,23 @@ def parse_config(form: ParsedForm, settings: Settings):
     from upt.methods import METHODS
     from upt.training import TrainConfig
 
+    from upt.auto import AUTO, AutoConfig, parse_candidates
+
     method = form.one("method")
+    choices = ", ".join((*METHODS, AUTO))
     if method is None:
-        raise invalid("method", f"choose one of {', '.join(METHODS)}.")
-    if method not in METHODS:
-        raise invalid("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    options: dict[str, Any] = {"method": method}
+        raise invalid("method", f"choose one of {choices}.")
+    if method not in (*METHODS, AUTO):
+        raise invalid("method", f"unknown method {method!r}; choose one of {choices}.")
+    if form.one("candidates") is not None and method != AUTO:
+        raise invalid("candidates", "applies to method=auto only.")
+    candidates = None
+    if method == AUTO:
+        try:
+            candidates = parse_candidates(form.one("candidates"))
+        except ConfigError as error:
+            raise invalid("candidates", str(error))
+    options: dict[str, Any] = {"method": candidates[0] if candidates else method}
     for name in INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS:
         raw = form.one(name)
         if raw is None:
@@ -60,7 +71,10 @@ def parse_config(form: ParsedForm, settings: Settings):
         raise invalid("epochs", f"at most {settings.max_epochs} (UPT_MAX_EPOCHS).")
     try:
         config = TrainConfig(**options)
-        config.validate()
+        if candidates:  # every candidate's options checked now, not when the worker reaches it
+            config = AutoConfig(config, candidates).validate()
+        else:
+            config.validate()
     except (ConfigError, TypeError, ValueError) as error:
         field = next((n for n in ("method",) + INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS if n in str(error)),
                      "config")
@@ -212,6 +226,11 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
 def check_against_backbone(config, backbone) -> None:
     """Options that only the backbone can judge (a prompt depth beyond its layers): a 422 now, rather
     than a task that is queued and then fails in the worker."""
+    for one in config.configs() if hasattr(config, "configs") else [config]:  # auto: each candidate
+        _check_one_against_backbone(one, backbone)
+
+
+def _check_one_against_backbone(config, backbone) -> None:
     from upt.errors import ConfigError
     from upt.methods import CACHE_METHODS, build_prompt_generator
     from upt.methods.model import check_text_prompt_fits

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifact import annotate_artifact
+from .artifact import annotate_artifact, load_artifact
 from .backbone import Backbone
 from .datasets import DataSource
 from .errors import ConfigError
 from .methods.config import CACHE_METHODS, METHODS
-from .training import SGD_OPTIONS, TrainCallbacks, TrainConfig, TrainResult, train
+from .training import SGD_OPTIONS, EpochReport, StepReport, TrainCallbacks, TrainConfig, TrainResult, train
 
 AUTO = "auto"
 DEFAULT_CANDIDATES: tuple[str, ...] = ("tip-adapter-f", "coop", "vpt-deep", "upt")
@@ -52,6 +52,53 @@ def candidate_config(base: TrainConfig, method: str) -> TrainConfig:
         kept = {name: getattr(defaults, name) for name in (*SGD_OPTIONS, "epochs", "n_ctx", "depth", "ctx_init")}
         return dataclasses.replace(base, method=method, **kept).validate()
     return dataclasses.replace(base, method=method).validate()
+
+
+@dataclass
+class AutoConfig:
+    """A `method=auto` run: the shared options (`base`) and the candidates, as stored in a task row."""
+
+    base: TrainConfig
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+
+    method = AUTO
+
+    def configs(self) -> list[TrainConfig]:
+        return [candidate_config(self.base, method) for method in self.candidates]
+
+    def validate(self) -> "AutoConfig":
+        self.configs()
+        return self
+
+    @property
+    def epochs(self) -> int | None:
+        return self.base.epochs
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(config.total_epochs for config in self.configs())
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.base.class_names
+
+    @class_names.setter
+    def class_names(self, names: list[str] | None) -> None:
+        self.base.class_names = names
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.base.to_dict() | {"method": AUTO, "candidates": list(self.candidates)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AutoConfig":
+        candidates = tuple(data.get("candidates") or DEFAULT_CANDIDATES)
+        options = {key: value for key, value in data.items() if key != "candidates"}
+        return cls(TrainConfig.from_dict(options | {"method": candidates[0]}), candidates)
+
+
+def config_from_dict(data: dict[str, Any]) -> "TrainConfig | AutoConfig":
+    """A task row's stored options: one method's, or auto's."""
+    return AutoConfig.from_dict(data) if data.get("method") == AUTO else TrainConfig.from_dict(data)
 
 
 @dataclass(frozen=True)
@@ -106,16 +153,41 @@ class AutoResult:
 
 def train_auto(backbone: Backbone, data_dir: str | Path | DataSource, base: TrainConfig, candidates: tuple[str, ...],
                out_dir: str | Path, work_dir: str | Path,
-               callbacks_for: Callable[[str], TrainCallbacks] = lambda method: TrainCallbacks()) -> AutoResult:
-    """Train each candidate into `work_dir/<method>`, then copy the winner's artifact to `out_dir`."""
+               callbacks_for: Callable[[str], TrainCallbacks] = lambda method: TrainCallbacks(),
+               class_folders: list[str] | None = None, resume: bool = False,
+               on_candidate: Callable[[int, LeaderboardRow, bool], None] = lambda index, row, reused: None,
+               ) -> AutoResult:
+    """Train each candidate into `work_dir/<method>`, then copy the winner's artifact to `out_dir`.
+
+    With `resume`, a candidate whose artifact is already in `work_dir` is not trained again, and one
+    that was interrupted resumes from its epoch checkpoint: a run that died half-way (a worker killed)
+    ends with every candidate trained once. A candidate's folder appears whole (renamed into place)."""
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     results: dict[str, TrainResult] = {}
     rows = []
-    for method in candidates:
+    for index, method in enumerate(candidates):
         config = candidate_config(base, method)
+        final = work_dir / method
+        finished = _finished_candidate(final, config) if resume else None
+        if finished is not None:
+            results[method], row = finished
+            rows.append(row)
+            on_candidate(index, row, True)
+            continue
+        partial = work_dir / f"{method}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
         started = time.monotonic()
-        results[method] = train(backbone, data_dir, config, work_dir / method, callbacks_for(method))
-        rows.append(leaderboard_row(method, results[method].metrics, time.monotonic() - started))
+        result = train(backbone, data_dir, config, partial, callbacks_for(method),
+                       checkpoint_dir=work_dir / f"{method}.checkpoint" if resume else None,
+                       class_folders=class_folders)
+        row = leaderboard_row(method, result.metrics, time.monotonic() - started)
+        annotate_artifact(partial, {"auto_candidate": row.as_dict()})
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        shutil.rmtree(work_dir / f"{method}.checkpoint", ignore_errors=True)
+        results[method] = TrainResult(final, result.metrics, config, result.history)
+        rows.append(row)
+        on_candidate(index, row, False)
     if len({row.val_count for row in rows}) != 1:  # a guard on the promise above, not expected to fire
         raise ConfigError("The candidates were validated on different images; they cannot be compared.")
     winner = pick_winner(rows)
@@ -123,3 +195,70 @@ def train_auto(backbone: Backbone, data_dir: str | Path | DataSource, base: Trai
     shutil.copytree(results[winner.method].artifact_dir, out_dir)
     choice = record_choice(out_dir, rows, winner)
     return AutoResult(out_dir, results[winner.method], choice)
+
+
+def _finished_candidate(folder: Path, config: TrainConfig) -> tuple[TrainResult, LeaderboardRow] | None:
+    """A candidate trained by an earlier attempt of the same run, if its artifact is there."""
+    from .artifact import CONFIG_FILE
+
+    if not (folder / CONFIG_FILE).is_file():
+        return None
+    recorded = load_artifact(folder).config
+    if recorded.get("train") != config.to_dict() or "auto_candidate" not in recorded:
+        return None  # another run's: trained again
+    row = LeaderboardRow(**recorded["auto_candidate"])
+    return TrainResult(folder, recorded["metrics"], config), row
+
+
+@dataclass
+class CandidateStepReport(StepReport):
+    candidate: str = ""
+
+
+@dataclass
+class CandidateEpochReport(EpochReport):
+    candidate: str = ""
+    candidate_epoch: int = 0
+
+
+class AutoProgress:
+    """Progress of all candidates together: epochs numbered across candidates (the first candidate's
+    epochs, then the next one's), one progress fraction and one ETA, and the candidate in each report."""
+
+    def __init__(self, config: AutoConfig, inner: TrainCallbacks) -> None:
+        self.inner = inner
+        self.epochs = {c.method: c.total_epochs for c in config.configs()}
+        self.offsets, total = {}, 0
+        for method in config.candidates:
+            self.offsets[method] = total
+            total += self.epochs[method]
+        self.total = max(total, 1)
+        self.started = time.monotonic()
+
+    def for_candidate(self, method: str) -> TrainCallbacks:
+        return _CandidateCallbacks(self, method)
+
+    def _overall(self, method: str, fraction: float) -> tuple[float, float | None]:
+        progress = (self.offsets[method] + fraction * self.epochs[method]) / self.total
+        elapsed = time.monotonic() - self.started
+        return progress, (elapsed / progress * (1 - progress) if progress > 0 else None)
+
+
+class _CandidateCallbacks(TrainCallbacks):
+    def __init__(self, progress: AutoProgress, method: str) -> None:
+        self.progress, self.method = progress, method
+
+    def on_step(self, report: StepReport) -> None:
+        overall, eta = self.progress._overall(self.method, report.progress)
+        self.progress.inner.on_step(CandidateStepReport(
+            self.progress.offsets[self.method] + report.epoch, self.progress.total, report.step,
+            report.steps_per_epoch, report.loss, report.accuracy, overall, eta, candidate=self.method))
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        overall, eta = self.progress._overall(self.method, report.progress)
+        self.progress.inner.on_epoch_end(CandidateEpochReport(
+            self.progress.offsets[self.method] + report.epoch, self.progress.total, report.loss, report.accuracy,
+            report.lr, report.elapsed_s, eta, overall, candidate=self.method, candidate_epoch=report.epoch))
+
+    def should_stop(self) -> bool:
+        return self.progress.inner.should_stop()

@@ -158,7 +158,8 @@ def _record_epoch(session, task_id: str, attempt: int, data: dict) -> None:
 
 
 def run_task(task_id: str) -> None:
-    from upt.training import TrainConfig, train
+    from upt.auto import AutoConfig, config_from_dict
+    from upt.training import train
 
     task = claim(task_id)
     if task is None:
@@ -170,14 +171,17 @@ def run_task(task_id: str) -> None:
     with Lease(task_id, task.lease, settings.heartbeat_interval_s) as lease:
         partial = storage.task_dir(task_id) / f"artifact.partial-{lease.lease}"
         try:
-            config = TrainConfig.from_dict(task.config)
+            config = config_from_dict(task.config)
             backbone = get_backbone()
             _check_backbone(task, backbone, settings)
-            result = train(backbone, storage.data_dir(task_id), config, partial,
-                           callbacks=_callbacks(lease, task.attempts),
-                           checkpoint_dir=storage.checkpoint_dir(task_id),
-                           class_folders=storage.task_class_folders(task_id, len(task.class_names)))
-            _succeed(task_id, lease, storage, partial, result.metrics)
+            class_folders = storage.task_class_folders(task_id, len(task.class_names))
+            if isinstance(config, AutoConfig):
+                metrics = _train_auto(task_id, task.attempts, lease, storage, config, partial, class_folders)
+            else:
+                metrics = train(backbone, storage.data_dir(task_id), config, partial,
+                                callbacks=_callbacks(lease, task.attempts),
+                                checkpoint_dir=storage.checkpoint_dir(task_id), class_folders=class_folders).metrics
+            _succeed(task_id, lease, storage, partial, metrics)
         except BaseException as error:  # noqa: BLE001 - every outcome must be written to the row
             shutil.rmtree(partial, ignore_errors=True)
             _record_failure(task_id, lease, storage, error)
@@ -198,6 +202,48 @@ def _check_backbone(task: Task, backbone, settings) -> None:
     raise WrongBackbone(f"This task was created for the backbone {task.model} ({task.pretrained}), but the worker "
                         f"that took it serves {settings.model} ({mine}); it refused to train it. Run workers with "
                         "the API's UPT_MODEL and UPT_PRETRAINED, then create the task again.")
+
+
+def _train_auto(task_id: str, attempt: int, lease: Lease, storage: Storage, config, partial: Path,
+                class_folders: list[str] | None) -> dict:
+    """method=auto: the candidates one after another in this job, on one split (same seed and shots).
+
+    Candidates finished by an earlier attempt are kept (their artifacts live beside the epoch
+    checkpoints) and an interrupted one resumes from its checkpoint, so a worker killed half-way still
+    ends with every candidate trained once. The row's `metrics.auto` says which candidate runs."""
+    from upt.auto import AutoProgress, train_auto
+
+    progress = AutoProgress(config, _callbacks(lease, attempt))
+    finished: list[dict] = []
+
+    def announce(running: str | None) -> None:
+        state = {"candidates": list(config.candidates), "running": running, "finished": finished}
+        with session_scope() as session:
+            lease.update(session, metrics=_jsonable({"auto": state}))
+
+    def callbacks_for(method: str):
+        announce(method)
+        return progress.for_candidate(method)
+
+    def on_candidate(index: int, row, reused: bool) -> None:
+        finished.append(row.as_dict())
+        with session_scope() as session:
+            _record_event(session, task_id, "candidate", index, attempt if not reused else None, row.as_dict())
+
+    result = train_auto(get_backbone(), storage.data_dir(task_id), config.base, config.candidates, partial,
+                        storage.checkpoint_dir(task_id) / "candidates", callbacks_for,
+                        class_folders=class_folders, resume=True, on_candidate=on_candidate)
+    return result.winner.metrics | {"auto": result.choice}
+
+
+def _record_event(session, task_id: str, kind: str, index: int, attempt: int | None, data: dict) -> None:
+    """One row per (kind, index); a reused result (attempt None) keeps the row of the attempt that made it."""
+    event = session.scalar(select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.kind == kind,
+                                                   TaskEvent.epoch == index))
+    if event is None:
+        session.add(TaskEvent(task_id=task_id, kind=kind, epoch=index, attempt=attempt or 1, data=_jsonable(data)))
+    elif attempt is not None:
+        event.attempt, event.data, event.created_at = attempt, _jsonable(data), utcnow()
 
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:

@@ -122,7 +122,8 @@ async def task_events(task_id: str, request: Request, tenant: Annotated[Tenant, 
 
 
 def _history(session: Session, task: Task) -> EventPage:
-    events = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task.id).order_by(TaskEvent.epoch)).all()
+    events = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task.id)
+                             .order_by(TaskEvent.kind == "candidate", TaskEvent.epoch)).all()
     return EventPage(task_id=task.id, items=[EventOut.of(e) for e in events])
 
 

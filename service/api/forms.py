@@ -19,7 +19,10 @@ TASK_FORM = _multipart({
     "files": {**_files, "description": "images, with `labels` in the same order"},
     "labels": {**_texts, "description": "the class of each file"},
     "archive": {"type": "string", "format": "binary", "description": "a zip of <class name>/<image> folders"},
-    "method": {**_text, "enum": list(METHODS)},
+    "method": {**_text, "enum": [*METHODS, "auto"],
+               "description": "a method, or auto: train `candidates` on one split, keep the best on validation"},
+    "candidates": {**_text, "description": "method=auto: comma-separated methods "
+                   "(default tip-adapter-f,coop,vpt-deep,upt)"},
     "shots": {"type": "integer", "minimum": 1},
     "epochs": {"type": "integer", "minimum": 0},
     "seed": {"type": "integer"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,16 @@ import sys
 import pytest
 
 from upt.artifact import CONFIG_FILE, load_artifact
-from upt.auto import DEFAULT_CANDIDATES, LeaderboardRow, candidate_config, parse_candidates, pick_winner, train_auto
+from upt.auto import (
+    DEFAULT_CANDIDATES,
+    AutoConfig,
+    LeaderboardRow,
+    candidate_config,
+    config_from_dict,
+    parse_candidates,
+    pick_winner,
+    train_auto,
+)
 from upt.errors import ConfigError
 from upt.training import TrainConfig
 
@@ -74,3 +84,31 @@ def test_cli_auto_prints_the_leaderboard_and_writes_the_winner(tiny_checkpoint, 
     config = json.loads((tmp_path / "auto" / CONFIG_FILE).read_text())
     assert config["auto"] == payload["auto"] and config["method"] == payload["winner"]
     assert [p.name for p in tmp_path.iterdir()] == ["auto"]  # the candidates' folders are gone
+
+
+def test_a_resumed_auto_run_keeps_the_candidates_already_trained(tiny, fashion_train, tmp_path):
+    base = TrainConfig("coop", shots=2, epochs=1, lr=0.05, batch_size=4, augment_views=1)
+    seen = []
+    first = train_auto(tiny, fashion_train, base, ("tip-adapter", "coop"), tmp_path / "a", tmp_path / "work",
+                       resume=True, on_candidate=lambda i, row, reused: seen.append((row.method, reused)))
+    created = {m: load_artifact(tmp_path / "work" / m).config["created_at"] for m in ("tip-adapter", "coop")}
+    second = train_auto(tiny, fashion_train, base, ("tip-adapter", "coop"), tmp_path / "b", tmp_path / "work",
+                        resume=True, on_candidate=lambda i, row, reused: seen.append((row.method, reused)))
+    assert seen == [("tip-adapter", False), ("coop", False), ("tip-adapter", True), ("coop", True)]
+    assert second.choice == first.choice
+    assert {m: load_artifact(tmp_path / "work" / m).config["created_at"] for m in created} == created
+    other = dataclasses.replace(base, seed=9)  # another run's candidates are trained afresh
+    third = train_auto(tiny, fashion_train, other, ("tip-adapter",), tmp_path / "c", tmp_path / "work", resume=True,
+                       on_candidate=lambda i, row, reused: seen.append((row.method, reused)))
+    assert seen[-1] == ("tip-adapter", False) and third.choice["winner"] == "tip-adapter"
+
+
+def test_auto_config_round_trips_as_a_task_row_stores_it():
+    config = AutoConfig(TrainConfig("coop", shots=4, epochs=3, lr=0.05), ("tip-adapter-f", "coop"))
+    stored = json.loads(json.dumps(config.to_dict()))
+    assert stored["method"] == "auto" and stored["candidates"] == ["tip-adapter-f", "coop"]
+    again = config_from_dict(stored)
+    assert isinstance(again, AutoConfig) and again.candidates == config.candidates
+    assert [c.to_dict() for c in again.configs()] == [c.to_dict() for c in config.configs()]
+    assert again.total_epochs == 20 + 3
+    assert isinstance(config_from_dict(TrainConfig("upt").to_dict()), TrainConfig)
