@@ -19,6 +19,7 @@ from service.recovery import Sweeper
 from service.runtime import Runtime
 from service.settings import Settings, get_settings
 from service.storage import Storage
+from service.timeouts import RequestBoundsMiddleware
 from service.uploads import configure_pillow
 
 log = logging.getLogger("upt.service")
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.instant = InstantStages(settings, app.state.storage, app.state.runtime)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.encoder_batch.observe)
+    app.add_middleware(RequestBoundsMiddleware, total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s,
+                       max_header_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if settings.cors_origins:
         # Added last, so it is the outermost layer: a preflight is answered here and never reaches a

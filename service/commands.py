@@ -97,7 +97,9 @@ def serve_command(args) -> int:
         # Bounded: an open event stream (a browser following a task) would otherwise hold shutdown
         # until its task ends; after the grace period it is cut and EventSource reconnects elsewhere.
         uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S))
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+                    # h11, whose parser bounds the request line and headers; idle keep-alive closes after 5 s.
+                    http="h11", h11_max_incomplete_event_size=settings.max_header_bytes, timeout_keep_alive=5)
     finally:
         if worker is not None:
             stop_embedded_worker(worker)

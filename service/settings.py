@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_classes: int = Field(1000, ge=2)
     max_classify_files: int = Field(64, ge=1)
     max_epochs: int = Field(500, ge=1)
+    # Slow or stalled clients: the whole body, the longest pause in it (408 past either), header bytes.
+    body_timeout_s: float = Field(900.0, gt=0)
+    body_idle_timeout_s: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(16384, ge=1024)
     # Per tenant (0: no limit): tasks queued or running (429 past it), bytes its tasks keep (507 past it).
     tenant_max_active_tasks: int = Field(100, ge=0)
     tenant_max_stored_bytes: int = Field(50 * 1024**3, ge=0)
