@@ -27,13 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
 from .errors import ArtifactError, BackboneMismatchError
+from .methods.cocoop import SERVING_TENSORS as COCOOP_TENSORS
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "prompts.safetensors"
 FORMAT = "upt-prompts"
 FORMAT_VERSION = 1  # `tensor_sha256` was added without a new version: older readers ignore it
 # What /classify reads: W, the visual prompts, and a Tip-Adapter cache (keys, values, α, β).
-SERVING_TENSORS = ("classifier", "visual_prompts", "cache_keys", "cache_values", "cache_alpha", "cache_beta")
+SERVING_TENSORS = ("classifier", "visual_prompts", "cache_keys", "cache_values", "cache_alpha", "cache_beta",
+                   *COCOOP_TENSORS)  # CoCoOp's context and meta-net: serving shifts the context per image
 
 
 def library_version() -> str:

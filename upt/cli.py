@@ -248,7 +248,8 @@ def _add_train(sub) -> None:
     p.add_argument("--depth", type=int, default=None, help="layers that receive prompts (default: per method)")
     p.add_argument("--ctx-init", default=None, help="initialise the text context from words, e.g. 'a photo of a'")
     p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: the method's: 32, CoCoOp's paper 1)")
     p.add_argument("--augment-views", type=int, default=10,
                    help="tip-adapter(-f): augmented views averaged per cached image (default: %(default)s, the paper's)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save each epoch here and resume from it")

@@ -17,7 +17,8 @@ from .data import LabelledImage, eval_transform, labelled_batches
 from .encoders import encode_image
 from .errors import DataError
 from .methods.config import DEFAULT_TEMPLATE
-from .methods.model import template_classifier
+from .methods.cocoop import ConditionalContext, conditional_logits
+from .methods.model import context_prompt_tokens, template_classifier
 from .methods.tip_adapter import CacheModel
 from .metrics import classification_report
 
@@ -44,12 +45,17 @@ class Predictor:
         classifier: torch.Tensor,
         visual_prompts: torch.Tensor | None = None,
         cache: CacheModel | None = None,
+        conditional: ConditionalContext | None = None,
     ):
         self.backbone = backbone
         self.class_names = list(class_names)
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
         self.cache = None if cache is None else cache.to(backbone.device)
+        # CoCoOp: the context is shifted per image, so the class prompts are encoded per image
+        self.conditional = None if conditional is None else conditional.to(backbone.device)
+        self.conditional_tokens = None if conditional is None else context_prompt_tokens(
+            backbone, self.class_names, conditional.context.shape[1])
         self.transform = _eval_transform(backbone.image)
 
     @property
@@ -58,6 +64,8 @@ class Predictor:
         tensors = self.classifier.nbytes + (0 if self.visual_prompts is None else self.visual_prompts.nbytes)
         if self.cache is not None:
             tensors += self.cache.keys.nbytes + self.cache.values.nbytes
+        if self.conditional is not None:
+            tensors += sum(p.nbytes for p in self.conditional.parameters()) + self.conditional_tokens.nbytes
         return tensors + sum(len(name) + 64 for name in self.class_names) + 1024  # + object overheads
 
     @classmethod
@@ -68,7 +76,7 @@ class Predictor:
             artifact = load_serving_artifact(artifact)
         artifact.check_backbone(backbone)
         return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts,
-                   CacheModel.from_tensors(artifact.tensors))
+                   CacheModel.from_tensors(artifact.tensors), ConditionalContext.from_tensors(artifact.tensors))
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, class_names: list[str],
@@ -90,7 +98,8 @@ class Predictor:
                             f"{' …' if len(unknown) > 5 else ''}; it knows {len(self.class_names)} classes.")
         rows = torch.tensor([index[name] for name in class_names], device=self.classifier.device)
         cache = None if self.cache is None else dataclasses.replace(self.cache, values=self.cache.values[:, rows])
-        return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts, cache)
+        return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts, cache,
+                         self.conditional)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)
@@ -102,6 +111,9 @@ class Predictor:
     @torch.no_grad()
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from normalised image features (those of this predictor's visual prompts)."""
+        if self.conditional is not None:
+            return conditional_logits(self.backbone.clip, self.conditional_tokens, self.conditional, features,
+                                      self.backbone.logit_scale)
         features = features.to(self.classifier.dtype)
         logits = self.backbone.logit_scale * features @ self.classifier.T
         if self.cache is not None:  # Tip-Adapter: the cache's votes added to the zero-shot logits

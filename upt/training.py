@@ -29,7 +29,9 @@ from .data import FewShotSplit, ImageDataset, train_transform
 from .datasets import DataSource, few_shot_split, load_data
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
-from .methods.config import CACHE_METHODS, DEFAULT_TEMPLATE, TIP_ADAPTER, TIP_ADAPTER_F
+from .methods import cocoop
+from .methods.cocoop import ConditionalContext
+from .methods.config import CACHE_METHODS, COCOOP, DEFAULT_TEMPLATE, TIP_ADAPTER, TIP_ADAPTER_F
 from .methods.model import template_classifier
 from .methods.tip_adapter import (
     CacheModel,
@@ -46,6 +48,7 @@ from .options import JsonOptions
 from .predict import Predictor
 
 CHECKPOINT_FILE = "last.pt"
+DEFAULT_BATCH_SIZE = 32  # the paper's (CoOp's)
 SGD_OPTIONS = ("lr", "momentum", "weight_decay", "batch_size", "warmup_epochs", "warmup_lr")
 
 
@@ -74,7 +77,7 @@ class TrainConfig(JsonOptions):
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the method's (CoCoOp's paper: 1; the others': 32)
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     class_names: list[str] | None = None
@@ -101,7 +104,8 @@ class TrainConfig(JsonOptions):
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be non-negative, not {self.weight_decay}"),
-            (1 <= self.batch_size <= 4096, f"batch_size must be between 1 and 4096, not {self.batch_size}"),
+            (self.batch_size is None or 1 <= self.batch_size <= 4096,
+             f"batch_size must be between 1 and 4096, not {self.batch_size}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be non-negative, not {self.warmup_epochs}"),
             (self.warmup_lr > 0, f"warmup_lr must be positive, not {self.warmup_lr}"),
             (self.class_names is None or len(set(self.class_names)) == len(self.class_names), "class names must be unique"),
@@ -129,7 +133,16 @@ class TrainConfig(JsonOptions):
             return 0
         if self.method == TIP_ADAPTER_F:
             return self.epochs if self.epochs is not None else CacheOptions.epochs
+        if self.method == COCOOP:
+            return self.epochs if self.epochs is not None else cocoop.EPOCHS
         return self.epochs if self.epochs is not None else epochs_for_shots(self.shots)
+
+    @property
+    def step_batch_size(self) -> int:
+        """Images per SGD step: batch_size, or the method's own default."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return cocoop.BATCH_SIZE if self.method == COCOOP else DEFAULT_BATCH_SIZE
 
     def lr_at(self, epoch: int) -> float:
         """Constant warm-up, then cosine over all epochs, stepped per epoch.
@@ -219,7 +232,8 @@ def train(
     model = PromptedCLIP(backbone, source.class_names, config.prompt_config())
     history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
     exported = model.export()
-    predictor = Predictor(backbone, source.class_names, exported["classifier"], exported.get("visual_prompts"))
+    predictor = Predictor(backbone, source.class_names, exported["classifier"], exported.get("visual_prompts"),
+                          conditional=ConditionalContext.from_tensors(exported))
     metrics = _final_metrics(predictor, split, model.trainable_parameters(), history)
     metrics["variances"] = analyze_samples(backbone, source.class_names, split.train + split.val,
                                            config.templates).as_dict()
@@ -323,8 +337,8 @@ class _Loop:
         self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay) if params else None
         self.dataset = ImageDataset(split.train, train_transform(model.backbone.image))
-        batch = min(config.batch_size, len(self.dataset))
-        self.drop_last = len(self.dataset) >= config.batch_size  # as Dassl: keep a lone short batch
+        batch = min(config.step_batch_size, len(self.dataset))
+        self.drop_last = len(self.dataset) >= config.step_batch_size  # as Dassl: keep a lone short batch
         self.steps_per_epoch = len(self.dataset) // batch if self.drop_last else math.ceil(len(self.dataset) / batch)
         self.batch = batch
 

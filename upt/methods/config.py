@@ -9,8 +9,10 @@ from ..options import JsonOptions
 
 ZERO_SHOT = "zero-shot"
 TIP_ADAPTER, TIP_ADAPTER_F = "tip-adapter", "tip-adapter-f"
+COCOOP = "cocoop"
+COCOOP_CTX_INIT = "a photo of a"  # CoCoOp's default context (its configs' ctxv1)
 METHODS: tuple[str, ...] = (ZERO_SHOT, "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp",
-                            TIP_ADAPTER, TIP_ADAPTER_F)
+                            TIP_ADAPTER, TIP_ADAPTER_F, COCOOP)
 # Methods whose classifier adds a cache of the training images' features (upt/methods/tip_adapter.py)
 # to the zero-shot logits instead of learning prompts.
 CACHE_METHODS = frozenset({TIP_ADAPTER, TIP_ADAPTER_F})
@@ -28,9 +30,11 @@ DESCRIPTIONS: dict[str, str] = {
     "mlp": "Ablation: UPT with a 2-layer MLP in place of the Transformer layer.",
     TIP_ADAPTER: "No training: a cache of the training images' features added to zero-shot (Tip-Adapter). Ready in seconds.",
     TIP_ADAPTER_F: "Tip-Adapter's cache keys fine-tuned for 20 quick epochs over cached features (Tip-Adapter-F).",
+    COCOOP: "CoOp's context shifted per image by a small meta-net (CoCoOp). Generalises better to unseen "
+            "domains than CoOp; the text encoder runs once per image, so training and serving are slower.",
 }
 
-TEXT_METHODS = frozenset({"coop", "upt", "joint", "shared", "mlp"})
+TEXT_METHODS = frozenset({"coop", "upt", "joint", "shared", "mlp", COCOOP})
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # The seven templates CLIP's authors selected for ImageNet, used for the zero-shot ensemble.
@@ -82,9 +86,9 @@ class PromptConfig(JsonOptions):
             raise ConfigError("vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
         if self.method in CACHE_METHODS and (self.n_ctx, self.depth, self.ctx_init) != (4, None, None):
             raise ConfigError(f"{self.method} learns no prompts: n_ctx, depth and ctx_init do not apply to it.")
-        if self.ctx_init is not None and self.method not in {"coop", "joint", "shared"}:
+        if self.ctx_init is not None and self.method not in {"coop", "joint", "shared", COCOOP}:
             raise ConfigError(
-                f"ctx_init applies to methods whose text context is used as is (coop, joint, shared), "
+                f"ctx_init applies to methods whose text context is used as is (coop, joint, shared, cocoop), "
                 f"not {self.method}, whose prompts pass through a learned generator."
             )
         if self.ctx_init is not None and not self.ctx_init.strip():
@@ -93,6 +97,18 @@ class PromptConfig(JsonOptions):
             raise ConfigError("Every template must contain '{}' where the class name goes.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}.")
+
+    @property
+    def context_init(self) -> str | None:
+        """The words the text context starts from: ctx_init, or the method's own default (CoCoOp's)."""
+        if self.ctx_init is None and self.method == COCOOP and self.n_ctx == 4:  # CoCoOp's ctxv1 configs
+            return COCOOP_CTX_INIT
+        return self.ctx_init
+
+    @property
+    def conditional(self) -> bool:
+        """The text context depends on the image (CoCoOp): no classifier W can be computed once."""
+        return self.method == COCOOP
 
     @property
     def learns_text(self) -> bool:

@@ -9,7 +9,8 @@ from torch import nn
 from ..backbone import Backbone
 from ..encoders import encode_image, encode_text
 from ..errors import ConfigError
-from .config import CACHE_METHODS, ZERO_SHOT, PromptConfig
+from .cocoop import ConditionalContext, conditional_logits
+from .config import CACHE_METHODS, COCOOP, ZERO_SHOT, PromptConfig
 from .prompts import (
     JointPrompts,
     PromptMLP,
@@ -89,18 +90,24 @@ class PromptedCLIP(nn.Module):
         return encode_image(self.clip, images, prompts.visual, normalize=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.conditional:  # CoCoOp: a context per image, so a classifier per image
+            features = encode_image(self.clip, images, None, normalize=True)
+            return conditional_logits(self.clip, self.class_tokens, self.prompts, features, self.backbone.logit_scale)
         prompts = self.generate()  # once per step, shared by both towers
         return self.backbone.logit_scale * self.image_features(images, prompts) @ self.classifier(prompts).T
 
     @torch.no_grad()
     def export(self) -> dict[str, torch.Tensor]:
-        """What serving needs, resolved in eval mode: the classifier W and the visual prompts."""
+        """What serving needs, resolved in eval mode: the classifier W and the visual prompts (CoCoOp: its
+    context and meta-net too, and W is the classifier of its context before the image's shift)."""
         was_training = self.training
         self.eval()
         prompts = self.generate()
         resolved = {"classifier": self.classifier(prompts).float().clone()}
         if prompts.visual is not None:
             resolved["visual_prompts"] = prompts.visual.float().clone()  # not a view of a parameter
+        if self.config.conditional:  # serving shifts the context per image; W above is the unshifted one
+            resolved |= self.prompts.serving_tensors()
         self.train(was_training)
         return resolved
 
@@ -109,9 +116,15 @@ class PromptedCLIP(nn.Module):
 
     def _class_tokens(self) -> torch.Tensor:
         """`[SOS] X…X name. [EOS]`: the X (or the ctx_init words) are replaced by the learned context."""
-        prefix = self.config.ctx_init.strip() if self.config.ctx_init else " ".join(["X"] * self.n_ctx)
-        texts = [f"{prefix} {clean_class_name(name)}." for name in self.class_names]
-        return self.backbone.tokenizer(texts).to(self.backbone.device)
+        return context_prompt_tokens(self.backbone, self.class_names, self.n_ctx, self.config.context_init)
+
+
+def context_prompt_tokens(backbone: Backbone, class_names: list[str], n_ctx: int,
+                          words: str | None = None) -> torch.Tensor:
+    """`[SOS] X…X name. [EOS]` per class: the n_ctx X (or the `words` that initialise the context) are
+    placeholders at positions 1..n_ctx, which the learned context replaces."""
+    prefix = words.strip() if words else " ".join(["X"] * n_ctx)
+    return backbone.tokenizer([f"{prefix} {clean_class_name(name)}." for name in class_names]).to(backbone.device)
 
 
 def _token_count(backbone: Backbone, text: str) -> int:
@@ -135,8 +148,8 @@ def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names
     """`[SOS] context name. [EOS]` must fit the text encoder's context: past it, the tokenizer cuts the
     class name off and every class gets the same prompt (a "trained" model that predicts 1/k for all).
     A ctx_init phrase must also give at least one token of words (not "\x00" or a zero-width space)."""
-    if config.ctx_init is not None:
-        phrase = config.ctx_init.strip()
+    if config.context_init is not None:
+        phrase = config.context_init.strip()
         if not any(ch.isalnum() for ch in phrase) or _token_count(backbone, phrase) < 1:
             raise ConfigError("ctx_init must contain words, e.g. 'a photo of a'.")
         n_ctx, field = _token_count(backbone, phrase), "ctx_init"
@@ -151,9 +164,9 @@ def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names
 
 
 def _context_length(backbone: Backbone, config: PromptConfig) -> int:
-    if config.ctx_init is None:
+    if config.context_init is None:
         return config.n_ctx
-    return _ctx_init_ids(backbone, config.ctx_init).numel()
+    return _ctx_init_ids(backbone, config.context_init).numel()
 
 
 def _ctx_init_ids(backbone: Backbone, phrase: str) -> torch.Tensor:
@@ -163,10 +176,10 @@ def _ctx_init_ids(backbone: Backbone, phrase: str) -> torch.Tensor:
 
 
 def _ctx_init_embeddings(backbone: Backbone, config: PromptConfig) -> torch.Tensor | None:
-    if config.ctx_init is None:
+    if config.context_init is None:
         return None
     with torch.no_grad():
-        ids = _ctx_init_ids(backbone, config.ctx_init).to(backbone.device)
+        ids = _ctx_init_ids(backbone, config.context_init).to(backbone.device)
         return backbone.clip.token_embedding(ids).float().cpu()
 
 
@@ -186,6 +199,8 @@ def build_prompt_generator(backbone: Backbone, config: PromptConfig, n_ctx: int)
         return None
     if method in CACHE_METHODS:
         raise ConfigError(f"{method} learns no prompts: it is a cache model (upt.methods.tip_adapter).")
+    if method == COCOOP:
+        return ConditionalContext(n_ctx, text_w, backbone.clip.visual.output_dim, std, init)
     if method == "coop":
         return TextContext(n_ctx, text_w, _depth(config, backbone.text_layers, 1, "text"), std, init)
     if method in ("vpt-shallow", "vpt-deep"):
