@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.[service]'
 
 install-test: $(BIN)/python
 	$(PIP) -e '.[test]'

@@ -19,7 +19,7 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
 # uid/gid 1000, as in the worker image: both write to the shared data and models volumes.
-RUN pip install -c constraints.txt . && groupadd --gid 1000 upt && useradd --create-home --uid 1000 --gid 1000 upt \
+RUN pip install -c constraints.txt ".[service]" && groupadd --gid 1000 upt && useradd --create-home --uid 1000 --gid 1000 upt \
     && mkdir -p /data /models && chown upt:upt /data /models
 USER upt
 

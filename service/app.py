@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.instant = InstantStages(settings, app.state.storage, app.state.runtime)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
-                                     observe=app.state.metrics.encoder_batch.observe)
+                                     observe=app.state.metrics.encoder_batch.observe,
+                                     encoder=app.state.runtime.image_encoder)
     app.add_middleware(RequestBoundsMiddleware, total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s,
                        max_header_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

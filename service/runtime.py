@@ -9,6 +9,7 @@ tensors (tuned), serving from one only an image-encoder pass.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import Any
 from service.errors import Problem, shown_weights, without_paths
 from service.settings import Settings
 
+log = logging.getLogger("upt.service")
 FAILURE_TTL_S = 30.0
 LOAD_WAIT_S = 60.0  # how long a request waits for a load in progress
 
@@ -67,6 +69,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._backbone = None
+        self._encoder = None
+        self.encoder_note = ""
         self._failure: tuple[float, str] | None = None
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -92,6 +96,7 @@ class Runtime:
 
         try:
             backbone = load_backbone(self.settings.model, self.settings.pretrained, self.settings.device)
+            self._encoder = self._build_encoder(backbone)  # compiled once here, never per request
         except UptError as error:
             self._failure = (time.monotonic(), str(error))
             return
@@ -100,6 +105,30 @@ class Runtime:
             return
         self._failure = None
         self._backbone = backbone
+
+    def _build_encoder(self, backbone):
+        from upt.serving import build_image_encoder
+
+        encoder, note = build_image_encoder(backbone, self.settings.serve_runtime, self.settings.serve_precision,
+                                            self.settings.compiled_dir)
+        self.encoder_note = note
+        if note:
+            log.warning("Serving with %s: %s", encoder.describe(), note)
+        return encoder
+
+    def image_encoder(self, backbone):
+        """The image encoder that serves `backbone` (the micro-batcher's encoder for every pass)."""
+        if self._encoder is None or backbone is not self._backbone:
+            from upt.serving import TorchImageEncoder
+
+            return TorchImageEncoder(backbone)
+        return self._encoder
+
+    def encoder_status(self) -> tuple[bool, str]:
+        if self._encoder is None:
+            return False, "not built: the backbone is not loaded"
+        note = f" ({self.encoder_note})" if self.encoder_note else ""
+        return True, self._encoder.describe() + note
 
     def backbone(self, wait_s: float = LOAD_WAIT_S):
         """The loaded backbone, or a 503 problem that says how to configure one (or to retry)."""

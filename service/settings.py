@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
     # Bytes of classifiers and visual prompts kept per cache (tuned, zero-shot) in each API process:
     # a tuned 10-class task on ViT-B-16 holds 20-170 KB, a zero-shot 1,000-class one 2 MB.
     predictor_cache_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    # The image encoder that serves /classify (training always runs in PyTorch). auto: OpenVINO on a
+    # CPU where installed (bf16 where the CPU has bf16 units), PyTorch fp16 on CUDA, else PyTorch fp32.
+    serve_runtime: Literal["auto", "openvino", "pytorch"] = "auto"
+    serve_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_window_ms: float = Field(5.0, ge=0)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
@@ -107,6 +112,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.data_dir / "storage"
+
+    @property
+    def compiled_dir(self) -> Path:
+        return self.data_dir / "compiled"
 
     @property
     def resolved_database_url(self) -> str:

@@ -11,6 +11,7 @@ arithmetic as `Predictor.logits` (tests check the results are equal).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,23 +27,65 @@ class ImageEncoder(Protocol):
 
     runtime: str
 
+    def describe(self) -> str: ...
+
     def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor: ...
 
 
+RUNTIMES = ("auto", "openvino", "pytorch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class TorchImageEncoder:
-    """The backbone's own PyTorch image tower (the reference every other runtime is compared to)."""
+    """The backbone's own PyTorch image tower (fp32: the reference every other runtime is compared
+    to), optionally under autocast in bf16/fp16 (what serves on CUDA)."""
 
     runtime = "pytorch"
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, precision: str = "fp32") -> None:
         self.backbone = backbone
+        self.precision = precision
 
     def describe(self) -> str:
-        return f"pytorch {next(self.backbone.clip.parameters()).dtype} on {self.backbone.device}"
+        return f"pytorch {self.precision} on {self.backbone.device}"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-        return encode_image(self.backbone.clip, images, prompts, normalize=True).float()
+        if self.precision == "fp32":
+            return encode_image(self.backbone.clip, images, prompts, normalize=True).float()
+        with torch.autocast(self.backbone.device.type, dtype=_AUTOCAST[self.precision]):
+            return encode_image(self.backbone.clip, images, prompts, normalize=True).float()
+
+
+def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: str = "auto",
+                        cache_dir: str | Path | None = None) -> tuple[ImageEncoder, str]:
+    """The serving image encoder and a note on how it was chosen (empty, or why it fell back).
+
+    auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed, in bf16 where the CPU has bf16
+    units (bench/serving_load.py measured ≥ 99.5 % top-1 agreement with PyTorch fp32 on a trained
+    artifact), else fp32; PyTorch fp32 without OpenVINO. A failing compilation falls back to PyTorch.
+    """
+    from .compiled import OpenVinoImageEncoder, cpu_has_bf16, openvino_available
+
+    if runtime not in RUNTIMES or precision not in PRECISIONS:
+        raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}, "
+                         f"not {runtime!r} and {precision!r}")
+    on_cuda = backbone.device.type == "cuda"
+    note = ""
+    if runtime == "auto":
+        runtime = "openvino" if openvino_available() and not on_cuda else "pytorch"
+    elif runtime == "openvino" and (on_cuda or not openvino_available()):
+        note = "OpenVINO serves CPUs only" if on_cuda else "OpenVINO is not installed"
+        runtime = "pytorch"
+    if runtime == "openvino":
+        chosen = precision if precision != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
+        try:
+            return OpenVinoImageEncoder(backbone, chosen, cache_dir), note
+        except Exception as error:  # a model the converter cannot take still serves, in PyTorch
+            note = f"OpenVINO failed ({type(error).__name__}: {error})"
+    chosen = precision if precision != "auto" else ("fp16" if on_cuda else "fp32")
+    return TorchImageEncoder(backbone, chosen), note
 
 
 def encoder_need(predictor: Predictor) -> Hashable:

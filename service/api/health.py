@@ -33,12 +33,14 @@ def _database() -> tuple[bool, str]:
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Database reachable, broker reachable, backbone loadable: 200 when all hold, else 503."""
+    """Database reachable, broker reachable, backbone loadable (and the image encoder that serves it):
+    200 when all hold, else 503."""
     checks = {
         "database": await run_in_threadpool(_database),
         "broker": await run_in_threadpool(broker_reachable),
         "backbone": await run_in_threadpool(runtime.backbone_status),
     }
+    checks["image_encoder"] = runtime.encoder_status()  # which runtime and precision serve /classify
     body = ReadyOut(ready=all(ok for ok, _ in checks.values()),
                     checks={name: CheckOut(ok=ok, detail=without_paths(detail))
                             for name, (ok, detail) in checks.items()})

@@ -1,0 +1,175 @@
+"""The image encoder compiled with OpenVINO, for serving on CPUs (training always runs in PyTorch).
+
+One compiled model per backbone serves every task: the visual prompts are an input of the graph,
+(batch, layers, n, width) with the batch and the prompt count n dynamic, and `replace` (layers,) says
+at which layers they replace the previous layer's outputs (1 up to the task's depth, 0 after), so
+VPT-shallow, VPT-deep and UPT tasks of any depth run through the same graph. Unprompted requests
+(zero-shot, CoOp) use a second graph without prompt inputs. Both are converted once and saved as
+OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256 and the library version), so a
+restart reads them instead of tracing the model again; compiling happens once, at load.
+
+Precision: "fp32" is exact to float rounding (features equal to ~1e-6); "bf16"/"fp16" run the
+matrix products in 16 bits where the CPU supports it (bench/serving_load.py prints the top-1
+agreement with PyTorch fp32 on a trained artifact).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO runs bf16 natively on this CPU (AVX-512 BF16 or AMX); emulated bf16 is slow."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class _PromptedImageTower(nn.Module):
+    """`encoders.encode_image` with per-sample prompts for every layer and a per-layer replace mask,
+    written for tracing (no Python branches on the prompts' values)."""
+
+    def __init__(self, clip) -> None:
+        super().__init__()
+        self.visual = clip.visual
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor, replace: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        x = self._embed(images)
+        n = prompts.shape[2]
+        x = torch.cat([x[:, :1], prompts[:, 0].to(x.dtype), x[:, 1:]], dim=1)
+        x = visual.ln_pre(x)
+        for index, block in enumerate(visual.transformer.resblocks):
+            if index > 0:
+                kept = x[:, 1:1 + n]
+                swapped = torch.where(replace[index] > 0, prompts[:, index].to(x.dtype), kept)
+                x = torch.cat([x[:, :1], swapped, x[:, 1 + n:]], dim=1)
+            x = self._block(block, x)
+        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+        return self._pool(x)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        x = visual.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+
+    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.visual.transformer.batch_first:
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return F.normalize(pooled, dim=-1)
+
+
+class _PlainImageTower(_PromptedImageTower):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = self.visual.ln_pre(self._embed(images))
+        for block in self.visual.transformer.resblocks:
+            x = self._block(block, x)
+        return self._pool(x)
+
+
+class OpenVinoImageEncoder:
+    """Normalised image features from the OpenVINO-compiled tower (see the module's docstring)."""
+
+    runtime = "openvino"
+
+    def __init__(self, backbone: Backbone, precision: str = "bf16", cache_dir: str | Path | None = None,
+                 threads: int | None = None) -> None:
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.backbone = backbone
+        self.precision = precision
+        self.layers = backbone.vision_layers
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        folder = None if cache_dir is None else Path(cache_dir) / _cache_key(backbone)
+        self._plain = core.compile_model(self._model(ov, folder, "plain"), "CPU", config)
+        self._prompted = core.compile_model(self._model(ov, folder, "prompted"), "CPU", config)
+        self._lock = threading.Lock()  # one inference at a time per compiled model (the batcher's thread)
+
+    def describe(self) -> str:
+        return f"openvino {self.precision} on cpu"
+
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        images = images.float().contiguous().numpy()
+        with self._lock:
+            if prompts is None:
+                out = self._plain([images])[0]
+            else:
+                inputs = self._prompt_inputs(prompts, len(images))
+                out = self._prompted([images, *inputs])[0]
+        return torch.from_numpy(out.copy())
+
+    def _prompt_inputs(self, prompts: torch.Tensor, batch: int):
+        if prompts.dim() == 3:
+            prompts = prompts.unsqueeze(0).expand(batch, *prompts.shape)
+        depth = prompts.shape[1]
+        if depth > self.layers:
+            raise ValueError(f"{depth} prompted layers exceed the backbone's {self.layers}.")
+        full = torch.zeros(batch, self.layers, prompts.shape[2], prompts.shape[3])
+        full[:, :depth] = prompts.float()
+        replace = torch.zeros(self.layers)
+        replace[:depth] = 1.0
+        return full.numpy(), replace.numpy()
+
+    def _model(self, ov, folder: Path | None, kind: str):
+        path = None if folder is None else folder / f"{kind}.xml"
+        if path is not None and path.is_file():
+            return ov.Core().read_model(path)
+        model = self._convert(ov, kind)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.tmp.xml")
+            ov.save_model(model, tmp, compress_to_fp16=False)
+            tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+            tmp.replace(path)  # the .xml last: a model on disk is complete
+        return model
+
+    def _convert(self, ov, kind: str):
+        clip = self.backbone.clip
+        size, width = self.backbone.image.size, self.backbone.vision_width
+        images = torch.zeros(2, 3, size, size)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes: the graph's inputs are declared dynamic
+            if kind == "plain":
+                return ov.convert_model(_PlainImageTower(clip).eval(), example_input=(images,),
+                                        input=[ov.PartialShape([-1, 3, size, size])])
+            prompts = torch.zeros(2, self.layers, 4, width)
+            replace = torch.ones(self.layers)
+            return ov.convert_model(
+                _PromptedImageTower(clip).eval(), example_input=(images, prompts, replace),
+                input=[ov.PartialShape([-1, 3, size, size]), ov.PartialShape([-1, self.layers, -1, width]),
+                       ov.PartialShape([self.layers])])
+
+
+def _cache_key(backbone: Backbone) -> str:
+    from . import __version__
+
+    return f"{backbone.name}-{backbone.weights_sha256[:16]}-upt{__version__}"
