@@ -110,6 +110,8 @@ class OpenVinoImageEncoder:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         folder = None if cache_dir is None else Path(cache_dir) / _cache_key(backbone)
+        if folder is not None:  # compiled blobs too, so a restart imports instead of compiling again
+            core.set_property({"CACHE_DIR": str(folder / "blobs")})
         self._plain = core.compile_model(self._model(ov, folder, "plain"), "CPU", config)
         self._prompted = core.compile_model(self._model(ov, folder, "prompted"), "CPU", config)
         self._lock = threading.Lock()  # one inference at a time per compiled model (the batcher's thread)

@@ -130,6 +130,9 @@ def base_env(data_dir: Path, tiny_checkpoint: Path, **overrides) -> dict:
         "UPT_REQUEUE_AFTER_S": "3",
         "UPT_SWEEP_INTERVAL_S": "1",
         "UPT_LOG_LEVEL": "info",
+        # PyTorch serves /classify in most service tests: compiling the OpenVINO encoder costs every
+        # start tens of seconds on a busy 2-core machine. test_svc_embedded serves with the default.
+        "UPT_SERVE_RUNTIME": "pytorch",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
     })
