@@ -9,8 +9,8 @@ OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256 and the li
 restart reads them instead of tracing the model again; compiling happens once, at load.
 
 Precision: "fp32" is exact to float rounding (features equal to ~1e-6); "bf16"/"fp16" run the
-matrix products in 16 bits where the CPU supports it (bench/serving_load.py prints the top-1
-agreement with PyTorch fp32 on a trained artifact).
+matrix products in 16 bits where the CPU supports it (bench/encoder_runtimes.py prints the top-1
+agreement with PyTorch fp32 on trained artifacts, and the speed of each).
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def cpu_has_bf16() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tile units for bf16, where OpenVINO's bf16 is several times faster than
+    fp32; with AVX-512 BF16 alone it measured slower than fp32 (bench/encoder_runtimes.py)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 class _PromptedImageTower(nn.Module):

@@ -62,11 +62,12 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
                         cache_dir: str | Path | None = None) -> tuple[ImageEncoder, str]:
     """The serving image encoder and a note on how it was chosen (empty, or why it fell back).
 
-    auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed, in bf16 where the CPU has bf16
-    units (bench/serving_load.py measured ≥ 99.5 % top-1 agreement with PyTorch fp32 on a trained
-    artifact), else fp32; PyTorch fp32 without OpenVINO. A failing compilation falls back to PyTorch.
+    auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed: in bf16 where the CPU has AMX
+    units, else in fp32 (bench/encoder_runtimes.py: bf16 kept ≥ 99.5 % top-1 agreement with PyTorch
+    fp32 on trained artifacts, but without AMX it ran slower than OpenVINO fp32); PyTorch fp32 without
+    OpenVINO. A failing compilation falls back to PyTorch.
     """
-    from .compiled import OpenVinoImageEncoder, cpu_has_bf16, openvino_available
+    from .compiled import OpenVinoImageEncoder, cpu_has_amx, openvino_available
 
     if runtime not in RUNTIMES or precision not in PRECISIONS:
         raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}, "
@@ -79,7 +80,7 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
         note = "OpenVINO serves CPUs only" if on_cuda else "OpenVINO is not installed"
         runtime = "pytorch"
     if runtime == "openvino":
-        chosen = precision if precision != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
+        chosen = precision if precision != "auto" else ("bf16" if cpu_has_amx() else "fp32")
         try:
             return OpenVinoImageEncoder(backbone, chosen, cache_dir), note
         except Exception as error:  # a model the converter cannot take still serves, in PyTorch
