@@ -149,7 +149,7 @@ def _by_shots(table: dict[tuple[str, str, int, str], Cell], plots: dict[str, str
     for name in sorted({key[0] for key in own}, key=_dataset_order):
         shots = sorted({key[2] for key in own if key[0] == name and key[2] > 0})
         methods = _ordered({}, {key[1] for key in own if key[0] == name})
-        header = ["Method", *(f"{k} shots" for k in shots)]
+        header = ["Method", *(f"{k} shot{'s' if k > 1 else ''}" for k in shots)]
         out += [f"### {DATASETS[name].title if name in DATASETS else name}", ""]
         if name in plots:
             out += [f"![{name}: accuracy by shots]({plots[name]})", ""]
