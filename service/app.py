@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+from service.api.openapi import document_problems
 from service.api import classify, events, health, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (tasks, events, classify, health):
         app.include_router(module.router)
+    document_problems(app)
     # After the API routes, so that they win over files of the same name.
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app

@@ -5,9 +5,12 @@ from __future__ import annotations
 from upt.methods import METHODS
 
 
-def _multipart(properties: dict, required: list[str]) -> dict:
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "properties": properties, "required": required}}}}}
+def _multipart(properties: dict, required: list[str], any_of: list[list[str]] | None = None) -> dict:
+    """`required` always; `any_of`: one of these sets of fields as well (e.g. files + labels, or archive)."""
+    schema = {"type": "object", "properties": properties, "required": required}
+    if any_of:
+        schema["anyOf"] = [{"required": fields} for fields in any_of]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 _text = {"type": "string"}
@@ -31,7 +34,7 @@ TASK_FORM = _multipart({
     "ctx_init": _text,
     "lr": {"type": "number", "exclusiveMinimum": 0},
     "batch_size": {"type": "integer", "minimum": 1},
-}, ["method"])
+}, ["method"], any_of=[["class_names", "files", "labels"], ["archive"]])
 
 CLASSIFY_FORM = _multipart({
     "files": _files,
@@ -40,4 +43,4 @@ CLASSIFY_FORM = _multipart({
     "top_k": {"type": "integer", "minimum": 1, "default": 5},
     "stage": {**_text, "enum": ["instant", "tuned"],
               "description": "with task_id: pin a stage (default: tuned once succeeded, else instant)"},
-}, ["files"])
+}, ["files"], any_of=[["task_id"], ["class_names"]])
