@@ -33,12 +33,16 @@ OPTIONS = dict(shots=16, epochs=30, lr=0.05, batch_size=16)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1, help="processes, one set each (one torch thread each)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     args = parser.parse_args()
+    from upt.auto import DEFAULT_CANDIDATES
     from upt.methods import METHODS
 
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    rows = (*methods, "auto") if set(DEFAULT_CANDIDATES) <= set(methods) else methods
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(SETS, pool.map(run_set, SETS.values())))
+        results = dict(zip(SETS, pool.map(run_set, SETS.values(), [methods] * len(SETS))))
     print("| set | intra-class visual variance | inter-class text variance |")
     print("|---|---|---|")
     for title, result in results.items():
@@ -46,11 +50,12 @@ def main() -> None:
     print()
     print("| method | " + " | ".join(SETS) + " |")
     print("|---|" + "---|" * len(SETS))
-    for method in (*METHODS, "auto"):
+    for method in rows:
         cells = [cell(result["accuracy"][method]) for result in results.values()]
         print(f"| {method} | " + " | ".join(cells) + " |")
     for title, result in results.items():
-        print(f"auto's picks, {title}: {', '.join(result['auto_picks'])}")
+        if result["auto_picks"]:
+            print(f"auto's picks, {title}: {', '.join(result['auto_picks'])}")
     print(f"{time.perf_counter() - started:.0f} s with {args.jobs} process(es)", file=sys.stderr)
 
 
@@ -58,15 +63,15 @@ def cell(accuracies: list[float]) -> str:
     return f"{100 * statistics.mean(accuracies):.1f}% (±{100 * statistics.pstdev(accuracies):.1f})"
 
 
-def run_set(folder: str) -> dict:
-    """Variances and every method's held-out accuracy per seed on one fixture set."""
+def run_set(folder: str, methods: tuple[str, ...]) -> dict:
+    """Variances and each method's held-out accuracy per seed on one fixture set (and auto's, when
+    `methods` holds its candidates)."""
     import torch
 
     from upt.analysis import analyze
     from upt.auto import DEFAULT_CANDIDATES, candidate_config, leaderboard_row, pick_winner
     from upt.backbone import load_backbone
     from upt.data import scan_image_folder
-    from upt.methods import METHODS
     from upt.predict import Predictor
     from upt.tiny import PRETRAINED_TINY, TINY_MODEL
     from upt.training import TrainConfig, train
@@ -75,12 +80,12 @@ def run_set(folder: str) -> dict:
     backbone = load_backbone(TINY_MODEL, str(PRETRAINED_TINY), "cpu")
     data = FIXTURES / folder
     report = analyze(backbone, data / "test")
-    accuracy: dict[str, list[float]] = {method: [] for method in (*METHODS, "auto")}
+    accuracy: dict[str, list[float]] = {method: [] for method in (*methods, "auto")}
     picks = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in SEEDS:
             rows, held_out = [], {}
-            for method in METHODS:
+            for method in methods:
                 config = candidate_config(TrainConfig(method, seed=seed, **OPTIONS), method)
                 began = time.perf_counter()
                 result = train(backbone, data / "train", config, Path(tmp) / f"{method}-{seed}")
@@ -89,9 +94,10 @@ def run_set(folder: str) -> dict:
                 held_out[method] = Predictor.from_artifact(backbone, result.artifact_dir).evaluate(samples)["accuracy"]
                 accuracy[method].append(held_out[method])
                 print(f"{folder} seed {seed} {method}: {100 * held_out[method]:.1f}%", file=sys.stderr, flush=True)
-            winner = pick_winner([next(row for row in rows if row.method == m) for m in DEFAULT_CANDIDATES])
-            accuracy["auto"].append(held_out[winner.method])
-            picks.append(winner.method)
+            if set(DEFAULT_CANDIDATES) <= set(methods):
+                winner = pick_winner([next(row for row in rows if row.method == m) for m in DEFAULT_CANDIDATES])
+                accuracy["auto"].append(held_out[winner.method])
+                picks.append(winner.method)
     return {"intra_class_visual": report.intra_class_visual, "inter_class_text": report.inter_class_text,
             "accuracy": accuracy, "auto_picks": picks}
 
