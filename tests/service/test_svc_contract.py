@@ -3,6 +3,10 @@ application/problem+json body, and the multipart forms say which fields are requ
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -64,3 +68,20 @@ def test_answered_problems_are_documented(stack, document):
     for method, path, response in answers:
         assert response.headers["content-type"].startswith("application/problem+json")
         assert str(response.status_code) in documented(document, method, path), (path, response.status_code)
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_contradiction_of_the_document(stack):
+    """A bounded property-based run (about 600 generated requests, well under a minute here) against the
+    real `upt serve` with API keys on: no 5xx, and every status code, content type and body as documented."""
+    pytest.importorskip("schemathesis", reason="schemathesis is part of the test extra: pip install -e '.[test]'")
+    cli = Path(sys.executable).parent / "schemathesis"
+    done = subprocess.run(
+        [str(cli), "run", f"{stack.url}/openapi.json", "-H", f"Authorization: Bearer {stack.keys['acme']}",
+         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                     "response_schema_conformance",
+         "--max-examples", "30", "--phases", "coverage,fuzzing", "--generation-deterministic", "--no-color"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout.split("SUMMARY")[-1], done.stdout[-3000:]
