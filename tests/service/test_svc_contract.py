@@ -72,7 +72,7 @@ def test_answered_problems_are_documented(stack, document):
 
 @pytest.mark.service
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_contradiction_of_the_document(stack):
+def test_schemathesis_finds_no_server_error_and_no_contradiction_of_the_document(stack, tmp_path):
     """A bounded property-based run (about 600 generated requests, well under a minute here) against the
     real `upt serve` with API keys on: no 5xx, and every status code, content type and body as documented."""
     pytest.importorskip("schemathesis", reason="schemathesis is part of the test extra: pip install -e '.[test]'")
@@ -82,6 +82,6 @@ def test_schemathesis_finds_no_server_error_and_no_contradiction_of_the_document
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance",
          "--max-examples", "30", "--phases", "coverage,fuzzing", "--generation-deterministic", "--no-color"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache folder goes there
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout.split("SUMMARY")[-1], done.stdout[-3000:]
