@@ -145,7 +145,8 @@ def real_service(tmp_path_factory, other_origin):
     API keys required and pages on `other_origin` allowed. Yields {"url", "key"}. UPT_TEST_SERVICE_URL
     (+ UPT_TEST_API_KEY) uses a running one."""
     if os.environ.get("UPT_TEST_SERVICE_URL"):
-        yield {"url": os.environ["UPT_TEST_SERVICE_URL"].rstrip("/"), "key": os.environ.get("UPT_TEST_API_KEY", "")}
+        key = os.environ.get("UPT_TEST_API_KEY", "")
+        yield {"url": os.environ["UPT_TEST_SERVICE_URL"].rstrip("/"), "key": key, "new_key": lambda tenant: key}
         return
     from upt.tiny import PRETRAINED_TINY
 
@@ -163,6 +164,14 @@ def real_service(tmp_path_factory, other_origin):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     key = json.loads(out.stdout.strip().splitlines()[-1])["key"]
+
+    def new_key(tenant: str) -> str:
+        """A key of another tenant, so that a test's tasks stay out of the other tests' lists."""
+        made = subprocess.run(base_cmd + ["keys", "create", "--tenant", tenant, "--json"], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr
+        return json.loads(made.stdout.strip().splitlines()[-1])["key"]
+
     port = free_port()
     log = tmp / "serve.log"
     with open(log, "wb") as log_file:
@@ -171,7 +180,7 @@ def real_service(tmp_path_factory, other_origin):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, 240, proc, log)
-        yield {"url": url, "key": key, "log": log}
+        yield {"url": url, "key": key, "log": log, "new_key": new_key}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the group: `serve` and its embedded worker

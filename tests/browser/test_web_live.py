@@ -26,7 +26,7 @@ def class_folder(tmp_path, fixture_images, classes: dict[str, int]):
 
 
 def test_tasks_made_through_the_api_appear_and_a_running_task_is_streamed(real_service, open_page, fixture_images):
-    base, key = real_service["url"], real_service["key"]
+    base, key = real_service["url"], real_service["new_key"]("live-updates")
     page, guard = open_page(base)
     page.goto(base + "/")
     enter_key(page, key)
