@@ -16,9 +16,13 @@ from upt.methods import CACHE_METHODS, METHODS
 # is made on the pretrained tiny CLIP by scripts/fashion_table.py.
 TRAIN_OPTIONS = ["--shots", "16", "--epochs", "100", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
 CACHE_OPTIONS = ["--shots", "16", "--seed", "1"]
+# CoCoOp encodes the class prompts once per image: 20 epochs (its paper runs 10) keep it within the timeout.
+COCOOP_OPTIONS = ["--shots", "16", "--epochs", "20", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
 
 
 def train_options(method: str) -> list[str]:
+    if method == "cocoop":
+        return COCOOP_OPTIONS
     return CACHE_OPTIONS if method in CACHE_METHODS else TRAIN_OPTIONS
 
 

@@ -69,3 +69,11 @@ def test_dg_grid_fills_table_1_with_the_papers_numbers_beside(tiny, tmp_path):
     assert "(68.98)" in row and "(58.27)" in row and "—" not in row.split("|")[3]
     assert paper_results()["table1"]["upt"]["imagenet_a"] == 50.66
     assert paper_results()["table2"]["upt"]["average"] == 81.44
+
+
+def test_imagenet_runs_take_50_epochs_except_methods_with_their_own_schedule():
+    from upt.reproduce.grid import default_epochs
+
+    epochs = {run.method: default_epochs(run) for run in GridSpec("dg", seeds=(1,)).runs()}
+    assert epochs == {"coop": 50, "cocoop": None, "vpt-shallow": 50, "vpt-deep": 50, "upt": 50}
+    assert {default_epochs(r) for r in GridSpec("few-shot", datasets=("eurosat",), seeds=(1,)).runs()} == {None}

@@ -81,9 +81,10 @@ class GridSpec:
 
 
 def default_epochs(run: Run) -> int | None:
-    """CoOp's schedule, as the paper's: ImageNet 50 epochs at every shot count, the others by shots
-    (None: `epochs_for_shots`)."""
-    return 50 if run.dataset == "imagenet" and run.method != ZERO_SHOT else None
+    """The paper's schedule (CoOp's): ImageNet 50 epochs at every shot count for the methods on that
+    schedule; None otherwise: the method's own (by shots; CoCoOp's 10, Tip-Adapter's recipe)."""
+    on_schedule = run.method in FEW_SHOT_METHODS and run.method != ZERO_SHOT
+    return 50 if run.dataset == "imagenet" and on_schedule else None
 
 
 def _check(datasets: tuple[str, ...], methods: tuple[str, ...], shots: tuple[int, ...], seeds: tuple[int, ...]) -> None:
