@@ -206,7 +206,7 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
     original = uploads_module.Image.open
     uploads_module.Image.open = counting_open
     try:
-        out = classify._classify(form, None, None, Settings(data_dir=tmp_path), Runtime(), None, Metrics(), Batcher())
+        out = classify._classify(form, None, None, Settings(data_dir=tmp_path), Runtime(), None, Metrics(), Batcher(), None)
     finally:
         uploads_module.Image.open = original
     assert len(out.predictions) == 6
