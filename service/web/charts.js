@@ -98,6 +98,24 @@ export function confusionMatrix(matrix, names) {
 function fmtCount(v) { return Number.isInteger(v) ? String(v) : v.toFixed(2); }
 
 /** Horizontal bars of per-class accuracy. */
+/** method=auto's leaderboard: validation accuracy per candidate, the winner marked. */
+export function leaderboardBars(auto) {
+  const rows = Array.isArray(auto?.leaderboard) ? auto.leaderboard : [];
+  if (!rows.length) return null;
+  return h("div", { class: "leaderboard", "data-role": "leaderboard" },
+    h("ul", { class: "per-class" }, rows.map((r) => {
+      const v = r.val_accuracy === null || r.val_accuracy === undefined ? null : Number(r.val_accuracy);
+      const won = r.method === auto.winner;
+      return h("li", { class: won ? "winner" : "", "data-method": r.method },
+        h("span", { class: "pc-name" }, won ? `★ ${r.method}` : r.method),
+        h("span", { class: "bar", role: "img", "aria-label": `${r.method}: ${v === null ? "no validation images" : pct(v, 1)}${won ? ", chosen" : ""}` },
+          h("span", { class: "bar-fill", style: { width: `${Math.max(0, Math.min(1, v ?? 0)) * 100}%` } })),
+        h("span", { class: "pc-val" }, v === null ? "n/a" : pct(v, 1)));
+    })),
+    h("p", { class: "muted small", "data-role": "val-count" },
+      `Chosen: ${auto.winner}, the best validation accuracy on ${auto.val_count} held-out image${auto.val_count === 1 ? "" : "s"} (ties: fewer trained parameters).`));
+}
+
 export function perClassBars(per, names) {
   let entries;
   const val = (v) => (v === null || v === undefined || !Number.isFinite(Number(v)) ? null : Number(v));

@@ -87,7 +87,8 @@ export function classesFromFolders(files) {
 }
 
 export const METHODS = [
-  { id: "upt", name: "UPT (unified prompt)", line: "One small network writes both the text and the image prompts. The best all-round choice: it helps both when pictures of a class vary a lot and when class names sound alike.", recommended: true },
+  { id: "auto", name: "Auto (pick for me)", line: "Trains Tip-Adapter-F, CoOp, VPT deep and UPT on the same images and keeps the one that is best on your held-out images. Meanwhile a training-free model answers.", recommended: true },
+  { id: "upt", name: "UPT (unified prompt)", line: "One small network writes both the text and the image prompts. The best all-round choice: it helps both when pictures of a class vary a lot and when class names sound alike." },
   { id: "coop", name: "CoOp (text prompt)", line: "Learns the words around each class name (\"a photo of a …\"). Cheap and strong when each class looks consistent but its name alone says little." },
   { id: "vpt-shallow", name: "VPT shallow", line: "Learns a few extra image tokens at the input of the image encoder. Helps when your images look unlike web photos (sketches, scans, X-rays); cheapest visual option." },
   { id: "vpt-deep", name: "VPT deep", line: "Learns image tokens at every layer of the image encoder. More capacity for a large visual shift; needs more shots to avoid over-fitting." },

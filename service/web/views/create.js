@@ -5,7 +5,7 @@ import { h, clear, announce } from "../dom.js";
 import { classesFromFolders, dropZone, METHODS } from "../widgets.js";
 
 // The draft survives navigating away and back (files stay in memory until the page reloads).
-const draft = { mode: "classes", classes: [], archive: null, method: "upt", shots: "", epochs: "", seed: "", idem: null };
+const draft = { mode: "classes", classes: [], archive: null, method: "auto", shots: "", epochs: "", seed: "", idem: null };
 
 const FIELD_SLOTS = { class_names: "classes", labels: "images", files: "images", archive: "archive", method: "method", shots: "shots", epochs: "epochs", seed: "seed" };
 

@@ -2,7 +2,7 @@
 // While it trains the task is followed over server-sent events where the browser can, else polled.
 import { api, followTask, normTask, normEvents, ACTIVE } from "../api.js";
 import { h, clear, announce, statusBadge, progressBar, fmtTime, fmtNum, pct, loading, errorBox, keepProgress } from "../dom.js";
-import { lossAccChart, confusionMatrix, perClassBars } from "../charts.js";
+import { lossAccChart, confusionMatrix, perClassBars, leaderboardBars } from "../charts.js";
 import { methodName } from "../widgets.js";
 import { classifyPanel } from "./try.js";
 import { short } from "./tasks.js";
@@ -18,10 +18,12 @@ export function taskView(root, { id }) {
   const head = h("div", { class: "view-head" }, title, h("div", { class: "head-actions" }));
   // Not a live region: it changes every poll. Status changes are announced once, through the announcer.
   const statusLine = h("div", { class: "status-line" });
+  // What answers /classify now: the training-free stage, then the tuned one (GET /tasks/{id} `stages`).
+  const stagesLine = h("ul", { class: "stages", "data-role": "stages" });
   const notice = h("p", { class: "notice-line", role: "status" });
   const content = h("div", { class: "task-content", "aria-busy": "true" }, loading("Loading the task…"));
   root.append(h("section", { class: "view", "aria-labelledby": "task-title" },
-    h("p", { class: "crumbs" }, h("a", { href: "#/" }, "← All tasks")), head, statusLine, notice, content));
+    h("p", { class: "crumbs" }, h("a", { href: "#/" }, "← All tasks")), head, statusLine, stagesLine, notice, content));
 
   const sections = {
     settings: h("section", { class: "card", "aria-labelledby": "s-settings" }),
@@ -107,10 +109,38 @@ export function taskView(root, { id }) {
     });
 
     if (!prev || prev.status !== t.status) renderSettings();
+    renderStages();
     renderTraining();
     renderResults();
     renderVariances();
-    if (!prev || prev.status !== t.status) renderTry();
+    if (!prev || prev.status !== t.status || answersNow(prev) !== answersNow(t)) renderTry();
+  }
+
+  function answersNow(t) {
+    return t.status === "succeeded" || t.stages?.instant?.state === "ready";
+  }
+
+  function renderStages() {
+    const st = task.stages;
+    clear(stagesLine);
+    if (!st) return;
+    const i = st.instant || {}, tu = st.tuned || {};
+    const acc = (v) => (v === null || v === undefined ? "" : `, ${pct(v, 0)} on validation`);
+    const running = task.metrics?.auto?.running;
+    const instantText = {
+      ready: `Answers now: training-free${acc(i.val_accuracy)}`,
+      failed: `Training-free stage failed: ${i.error || "unknown error"}`,
+    }[i.state] || "Preparing a training-free answer…";
+    const name = methodName(tu.method) + (running ? ` (now ${methodName(running)})` : "");
+    const tunedText = {
+      queued: `${name}: waiting for a worker`,
+      training: `Training ${name}: epoch ${task.epoch ?? 0}/${task.epochs ?? "?"}`,
+      ready: `Trained ${methodName(task.metrics?.auto?.winner || tu.method)}${acc(tu.val_accuracy)}: answers from now on`,
+      failed: `Training ${name} failed; the training-free stage still answers`,
+      cancelled: `Training ${name} was cancelled; the training-free stage still answers`,
+    }[tu.state] || tu.state;
+    stagesLine.append(h("li", { "data-stage": "instant", "data-state": i.state || "pending" }, instantText),
+      h("li", { "data-stage": "tuned", "data-state": tu.state || "" }, tunedText));
   }
 
   function renderActions() {
@@ -170,6 +200,7 @@ export function taskView(root, { id }) {
     if (!has) { s.append(h("p", { class: "muted" }, "The service reported no metrics for this task.")); return; }
     const names = m.class_names || task.class_names;
     const valAcc = m.val_accuracy ?? m.accuracy;
+    if (m.auto) s.append(h("div", { class: "auto-box" }, h("h3", {}, "Methods compared"), leaderboardBars(m.auto)));
     s.append(h("div", { class: "results-grid" },
       h("div", {},
         h("div", { class: "big-metric" }, h("span", { class: "big" }, pct(valAcc, 1)), h("span", { class: "muted" }, "validation accuracy"),
@@ -210,9 +241,10 @@ export function taskView(root, { id }) {
 
   function renderTry() {
     const s = sections.tryit;
-    s.hidden = task.status !== "succeeded";
+    s.hidden = !answersNow(task);
     if (s.hidden) return;
     clear(s).append(h("h2", { id: "s-try" }, "Try it"));
+    if (task.status !== "succeeded") s.append(h("p", { class: "muted small" }, "The training-free stage answers until the training has finished."));
     tryPanel = classifyPanel({ taskId: task.id, idPrefix: "detail" });
     s.append(tryPanel);
   }

@@ -42,8 +42,11 @@ export function classifyPanel({ taskId, getSource, idPrefix = "try" }) {
     clear(results).append(loading(`Classifying ${files.length} image${files.length > 1 ? "s" : ""}…`));
     results.setAttribute("aria-busy", "true"); btn.disabled = true;
     try {
-      const out = normClassify(await api.classify(fd), files);
+      const raw = await api.classify(fd);
+      const out = normClassify(raw, files);
       clear(results);
+      const stageNames = { instant: "the training-free stage", tuned: "the trained model", "zero-shot": "zero-shot CLIP" };
+      if (raw?.stage) results.append(h("p", { class: "muted small", "data-role": "stage", "data-stage": raw.stage }, `Answered by ${stageNames[raw.stage] || raw.stage}.`));
       if (!out.length) results.append(h("p", { class: "muted" }, "The service returned no predictions."));
       out.forEach((r) => results.append(resultCard({ ...r, top: r.top.slice(0, TOP_K) })));
       announce(out.length ? `Top label for ${out[0].filename}: ${out[0].top[0]?.label ?? "none"}.` : "No predictions.");
