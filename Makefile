@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/encoder_runtimes.py
 	$(BIN)/python bench/misses.py
 	$(BIN)/python bench/serving_load.py
+	$(BIN)/python bench/first_answer.py
 
 # Offline demo: the project's tiny backbone pretrained here on Fashion-MNIST (scripts/pretrain_tiny.py),
 # named explicitly (never a silent fallback). It knows clothes in 32-pixel greyscale, nothing else.

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 WEB = Path(__file__).resolve().parents[2] / "service" / "web"
-METHODS = {"zero-shot", "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp"}
+METHODS = {"zero-shot", "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp", "tip-adapter",
+           "tip-adapter-f", "auto"}
 
 
 def problem(status: int, title: str, detail: str, errors=None):
