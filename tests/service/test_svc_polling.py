@@ -16,12 +16,18 @@ def test_304_on_an_unchanged_task_and_200_with_a_new_etag_after_progress(stack):
     client = stack.client("acme")
     data, files = task_form(per_class=2, method="coop", shots=2, epochs=3, batch_size=4)
     task = client.post("/tasks", data=data, files=files).json()
+    # The API builds the task's instant stage right after creating it, which changes the row (and its
+    # ETag) once more: wait for that, so that nothing but a worker can change it below.
+    deadline = time.monotonic() + 120
+    while client.get(f"/tasks/{task['id']}").json()["stages"]["instant"]["state"] not in ("ready", "failed"):
+        assert time.monotonic() < deadline, "the instant stage was not built"
+        time.sleep(0.2)
     first = client.get(f"/tasks/{task['id']}")
     etag = first.headers["etag"]
     assert first.status_code == 200 and first.headers["retry-after"].isdigit()
     assert "no-cache" in first.headers["cache-control"]
 
-    while True:  # unchanged until a worker takes it (none runs yet)
+    while True:  # unchanged until a worker takes it (none runs yet; the instant stage is built)
         again = client.get(f"/tasks/{task['id']}", headers={"If-None-Match": etag})
         assert again.status_code == 304 and again.content == b"", again.text
         assert again.headers["etag"] == etag and again.headers["retry-after"].isdigit()
