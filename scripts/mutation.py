@@ -66,6 +66,7 @@ SCHEDULE_TABLE = "tests/core/test_training.py::test_paper_schedule"
 TIP_CACHE = "tests/core/test_reference_tip_adapter.py::test_cache_holds_the_shots_normalised_keys_and_one_hot_labels"
 TIP_LOGITS = "tests/core/test_reference_tip_adapter.py::test_served_logits_are_the_papers_formula"
 TIP_SEARCH = "tests/core/test_reference_tip_adapter.py::test_alpha_and_beta_reach_the_best_validation_accuracy_of_the_grid"
+COCOOP_LOGITS = (LOGITS, "-k", "cocoop")
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
 
 
@@ -85,6 +86,7 @@ def m(name, file, original, replacement, description, *tests, issue=False) -> Mu
 
 
 TIP = "upt/methods/tip_adapter.py"
+COCOOP = "upt/methods/cocoop.py"
 PROMPTS, MODEL, ENC = "upt/methods/prompts.py", "upt/methods/model.py", "upt/encoders.py"
 TRAIN, DATA, ART, PRED = "upt/training.py", "upt/data.py", "upt/artifact.py", "upt/predict.py"
 
@@ -111,7 +113,7 @@ MUTANTS: list[Mutant] = [
     m("deep-text-prompts-one-too-far", ENC, "x = _run_blocks(clip.transformer, x, mask, context, start=1)",
       "x = _run_blocks(clip.transformer, x, mask, context, start=2)",
       "deep text prompts written one position too far", LOGITS, issue=True),
-    m("one-placeholder-too-many", MODEL, '" ".join(["X"] * self.n_ctx)', '" ".join(["X"] * (self.n_ctx + 1))',
+    m("one-placeholder-too-many", MODEL, '" ".join(["X"] * n_ctx)', '" ".join(["X"] * (n_ctx + 1))',
       "one X placeholder too many in every prompt", LOGITS, issue=True),
     m("ensemble-not-renormalised", MODEL, "return F.normalize(features.mean(dim=1), dim=-1)",
       "return features.mean(dim=1)", "the template ensemble's mean not re-normalised", LOGITS, issue=True),
@@ -276,6 +278,18 @@ MUTANTS: list[Mutant] = [
     m("tip-classifier-first-template", TRAIN, "classifier = template_classifier(backbone, class_names, config.templates)",
       "classifier = template_classifier(backbone, class_names, config.templates[:1])",
       "Tip-Adapter's W from the first template only", TIP_LOGITS),
+    # ---- methods/cocoop.py (CoCoOp) ------------------------------------------------------------------
+    m("cocoop-shift-ignored", COCOOP, "return self.context[0].unsqueeze(0) + shift.unsqueeze(1)",
+      "return self.context[0].unsqueeze(0) + 0 * shift.unsqueeze(1)", "CoCoOp's meta-net output never added",
+      *COCOOP_LOGITS),
+    m("cocoop-meta-net-linear", COCOOP, "nn.Linear(feature_width, hidden), nn.ReLU(inplace=True),",
+      "nn.Linear(feature_width, hidden), nn.Identity(),", "CoCoOp's meta-net without its ReLU", *COCOOP_LOGITS),
+    m("cocoop-raw-features", MODEL, "features = encode_image(self.clip, images, None, normalize=True)",
+      "features = encode_image(self.clip, images, None, normalize=False)",
+      "CoCoOp's meta-net and logits on unnormalised image features", *COCOOP_LOGITS),
+    m("cocoop-classifiers-of-other-images", COCOOP, 'torch.einsum("bd,bkd->bk", features.to(text.dtype), text)',
+      'torch.einsum("bd,bkd->bk", features.flip(0).to(text.dtype), text)',
+      "each image scored against another image's classifier", *COCOOP_LOGITS),
 ]
 
 

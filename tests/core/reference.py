@@ -217,9 +217,24 @@ def method_prompts(method: str, p: dict[str, Tensor], n_ctx: int) -> ReferencePr
 TEXT_LEARNING = {"coop", "joint", "upt", "mlp", "shared"}
 
 
+def cocoop_logits(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], images: Tensor) -> Tensor:
+    """CoCoOp: image i's context is v + h(x_i), h = Linear → ReLU → Linear on the normalised feature x_i;
+    its own classifier W(x_i) is built from that context, and scored against x_i."""
+    features = F.normalize(image_features(clip, images, None), dim=-1)
+    rows = []
+    for x in features:
+        shift = torch.relu(x @ p["meta_net.0.weight"].T + p["meta_net.0.bias"]) @ p["meta_net.2.weight"].T \
+            + p["meta_net.2.bias"]
+        classifier = prompted_classifier(clip, tokenizer, class_names, p["context"] + shift)
+        rows.append(clip.logit_scale.exp() * classifier @ x)
+    return torch.stack(rows)
+
+
 def logits(clip, tokenizer, method: str, p: dict[str, Tensor], class_names: list[str], images: Tensor,
            n_ctx: int, templates: tuple[str, ...]) -> Tensor:
     """logit_scale · cos(φ(x; visual prompts), W) for every image and class."""
+    if method == "cocoop":
+        return cocoop_logits(clip, tokenizer, p, class_names, images)
     prompts = method_prompts(method, p, n_ctx)
     if method in TEXT_LEARNING:
         classifier = prompted_classifier(clip, tokenizer, class_names, prompts.text)

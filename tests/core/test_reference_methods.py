@@ -34,6 +34,7 @@ CASES = [
     ("shared", {}),
     ("shared", {"ctx_init": "a photo of a", "depth": 2}),
     ("mlp", {}),
+    ("cocoop", {}),
 ]
 
 
@@ -90,10 +91,10 @@ def test_logits_match_the_reference(backbone, case):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["coop", "vpt-deep", "upt", "joint", "shared", "mlp"])
+@pytest.mark.parametrize("method", ["coop", "vpt-deep", "upt", "joint", "shared", "mlp", "cocoop"])
 def test_gradients_match_the_reference(backbone, method):
     """The gradient of the cross-entropy with respect to every learned tensor, through both towers."""
-    options = {"depth": 2} if method != "vpt-deep" else {}
+    options = {"depth": 2} if method not in ("vpt-deep", "cocoop") else {}
     model = project_model(backbone, method, options)
     images, labels = images_for(backbone), torch.tensor([0, 2, 1])
     parameters = learned(model)
@@ -161,7 +162,7 @@ def vit_b_16():
     return float64_backbone("ViT-B-16")
 
 
-VIT_CASES = [CASES[i] for i in (1, 3, 5, 6, 9, 10, 12, 13)]  # each method once, its deep form where it has one
+VIT_CASES = [CASES[i] for i in (1, 3, 5, 6, 9, 10, 12, 13, 14)]  # each method once, its deep form where it has one
 
 
 @pytest.mark.slow
