@@ -132,6 +132,8 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "mlp": 2 * m * d_t + 2 * (d_t * d_t + d_t) + to_vision,
         "tip-adapter": 0,
         "tip-adapter-f": None,  # one key of the embedding width (512) per cached image: data-dependent
+        # CoOp's context plus the meta-net: Linear(512 -> 512/16), ReLU, Linear(512/16 -> text width).
+        "cocoop": m * d_t + (512 * 32 + 32) + (32 * d_t + d_t),
     }
     assert trainable_parameters_by_method("ViT-B-16") == expected
     assert trainable_parameters_by_method("ViT-B-16", cached_images=10 * 16)["tip-adapter-f"] == 10 * 16 * 512
