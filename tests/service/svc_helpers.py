@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -163,6 +165,12 @@ class Stack:
 
     def start_worker(self, name: str = "worker") -> Proc:
         return Proc([sys.executable, "-m", "worker"], self.env, self.tmp / f"{name}.log")
+
+    def new_tenant(self, prefix: str) -> str:
+        """A tenant of its own with a key, for a test that must see only its own tasks on the shared stack."""
+        tenant = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.keys[tenant] = json.loads(self.command("keys", "create", "--tenant", tenant, "--json"))["key"]
+        return tenant
 
     def client(self, tenant: str = "acme") -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {self.keys[tenant]}"})

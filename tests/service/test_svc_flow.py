@@ -26,7 +26,8 @@ def metric(text: str, name: str) -> float:
 
 
 def test_create_train_classify_cancel_delete(stack, tmp_path):
-    client = stack.client("acme")
+    # A tenant of its own: the task list below must hold only this test's tasks, whatever ran before.
+    client = stack.client(stack.new_tenant("flow"))
     worker = stack.start_worker()
     try:
         data, files = task_form(per_class=4, method="coop", shots=2, epochs=2, seed=3, batch_size=4)

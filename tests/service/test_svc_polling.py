@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -80,7 +81,10 @@ class Statements:
         event.remove(self.engine, "before_cursor_execute", self._record)
 
     def _record(self, conn, cursor, statement, *args) -> None:
-        self.seen.append(statement)
+        # The API's background sweeper (recovery.Sweeper) reads the database on its own schedule; on a
+        # busy machine its first sweep can fall inside the counted request. Count the request's alone.
+        if threading.current_thread().name != "upt-sweeper":
+            self.seen.append(statement)
 
 
 def test_a_304_reads_neither_events_nor_metrics_and_heartbeats_keep_the_tag(sqlite_database):
