@@ -1,7 +1,12 @@
 """One training step per method (forward, backward, SGD step of the prompts), as `upt train` runs it:
 float16 autocast with a gradient scaler on CUDA, float32 on CPU. ViT-B-16 with random weights.
 
-Prints the median step time and images/s per method at one batch size.
+Prints the median step time and images/s per method at one batch size. Tip-Adapter learns no prompts,
+so its costs are those of `upt train` for the cache methods (upt/methods/tip_adapter.py):
+- building the cache: one augmented view of the batch through the frozen image encoder (no gradient),
+  repeated `augment_views` times per training image, then the α/β grid search on validation features;
+- Tip-Adapter-F: one AdamW step of the cache keys over a batch of cached features (the encoder never
+  runs per step).
 """
 
 from __future__ import annotations
@@ -15,9 +20,30 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 from _timing import machine
-from upt.backbone import random_backbone
+from upt.backbone import Backbone, random_backbone
+from upt.encoders import encode_image
 from upt.errors import ConfigError
-from upt.methods import METHODS, ZERO_SHOT, PromptConfig, PromptedCLIP
+from upt.methods import CACHE_METHODS, METHODS, ZERO_SHOT, PromptConfig, PromptedCLIP, template_classifier
+from upt.methods.config import DEFAULT_TEMPLATE
+from upt.methods.tip_adapter import (TIP_ADAPTER, CacheOptions, build_keys, fine_tune_keys, one_hot_values,
+                                     search_alpha_beta)
+
+SHOTS, VAL_PER_CLASS = 16, 4  # the cache of a 16-shot task, α/β searched on 4 validation images per class
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call (kernels, allocator), synchronising CUDA around each."""
+    times = []
+    for index in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def step_seconds(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor, repeats: int) -> float:
@@ -25,22 +51,53 @@ def step_seconds(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.002, momentum=0.9)
-    times = []
-    for index in range(repeats + 1):  # the first step warms up kernels and allocator
-        if amp:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if amp:
-            torch.cuda.synchronize()
-        if index:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return timed(step, device, repeats)  # the first step warms up kernels and allocator
+
+
+def cache_build(backbone: Backbone, images: torch.Tensor, classifier: torch.Tensor, repeats: int) -> None:
+    """Tip-Adapter: one cache view of the batch (as `encode_views` encodes it) and the α/β search."""
+    options = CacheOptions()
+    device, batch, classes = images.device, len(images), len(classifier)
+
+    @torch.no_grad()
+    def one_view():
+        encode_image(backbone.clip, images, None, normalize=False).float()
+
+    view_s = timed(one_view, device, repeats)
+    cached = SHOTS * classes * options.augment_views
+    keys = build_keys(torch.randn(options.augment_views, SHOTS * classes, classifier.shape[1], device=device))
+    values = one_hot_values(torch.arange(SHOTS * classes, device=device) % classes, classes)
+    val = F.normalize(torch.randn(VAL_PER_CLASS * classes, classifier.shape[1], device=device), dim=-1)
+    val_labels = torch.arange(len(val)) % classes
+    zero_shot = backbone.logit_scale * val @ classifier.T
+    search_s = timed(lambda: search_alpha_beta(zero_shot, val, val_labels, keys, values, options), device, repeats)
+    print(f"{'tip-adapter':12s} {1000 * view_s:9.1f} ms per cache view of {batch}  {batch / view_s:8.1f} images/s"
+          f"  (a {SHOTS}-shot cache of {classes} classes x {options.augment_views} views = {cached} encodes: "
+          f"~{cached / batch * view_s:.1f} s); α/β search ({options.beta_steps}x{options.alpha_steps} grid, "
+          f"{len(val)} validation features): {1000 * search_s:.1f} ms")
+
+
+def key_step(backbone: Backbone, classifier: torch.Tensor, repeats: int) -> None:
+    """Tip-Adapter-F: one epoch over exactly one batch of cached features is one AdamW step of the keys."""
+    options = CacheOptions(epochs=1)
+    device, classes, width = classifier.device, len(classifier), classifier.shape[1]
+    n = options.batch_size
+    views = torch.randn(options.augment_views, n, width, device=device)
+    labels = torch.arange(n) % classes
+    keys, values = build_keys(views), one_hot_values(labels.to(device), classes)
+    seconds = timed(lambda: fine_tune_keys(keys, values, views, labels, classifier, backbone.logit_scale,
+                                           options, seed=0), device, repeats)
+    print(f"{'tip-adapter-f':12s} {1000 * seconds:9.1f} ms per step   {n / seconds:8.1f} cached features/s "
+          f"(batch {n} of cached features, keys {n}x{width}; plus the cache build above)")
 
 
 def main() -> None:
@@ -58,9 +115,16 @@ def main() -> None:
     names = list(IMAGENET_CLASSNAMES[: args.classes])
     print(f"# training step, {args.model} (random weights), batch {args.batch}, {args.classes} classes, {machine()}")
     for method in args.methods.split(","):
+        if method in CACHE_METHODS:
+            classifier = template_classifier(backbone, names, (DEFAULT_TEMPLATE,))
+            if method == TIP_ADAPTER:
+                cache_build(backbone, images, classifier, args.repeats)
+            else:
+                key_step(backbone, classifier, args.repeats)
+            continue
         try:
             model = PromptedCLIP(backbone, names, PromptConfig(method)).train()
-        except ConfigError as error:  # cache models (Tip-Adapter) and `auto` are not one prompt model
+        except ConfigError as error:  # `auto` is not one prompt model
             print(f"{method:12s} not timed: {error}")
             continue
         seconds = step_seconds(model, images, labels, args.repeats)
