@@ -19,7 +19,7 @@ from typing import Any
 from service.errors import invalid
 from service.settings import Settings
 from service.storage import Storage
-from service.uploads import ParsedForm, UploadedFile, check_request_pixels, open_image, too_large
+from service.uploads import ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
 
 # Optional numeric options of POST /tasks and their types; TrainConfig.validate() checks ranges.
 INT_OPTIONS = ("shots", "epochs", "seed", "n_ctx", "depth", "batch_size")
@@ -258,7 +258,7 @@ def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
     for label, name, content in spec.images:
         data = content.path.read_bytes() if isinstance(content, UploadedFile) else content
         field = content.field if isinstance(content, UploadedFile) else "archive"
-        image = open_image(data, name, field, settings.max_image_pixels)
+        image = decode_upload(data, name, field, settings.max_image_pixels)
         folder = data_dir / folder_of[label]
         folder.mkdir(parents=True, exist_ok=True)
         counters[label] = counters.get(label, 0) + 1

@@ -258,7 +258,7 @@ def check_request_pixels(uploads: list[tuple[bytes | Path, str, str]], max_pixel
                             "(UPT_MAX_REQUEST_PIXELS); send fewer or smaller images per request.")
 
 
-def open_image(data: bytes, name: str, field_name: str, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, name: str, field_name: str, max_pixels: int) -> Image.Image:
     """Decode one upload into an RGB image, or a 4xx that names the file and the problem."""
     image = _header(data, name, field_name, max_pixels)
     try:

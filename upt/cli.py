@@ -418,9 +418,9 @@ def _templates(args: argparse.Namespace, source) -> tuple[str, ...]:
 
 
 def _emit_predictions(args: argparse.Namespace, predictor) -> int:
-    from .data import open_image
+    from .data import read_image_file
 
-    images = [open_image(path) for path in args.images]
+    images = [read_image_file(path) for path in args.images]
     results = predictor.predict(images, top_k=args.top_k)
     payload = {"predictions": [{"image": str(path), "top": [p.as_dict() for p in top]}
                                for path, top in zip(args.images, results)]}

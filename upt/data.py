@@ -149,7 +149,9 @@ def eval_transform(spec: ImageSpec) -> T.Compose:
     ])
 
 
-def open_image(path: Path) -> Image.Image:
+def read_image_file(path: Path) -> Image.Image:
+    """A trusted image file from disk as RGB, or a DataError naming the file (the service decodes
+    untrusted uploads with `service.uploads.decode_upload`, which checks sizes and answers 4xx)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -162,7 +164,7 @@ def labelled_batches(samples: list[LabelledImage], transform: T.Compose, batch_s
     """Decoded, transformed images and their labels, `batch_size` at a time, in order."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
-        images = torch.stack([transform(open_image(sample.path)) for sample in chunk]).to(device)
+        images = torch.stack([transform(read_image_file(sample.path)) for sample in chunk]).to(device)
         yield images, torch.tensor([sample.label for sample in chunk])
 
 
@@ -176,4 +178,4 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        return self.transform(open_image(sample.path)), sample.label
+        return self.transform(read_image_file(sample.path)), sample.label

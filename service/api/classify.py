@@ -15,7 +15,7 @@ from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
 from service.task_input import check_class_names
-from service.uploads import check_request_pixels, open_image, parse_form, remove, scratch_dir
+from service.uploads import check_request_pixels, decode_upload, parse_form, remove, scratch_dir
 
 router = APIRouter(tags=["classify"])
 STAGES = ("instant", "tuned")
@@ -83,7 +83,7 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
                          settings.max_request_pixels)
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
     # while their preprocessed tensors are a few hundred KB each.
-    batch = torch.cat([predictor.preprocess([open_image(f.path.read_bytes(), f.filename, "files",
+    batch = torch.cat([predictor.preprocess([decode_upload(f.path.read_bytes(), f.filename, "files",
                                                         settings.max_image_pixels)]) for f in files])
     metrics.classify_batch.observe(len(files))
     logits = batcher.logits(predictor, batch)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from coop_layout import FASHION
 
 from upt.artifact import load_artifact
-from upt.data import eval_transform, open_image
+from upt.data import eval_transform, read_image_file
 from upt.methods import PromptConfig, PromptedCLIP
 from upt.predict import Predictor
 from upt.training import TrainConfig, train
@@ -17,7 +17,7 @@ CLASSES = ["handbag", "pullover sweater", "sneaker shoe", "pair of trousers"]
 
 def _images(tiny, count: int = 3) -> torch.Tensor:
     paths = sorted((FASHION / "test").glob("*/*.png"))[::13][:count]
-    return torch.stack([eval_transform(tiny.image)(open_image(p)) for p in paths])
+    return torch.stack([eval_transform(tiny.image)(read_image_file(p)) for p in paths])
 
 
 def test_the_papers_settings_are_the_defaults(tiny):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from upt.artifact import load_artifact
-from upt.data import eval_transform, open_image, sample_few_shot, scan_image_folder
+from upt.data import eval_transform, read_image_file, sample_few_shot, scan_image_folder
 from upt.errors import ConfigError
 from upt.methods.model import template_classifier
 from upt.methods.tip_adapter import (
@@ -37,7 +37,7 @@ def test_alpha_zero_gives_the_zero_shot_logits_exactly(tiny, fashion_test):
     keys = encode_samples(tiny, samples, eval_transform(tiny.image), normalize=True)
     values = one_hot_values(torch.tensor([s.label for s in samples]), len(folder.class_names))
     cached = Predictor(tiny, folder.class_names, zero_shot.classifier, cache=CacheModel(keys, values, 0.0, 5.0))
-    batch = zero_shot.preprocess([open_image(s.path) for s in samples])
+    batch = zero_shot.preprocess([read_image_file(s.path) for s in samples])
     assert torch.equal(cached.logits(batch), zero_shot.logits(batch))
     with_cache = Predictor(tiny, folder.class_names, zero_shot.classifier, cache=CacheModel(keys, values, 1.0, 5.0))
     assert not torch.equal(with_cache.logits(batch), zero_shot.logits(batch))
@@ -166,7 +166,7 @@ def test_a_cache_task_shares_the_raw_feature_pass_with_zero_shot(tiny, fashion_t
     zero_shot = Predictor.zero_shot(tiny, ["bag", "sneaker"])
     assert encoder_need(tip) == encoder_need(zero_shot)
     samples = _val_images(scan_image_folder(fashion_test), per_class=1)
-    batch = tip.preprocess([open_image(s.path) for s in samples])
+    batch = tip.preprocess([read_image_file(s.path) for s in samples])
     together = logits_together(TorchImageEncoder(tiny), [(tip, batch[:2]), (zero_shot, batch[2:])])
     assert torch.allclose(together[0], tip.logits(batch[:2]), atol=1e-5)
     assert torch.allclose(together[1], zero_shot.logits(batch[2:]), atol=1e-5)
