@@ -15,7 +15,7 @@ from service.api import classify, events, health, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.instant import InstantStages
-from service.metrics import Metrics, MetricsMiddleware
+from service.prometheus import Metrics, MetricsMiddleware
 from service.recovery import Sweeper
 from service.runtime import Runtime
 from service.settings import Settings, get_settings

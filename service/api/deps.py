@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 
 from service.batching import MicroBatcher
 from service.instant import InstantStages
-from service.metrics import Metrics
+from service.prometheus import Metrics
 from service.runtime import Runtime
 from service.storage import Storage
 

@@ -184,7 +184,7 @@ def test_metrics_scrape_reads_an_aggregate_not_every_succeeded_task(sqlite_datab
     from sqlalchemy.orm import Session
 
     from service import db
-    from service.metrics import Metrics
+    from service.prometheus import Metrics
     from service.models import Task, Tenant
 
     with db.session_scope() as session:
