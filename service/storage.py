@@ -1,11 +1,21 @@
-"""Local storage of uploads, checkpoints and artifacts: one folder per task.
+"""Local storage of uploads, checkpoints and artifacts: one folder per task, under UPT_DATA_DIR/storage.
 
-    <UPT_DATA_DIR>/storage/tasks/<task id>/data/<class index>/<n>.png   uploaded images (re-encoded)
-    <UPT_DATA_DIR>/storage/tasks/<task id>/checkpoint/                   epoch checkpoints (resume)
-    <UPT_DATA_DIR>/storage/tasks/<task id>/artifact/                     adapter_config.json + prompts
-    <UPT_DATA_DIR>/storage/tasks/<task id>/instant/                      the training-free stage's artifact
+    storage/tasks/<task id>/data/<class index>/<n>.png  uploaded images, re-encoded as PNG; the class
+                        folder is the class's index as 00000, 00001, ... and <n> counts from 00001 (tasks
+                        stored before had folders named by class: see `task_class_folders`)
+    storage/tasks/<task id>/checkpoint/last.pt          the latest epoch checkpoint (a retry resumes from it;
+                        the checkpoint folder is removed when the task succeeds or is cancelled)
+    storage/tasks/<task id>/checkpoint/candidates/      method=auto: <method>.checkpoint/ and the finished
+                        candidates' <method>.partial/ artifacts
+    storage/tasks/<task id>/artifact/                   adapter_config.json + prompts.safetensors; written
+                        as artifact.partial-<lease>/ and renamed into place when the task succeeds
+    storage/tasks/<task id>/instant/                    the training-free stage's artifact (same format),
+                        written as instant.partial-<random>/
+    storage/tmp/upload-<random>/                        a request's uploads while it is parsed and checked
 
-In production the storage folder is a volume shared by the API replicas and the workers.
+In production the storage folder is a volume shared by the API replicas and the workers. The task
+folders are removed with their rows; scratch and row-less folders left by killed requests are removed by
+`service.recovery.sweep_storage`.
 """
 
 from __future__ import annotations
