@@ -17,7 +17,7 @@ from service.errors import install_error_handlers
 from service.instant import InstantStages
 from service.prometheus import Metrics, MetricsMiddleware
 from service.recovery import Sweeper
-from service.runtime import Runtime
+from service.serving_cache import ServingCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
 from service.timeouts import RequestBoundsMiddleware
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.preload_backbone:
             # Load in the background: /livez answers at once, /readyz turns ready when loaded.
-            app.state.runtime.start_loading()
+            app.state.serving.start_loading()
         # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
         # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
         sweeper = Sweeper(settings)
@@ -51,13 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,
                   description="Few-shot prompt tuning of a frozen CLIP, as a service.")
     app.state.settings = settings
-    app.state.runtime = Runtime(settings)
+    app.state.serving = ServingCache(settings)
     app.state.storage = Storage.from_settings(settings)
     app.state.metrics = Metrics()
-    app.state.instant = InstantStages(settings, app.state.storage, app.state.runtime)
+    app.state.instant = InstantStages(settings, app.state.storage, app.state.serving)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.encoder_batch.observe,
-                                     encoder=app.state.runtime.image_encoder)
+                                     encoder=app.state.serving.image_encoder)
     app.add_middleware(RequestBoundsMiddleware, total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s,
                        max_header_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

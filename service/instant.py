@@ -27,7 +27,7 @@ from sqlalchemy import update
 from service.db import session_scope
 from service.errors import Problem
 from service.models import Task
-from service.runtime import Runtime
+from service.serving_cache import ServingCache
 from service.settings import Settings
 from service.storage import Storage
 
@@ -55,8 +55,8 @@ def instant_config(task: Task, settings: Settings):
 class InstantStages:
     """Builds, publishes and (on demand) rebuilds the instant stage of tasks."""
 
-    def __init__(self, settings: Settings, storage: Storage, runtime: Runtime) -> None:
-        self.settings, self.storage, self.runtime = settings, storage, runtime
+    def __init__(self, settings: Settings, storage: Storage, serving: ServingCache) -> None:
+        self.settings, self.storage, self.serving = settings, storage, serving
         # One build at a time: each is a burst of encoder passes, and /classify shares the device.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instant-stage")
         self._locks: dict[str, threading.Lock] = {}
@@ -98,7 +98,7 @@ class InstantStages:
         from upt.training import train
 
         try:
-            backbone = self.runtime.backbone()
+            backbone = self.serving.backbone()
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
             self._mark(task_id, instant_status=None)
             raise

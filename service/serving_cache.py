@@ -62,9 +62,12 @@ class LruCache:
                 self.bytes -= item[1]
 
 
-class Runtime:
-    """Loads the backbone in a background thread, so a slow or failing load (a real CLIP download
-    can take minutes, or a minute to time out offline) never holds up /livez or /readyz."""
+class ServingCache:
+    """What serving needs, built once per API process: the frozen backbone, its serving image encoder
+    and the two predictor caches (tuned, zero-shot).
+
+    The backbone loads in a background thread, so a slow or failing load (a real CLIP download can
+    take minutes, or a minute to time out offline) never holds up /livez or /readyz."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

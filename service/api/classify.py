@@ -6,7 +6,7 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import BatcherDep, InstantDep, MetricsDep, RuntimeDep, StorageDep
+from service.api.deps import BatcherDep, InstantDep, MetricsDep, ServingDep, StorageDep
 from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
 from service.auth import SessionDep, SettingsDep, TenantDep
@@ -23,7 +23,7 @@ STAGES = ("instant", "tuned")
 
 @router.post("/classify", response_model=ClassifyOut, openapi_extra=CLASSIFY_FORM)
 async def classify(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                   runtime: RuntimeDep, storage: StorageDep, metrics: MetricsDep,
+                   serving: ServingDep, storage: StorageDep, metrics: MetricsDep,
                    batcher: BatcherDep, instant: InstantDep) -> ClassifyOut:
     """Multipart form: `files` (repeated), and `task_id` or `class_names` (repeated); optional `top_k`;
     optional `stage` (`instant` or `tuned`) with a task. The response says which `stage` answered."""
@@ -32,7 +32,7 @@ async def classify(request: Request, tenant: TenantDep, session: SessionDep, set
         form = await parse_form(request, scratch, max_files=settings.max_classify_files,
                                 max_file_bytes=settings.max_file_bytes, max_total_bytes=settings.max_upload_bytes,
                                 max_files_setting="UPT_MAX_CLASSIFY_FILES")
-        return await run_in_threadpool(_classify, form, tenant, session, settings, runtime, storage, metrics,
+        return await run_in_threadpool(_classify, form, tenant, session, settings, serving, storage, metrics,
                                        batcher, instant)
     finally:
         remove(scratch)
@@ -48,7 +48,7 @@ def _top_k(raw: str | None, maximum: int) -> int:
     return value
 
 
-def _task_predictor(task: Task, stage: str | None, runtime, storage, instant: InstantStages):
+def _task_predictor(task: Task, stage: str | None, serving, storage, instant: InstantStages):
     """The best ready stage (tuned once the training succeeded, else instant), or the one pinned."""
     tuned_ready = task.status == TaskStatus.succeeded.value and storage.has_artifact(task.id)
     if stage == "tuned" or (stage is None and tuned_ready):
@@ -56,12 +56,12 @@ def _task_predictor(task: Task, stage: str | None, runtime, storage, instant: In
             raise Problem(409, "Task not finished", f"Task {task.id} is {task.status}; its tuned stage answers once "
                           "it has succeeded (poll GET /tasks/{id}); its instant stage answers now.",
                           type="task-not-finished")
-        return runtime.tuned_predictor(task.id, storage.artifact_dir(task.id)), "tuned"
+        return serving.tuned_predictor(task.id, storage.artifact_dir(task.id)), "tuned"
     instant.ensure(task.id)  # built right after creation; built here if that build was lost
-    return runtime.tuned_predictor(instant_key(task.id), storage.instant_dir(task.id)), "instant"
+    return serving.tuned_predictor(instant_key(task.id), storage.instant_dir(task.id)), "instant"
 
 
-def _classify(form, tenant, session, settings, runtime, storage, metrics, batcher, instant) -> ClassifyOut:
+def _classify(form, tenant, session, settings, serving, storage, metrics, batcher, instant) -> ClassifyOut:
     task_id, names = form.one("task_id"), form.many("class_names")
     top_k = _top_k(form.one("top_k"), settings.max_top_k)
     files = form.files_of("files")
@@ -76,9 +76,9 @@ def _classify(form, tenant, session, settings, runtime, storage, metrics, batche
         raise invalid("stage", f"with a `task_id`, one of {', '.join(STAGES)}.")
     if task_id:
         task = tenant_task(session, tenant, task_id)
-        predictor, stage = _task_predictor(task, stage, runtime, storage, instant)
+        predictor, stage = _task_predictor(task, stage, serving, storage, instant)
     else:
-        predictor, stage = runtime.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
+        predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
     check_request_pixels([(f.path, f.filename, "files") for f in files], settings.max_image_pixels,
                          settings.max_request_pixels)
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,

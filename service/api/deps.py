@@ -1,4 +1,4 @@
-"""Shared dependencies of the routes: the per-process runtime, storage and metrics."""
+"""Shared dependencies of the routes: the per-process serving cache, storage and metrics."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from fastapi import Depends, Request
 from service.batching import MicroBatcher
 from service.instant import InstantStages
 from service.prometheus import Metrics
-from service.runtime import Runtime
+from service.serving_cache import ServingCache
 from service.storage import Storage
 
 
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+def get_serving(request: Request) -> ServingCache:
+    return request.app.state.serving
 
 
 def get_storage(request: Request) -> Storage:
@@ -33,7 +33,7 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ServingDep = Annotated[ServingCache, Depends(get_serving)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]

@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service.api.deps import MetricsDep, RuntimeDep
+from service.api.deps import MetricsDep, ServingDep
 from service.auth import get_sessionmaker
 from service.dispatch import broker_reachable
 from service.errors import without_paths
@@ -32,15 +32,15 @@ def _database() -> tuple[bool, str]:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
+async def readyz(serving: ServingDep) -> JSONResponse:
     """Database reachable, broker reachable, backbone loadable (and the image encoder that serves it):
     200 when all hold, else 503."""
     checks = {
         "database": await run_in_threadpool(_database),
         "broker": await run_in_threadpool(broker_reachable),
-        "backbone": await run_in_threadpool(runtime.backbone_status),
+        "backbone": await run_in_threadpool(serving.backbone_status),
     }
-    checks["image_encoder"] = runtime.encoder_status()  # which runtime and precision serve /classify
+    checks["image_encoder"] = serving.encoder_status()  # which runtime and precision serve /classify
     body = ReadyOut(ready=all(ok for ok, _ in checks.values()),
                     checks={name: CheckOut(ok=ok, detail=without_paths(detail))
                             for name, (ok, detail) in checks.items()})

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
-from service.api.deps import InstantDep, RuntimeDep, StorageDep
+from service.api.deps import InstantDep, ServingDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
@@ -63,7 +63,7 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Ta
 @router.post("/tasks", status_code=202, response_model=TaskOut, openapi_extra=TASK_FORM,
              responses={202: {"description": "Task queued; `Location` names it."}})
 async def create_task(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                      runtime: RuntimeDep, storage: StorageDep, instant: InstantDep,
+                      serving: ServingDep, storage: StorageDep, instant: InstantDep,
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     """Multipart form: `class_names` (repeated), `files` + `labels` (repeated) or one `archive` zip,
     `method`, optional `shots`, `epochs`, `seed`, `n_ctx`, `depth`, `ctx_init`, `lr`, `batch_size`."""
@@ -90,7 +90,7 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         fingerprint = request_fingerprint(form)
         if existing is not None:
             return accepted(_same_request(existing, fingerprint), replayed=True)
-        backbone = await run_in_threadpool(runtime.backbone)  # 503 with advice if the backbone cannot load
+        backbone = await run_in_threadpool(serving.backbone)  # 503 with advice if the backbone cannot load
         task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key,
                                                  backbone, fingerprint)
     finally:
@@ -265,14 +265,14 @@ def cancel_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut
 
 @router.delete("/tasks/{task_id}", status_code=204)
 def delete_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep,
-                runtime: RuntimeDep) -> Response:
+                serving: ServingDep) -> Response:
     """Removes the row, its history, its uploads and its artifact. A running training stops."""
     task = tenant_task(session, tenant, task_id)
     session.delete(task)
     session.commit()
     storage.delete_task(task_id)
-    runtime.tuned.discard(task_id)
-    runtime.tuned.discard(instant_key(task_id))
+    serving.tuned.discard(task_id)
+    serving.tuned.discard(instant_key(task_id))
     return Response(status_code=204)
 
 

@@ -183,7 +183,7 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
         def rank(self, logits, top_k):
             return [[] for _ in range(len(logits))]
 
-    class Runtime:
+    class ServingCache:
         def zero_shot_predictor(self, names):
             return Predictor()
 
@@ -208,7 +208,7 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
     original = uploads_module.Image.open
     uploads_module.Image.open = counting_open
     try:
-        out = classify._classify(form, None, None, Settings(data_dir=tmp_path), Runtime(), None, Metrics(), Batcher(), None)
+        out = classify._classify(form, None, None, Settings(data_dir=tmp_path), ServingCache(), None, Metrics(), Batcher(), None)
     finally:
         uploads_module.Image.open = original
     assert len(out.predictions) == 6

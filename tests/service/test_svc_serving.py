@@ -7,7 +7,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from service.runtime import LruCache
+from service.serving_cache import LruCache
 from service.settings import Settings
 from upt.predict import Predictor
 
