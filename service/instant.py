@@ -126,9 +126,11 @@ class InstantStages:
             shutil.rmtree(partial, ignore_errors=True)
             self.storage.delete_task(task_id)
 
-    def _mark(self, task_id: str, **values) -> None:
+    def _mark(self, task_id: str, instant_status: str | None, instant_error: str | None = None) -> None:
+        """The instant stage's own columns only: the task's `status` is service.task_state's."""
         with session_scope() as session:
-            session.execute(update(Task).where(Task.id == task_id).values(**values))
+            session.execute(update(Task).where(Task.id == task_id)
+                            .values(instant_status=instant_status, instant_error=instant_error))
 
     def _build_logged(self, task_id: str) -> None:
         try:

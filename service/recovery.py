@@ -7,7 +7,7 @@
   on this host is gone) lost its worker: it goes
   back to `queued` (training resumes from its last epoch checkpoint), or to `failed` once it has been
   tried UPT_MAX_ATTEMPTS times. A `cancelling` task in that state becomes `cancelled`.
-Each change is a compare-and-set on the row, so any number of sweepers can run at once.
+Each change is a compare-and-set on the row (service.task_state), so any number of sweepers can run at once.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.db import db_now, session_scope
 from service.dispatch import enqueue
 from service.errors import database_outage
-from service.models import Task, TaskStatus, as_utc, liveness_only, utcnow
+from service import task_state
+from service.models import Task, TaskStatus, as_utc
 from service.settings import Settings
 from service.storage import Storage
 
@@ -43,12 +44,7 @@ def requeue_lost_messages(settings: Settings) -> list[str]:
                                                     Task.enqueued_at < cutoff)
         ).all()
         for task_id, enqueued_at in rows:
-            claimed = session.execute(
-                update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value,
-                                   Task.enqueued_at == enqueued_at).values(enqueued_at=db_now(session),
-                                                                           **liveness_only())
-            ).rowcount
-            if claimed:
+            if task_state.renew_enqueued(session, task_id, enqueued_at):
                 sent.append(task_id)
     for task_id in sent:
         log.info("re-sending task %s: queued for over %.0fs", task_id, settings.requeue_after_s)
@@ -81,32 +77,14 @@ def recover_dead_workers(settings: Settings) -> list[str]:
         stale = [t for t in active if t.heartbeat_at is None or as_utc(t.heartbeat_at) < cutoff
                  or dead_on_this_host(t.worker)]
         for task in stale:
-            values = _after_worker_loss(task, settings)
-            # Also unchanged heartbeat: a worker that beat since the read above is alive after all.
-            beat = Task.heartbeat_at.is_(None) if task.heartbeat_at is None else Task.heartbeat_at == task.heartbeat_at
-            changed = session.execute(
-                update(Task).where(Task.id == task.id, Task.lease == task.lease, Task.status == task.status, beat)
-                .values(**values)
-            ).rowcount
-            if changed:
-                log.warning("task %s lost its worker (attempt %d): now %s", task.id, task.attempts, values["status"])
-                if values["status"] == TaskStatus.queued.value:
+            status = task_state.after_worker_loss(session, task, settings)
+            if status is not None:
+                log.warning("task %s lost its worker (attempt %d): now %s", task.id, task.attempts, status)
+                if status == TaskStatus.queued.value:
                     requeued.append(task.id)
     for task_id in requeued:
         enqueue(task_id)
     return requeued
-
-
-def _after_worker_loss(task: Task, settings: Settings) -> dict:
-    now = utcnow()
-    if task.status == TaskStatus.cancelling.value:
-        return {"status": TaskStatus.cancelled.value, "lease": None, "finished_at": now}
-    if task.attempts >= settings.max_attempts:
-        return {"status": TaskStatus.failed.value, "lease": None, "finished_at": now,
-                "error": f"The worker stopped responding {task.attempts} times (no heartbeat for "
-                         f"{settings.heartbeat_timeout_s:.0f}s); giving up after UPT_MAX_ATTEMPTS="
-                         f"{settings.max_attempts}."}
-    return {"status": TaskStatus.queued.value, "lease": None, "enqueued_at": now}
 
 
 def _newest_mtime(folder: Path) -> float:

@@ -1,31 +1,30 @@
 """The training task: claim the row, train with callbacks that report to the database, store the artifact.
 
-A worker only trains a task it has claimed: `queued` -> `running` with a fresh lease, in one
-compare-and-set. Every later write names that lease, so once recovery hands the task to another
-worker (this one looked dead) nothing this one does can touch the row again.
+A worker only trains a task it has claimed: `queued` -> `running` with a fresh lease. Every later
+write names that lease, so once recovery hands the task to another worker (this one looked dead)
+nothing this one does can touch the row again. The transitions and the lease rule are
+service.task_state's; this module decides which one an outcome calls for.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import socket
 import threading
 import time
-import uuid
-from datetime import timedelta
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from service.db import db_now, session_scope
+from service import task_state
+from service.db import session_scope
 from service.quotas import folder_bytes
 from service.dispatch import enqueue
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
-from service.models import Task, TaskEvent, TaskStatus, liveness_only, utcnow
+from service.models import Task, TaskStatus
 from service.settings import get_settings
 from service.storage import Storage
 from worker.celery_app import TRAIN_TASK, app
@@ -58,18 +57,8 @@ def worker_name() -> str:
 
 
 def claim(task_id: str) -> Task | None:
-    lease = uuid.uuid4().hex
     with session_scope() as session:
-        now = db_now(session)
-        claimed = session.execute(
-            update(Task).where(Task.id == task_id, Task.status == TaskStatus.queued.value)
-            .values(status=TaskStatus.running.value, lease=lease, worker=worker_name(),
-                    attempts=Task.attempts + 1, heartbeat_at=now, error=None)
-        ).rowcount
-        if not claimed:
-            return None
-        session.execute(update(Task).where(Task.id == task_id, Task.started_at.is_(None)).values(started_at=now))
-        return session.get(Task, task_id)
+        return task_state.claim(session, task_id, worker_name())
 
 
 class Lease:
@@ -98,18 +87,15 @@ class Lease:
 
     def beat(self) -> None:
         with session_scope() as session:
-            row = session.execute(select(Task.status, Task.lease).where(Task.id == self.task_id)).first()
-            if row is None or row.lease != self.lease:
-                self.stop_reason = "lost"  # deleted, or handed to another worker
-                return
-            if row.status == TaskStatus.cancelling.value:
-                self.stop_reason = "cancel"
-            self.update(session, heartbeat_at=db_now(session), **liveness_only())
+            status = task_state.heartbeat(session, self.task_id, self.lease)
+        if status is None:
+            self.stop_reason = "lost"  # deleted, ended, or handed to another worker
+        elif status == TaskStatus.cancelling.value:
+            self.stop_reason = "cancel"
 
-    def update(self, session, **values) -> bool:
-        return bool(session.execute(
-            update(Task).where(Task.id == self.task_id, Task.lease == self.lease).values(**values)
-        ).rowcount)
+    def lost(self) -> None:
+        """A write under this lease lost: the task is no longer this worker's."""
+        self.stop_reason = "lost"
 
 
 def _callbacks(lease: Lease, attempt: int):
@@ -125,36 +111,19 @@ def _callbacks(lease: Lease, attempt: int):
                 return
             self.last_write = time.monotonic()
             with session_scope() as session:
-                lease.update(session, progress=report.progress, epoch=report.epoch, epochs=report.epochs,
-                             loss=report.loss, accuracy=report.accuracy, eta_s=report.eta_s,
-                             heartbeat_at=db_now(session))
+                task_state.record_progress(session, lease.task_id, lease.lease, report)
 
         def on_epoch_end(self, report) -> None:
             self.last_write = time.monotonic()
             with session_scope() as session:
-                if not lease.update(session, progress=report.progress, epoch=report.epoch, epochs=report.epochs,
-                                    loss=report.loss, accuracy=report.accuracy, eta_s=report.eta_s,
-                                    heartbeat_at=db_now(session)):
-                    lease.stop_reason = "lost"
-                    return
-                _record_epoch(session, lease.task_id, attempt, report.as_dict())
+                if not task_state.record_epoch(session, lease.task_id, lease.lease, attempt, report,
+                                               report.as_dict()):
+                    lease.lost()
 
         def should_stop(self) -> bool:
             return lease.stop_reason is not None
 
     return DatabaseCallbacks()
-
-
-def _record_epoch(session, task_id: str, attempt: int, data: dict) -> None:
-    # One row per epoch: an epoch trained again after a crash replaces its row (and its attempt
-    # number shows it), so the history never lists an epoch twice.
-    data = _jsonable(data)
-    event = session.scalar(select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.kind == "epoch",
-                                                   TaskEvent.epoch == data["epoch"]))
-    if event is None:
-        session.add(TaskEvent(task_id=task_id, kind="epoch", epoch=data["epoch"], attempt=attempt, data=data))
-    else:
-        event.attempt, event.data, event.created_at = attempt, data, utcnow()
 
 
 def run_task(task_id: str) -> None:
@@ -219,7 +188,7 @@ def _train_auto(task_id: str, attempt: int, lease: Lease, storage: Storage, conf
     def announce(running: str | None) -> None:
         state = {"candidates": list(config.candidates), "running": running, "finished": finished}
         with session_scope() as session:
-            lease.update(session, metrics=_jsonable({"auto": state}))
+            task_state.record_metrics(session, task_id, lease.lease, {"auto": state})
 
     def callbacks_for(method: str):
         announce(method)
@@ -228,22 +197,13 @@ def _train_auto(task_id: str, attempt: int, lease: Lease, storage: Storage, conf
     def on_candidate(index: int, row, reused: bool) -> None:
         finished.append(row.as_dict())
         with session_scope() as session:
-            _record_event(session, task_id, "candidate", index, attempt if not reused else None, row.as_dict())
+            task_state.record_candidate(session, task_id, lease.lease, index, attempt if not reused else None,
+                                        row.as_dict())
 
     result = train_auto(get_backbone(), storage.data_dir(task_id), config.base, config.candidates, partial,
                         storage.checkpoint_dir(task_id) / "candidates", callbacks_for,
                         class_folders=class_folders, resume=True, on_candidate=on_candidate)
     return result.winner.metrics | {"auto": result.choice}
-
-
-def _record_event(session, task_id: str, kind: str, index: int, attempt: int | None, data: dict) -> None:
-    """One row per (kind, index); a reused result (attempt None) keeps the row of the attempt that made it."""
-    event = session.scalar(select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.kind == kind,
-                                                   TaskEvent.epoch == index))
-    if event is None:
-        session.add(TaskEvent(task_id=task_id, kind=kind, epoch=index, attempt=attempt or 1, data=_jsonable(data)))
-    elif attempt is not None:
-        event.attempt, event.data, event.created_at = attempt, _jsonable(data), utcnow()
 
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:
@@ -253,9 +213,7 @@ def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metric
         # holds the row (PostgreSQL) or the database (SQLite) until the commit, so recovery cannot hand
         # the task to another worker between the lease check and the rename, and a worker that lost
         # its lease (presumed dead, but still running) never replaces the artifact of the one holding it.
-        done = lease.update(session, status=TaskStatus.succeeded.value, progress=1.0, metrics=_jsonable(metrics),
-                            finished_at=utcnow(), eta_s=0.0, lease=None,
-                            stored_bytes=Task.stored_bytes + folder_bytes(partial))
+        done = task_state.succeed(session, task_id, lease.lease, metrics, folder_bytes(partial))
         if done:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # atomic: readers see no artifact or a whole one
@@ -273,53 +231,55 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
     if isinstance(error, TrainingCancelled) and lease.stop_reason == "lost":
         _forget_if_deleted(task_id, storage)
         return
+    settings = get_settings()
+    retry_in_s = None
     if isinstance(error, TrainingCancelled):
-        values = {"status": TaskStatus.cancelled.value}
+        message = None
     elif isinstance(error, Exception) and is_disk_full(error):
-        values = _after_disk_full(task_id, lease, get_settings())
+        retry_in_s, message = _after_disk_full(task_id, settings)
     elif isinstance(error, SoftTimeLimitExceeded):
-        values = {"status": TaskStatus.failed.value,
-                  "error": f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={get_settings().task_time_limit_s})."}
+        message = f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={settings.task_time_limit_s})."
     elif isinstance(error, (UptError, WrongBackbone)):
-        values = {"status": TaskStatus.failed.value, "error": without_paths(str(error))}
+        message = without_paths(str(error))
     elif isinstance(error, Exception):
         log.exception("task %s failed unexpectedly", task_id)
-        values = {"status": TaskStatus.failed.value,
-                  "error": without_paths(f"Internal error in the worker: {type(error).__name__}: {error}")}
+        message = without_paths(f"Internal error in the worker: {type(error).__name__}: {error}")
     else:  # worker shutdown (SystemExit, KeyboardInterrupt): leave the row for recovery to retry
         return
-    retry_in_s = values.pop("retry_in_s", None)
-    if retry_in_s is None:
-        values["finished_at"] = utcnow()
+    retried = cancelled = failed = False
     with session_scope() as session:
-        done = lease.update(session, lease=None, eta_s=None, **values)
-    if done and values["status"] == TaskStatus.cancelled.value:
+        if message is None:
+            cancelled = task_state.confirm_cancel(session, task_id, lease.lease)
+        elif retry_in_s is not None:
+            # A cancel asked meanwhile wins over the retry.
+            retried = task_state.retry_later(session, task_id, lease.lease, retry_in_s, message)
+            cancelled = not retried and task_state.confirm_cancel(session, task_id, lease.lease)
+        else:
+            failed = task_state.fail(session, task_id, lease.lease, message)
+    if cancelled:
         storage.delete_checkpoints(task_id)
-    if done and retry_in_s is not None:
+    if retried:
         enqueue(task_id, countdown=retry_in_s)
-    if not done:
+    if not (retried or cancelled or failed):
         _forget_if_deleted(task_id, storage)
 
 
-def _after_disk_full(task_id: str, lease: Lease, settings) -> dict:
+def _after_disk_full(task_id: str, settings) -> tuple[float | None, str]:
     """A full storage volume is usually temporary (an operator frees space, another training ends): the
     task goes back to the queue after a back-off that doubles with each try, and fails only after
-    UPT_MAX_ATTEMPTS tries. Its epoch checkpoints stay, so a retry resumes where the disk filled up."""
+    UPT_MAX_ATTEMPTS tries. Its epoch checkpoints stay, so a retry resumes where the disk filled up.
+    Returns the delay before the retry (None: fail now) and what the task's error says."""
     with session_scope() as session:
         attempts = session.scalar(select(Task.attempts).where(Task.id == task_id)) or 1
     if attempts >= settings.max_attempts:
         log.error("task %s: %s; giving up after %d tries", task_id, NO_SPACE, attempts)
-        return {"status": TaskStatus.failed.value,
-                "error": f"Training stopped: {NO_SPACE} ({attempts} tries, UPT_MAX_ATTEMPTS="
-                         f"{settings.max_attempts}). Free space on the volume and create the task again."}
+        return None, (f"Training stopped: {NO_SPACE} ({attempts} tries, UPT_MAX_ATTEMPTS="
+                      f"{settings.max_attempts}). Free space on the volume and create the task again.")
     delay = min(settings.disk_full_retry_s * 2 ** (attempts - 1), settings.disk_full_retry_max_s)
     log.error("task %s: %s; retrying in %.0fs (try %d of %d)", task_id, NO_SPACE, delay, attempts,
               settings.max_attempts)
-    # enqueued_at in the future: the sweeper re-sends a lost message only UPT_REQUEUE_AFTER_S after it.
-    return {"status": TaskStatus.queued.value, "retry_in_s": delay,
-            "enqueued_at": utcnow() + timedelta(seconds=delay),
-            "error": f"Training paused: {NO_SPACE}. Retrying in {delay:.0f}s (try {attempts} of "
-                     f"{settings.max_attempts})."}
+    return delay, (f"Training paused: {NO_SPACE}. Retrying in {delay:.0f}s (try {attempts} of "
+                   f"{settings.max_attempts}).")
 
 
 def _forget_if_deleted(task_id: str, storage: Storage) -> None:
@@ -327,20 +287,6 @@ def _forget_if_deleted(task_id: str, storage: Storage) -> None:
     with session_scope() as session:
         if session.get(Task, task_id) is None:
             storage.delete_task(task_id)
-
-
-def _jsonable(value):
-    """Plain JSON: PostgreSQL's json type refuses NaN and Infinity (a diverging training's loss), so
-    they are stored as null, as SQLite-backed and PostgreSQL-backed services must agree."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return value
 
 
 # --- worker process lifecycle -------------------------------------------------------------------

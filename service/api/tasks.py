@@ -20,6 +20,7 @@ from service.auth import SessionDep, SettingsDep, TenantDep
 from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
+from service import task_state
 from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
 from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes
 from service.schemas import TaskOut, TaskPage
@@ -164,11 +165,11 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
-                    model=settings.model, status=TaskStatus.queued.value,
+                    model=settings.model,
                     pretrained=shown_weights(settings.pretrained, getattr(backbone, "weights_sha256", None)),
                     weights_sha256=getattr(backbone, "weights_sha256", None), stored_bytes=written,
-                    enqueued_at=utcnow(), epochs=spec.config.epochs)
-        session.add(task)
+                    epochs=spec.config.epochs)
+        task_state.add_queued(session, task)
         session.commit()
         return task, False
     except IntegrityError:  # the same Idempotency-Key raced in from a concurrent retry
@@ -252,12 +253,7 @@ def cancel_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut
     if task.status in FINAL_STATUSES:
         raise Problem(409, "Task finished", f"Task {task_id} is already {task.status}; there is nothing to cancel.",
                       type="task-finished")
-    # Compare-and-set on the status, so a worker finishing at this instant is not overwritten.
-    for before, after in ((TaskStatus.queued, TaskStatus.cancelled), (TaskStatus.running, TaskStatus.cancelling)):
-        values = {"status": after.value}
-        if after == TaskStatus.cancelled:
-            values["finished_at"] = utcnow()
-        session.execute(update(Task).where(Task.id == task.id, Task.status == before.value).values(**values))
+    task_state.cancel(session, task.id)  # lost to a worker finishing at this instant: the answer shows it
     session.commit()
     session.refresh(task)
     return TaskOut.of(task)

@@ -176,3 +176,17 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {self.keys[tenant]}"})
 
 
+
+
+def skew_host_clock(monkeypatch, offset_s: float) -> None:
+    """This host's clock `offset_s` off, as the service reads it: every `utcnow` bound in a loaded module
+    of service/ or worker/ (a host whose clock disagrees with the database's and with other hosts')."""
+    from datetime import timedelta
+
+    from service import models
+
+    true_now = models.utcnow
+    skewed = lambda: true_now() + timedelta(seconds=offset_s)  # noqa: E731
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("service", "worker") and getattr(module, "utcnow", None) is true_now:
+            monkeypatch.setattr(module, "utcnow", skewed)

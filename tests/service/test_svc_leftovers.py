@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.models import TaskStatus, utcnow
-from svc_helpers import CLASSES, ROOT, base_env, images, task_form
+from svc_helpers import CLASSES, ROOT, base_env, images, skew_host_clock, task_form
 
 TaskStatusNames = [s.value for s in TaskStatus]
 
@@ -170,11 +170,11 @@ def test_heartbeats_are_judged_by_the_database_clock_not_each_hosts(worker_here,
 
     monkeypatch.setattr(recovery, "enqueue", lambda *a, **k: None)
     task_id = add_queued_task()
-    behind = lambda: utcnow() - timedelta(minutes=10)  # noqa: E731  a worker host whose clock is late
-    monkeypatch.setattr(worker_tasks, "utcnow", behind)
-    task = worker_tasks.claim(task_id)
-    worker_tasks.Lease(task_id, task.lease, 1.0).beat()
-    monkeypatch.setattr(recovery, "utcnow", lambda: utcnow() + timedelta(minutes=10))  # a sweeper's, early
+    with monkeypatch.context() as clock:
+        skew_host_clock(clock, -600)  # a worker host whose clock is late
+        task = worker_tasks.claim(task_id)
+        worker_tasks.Lease(task_id, task.lease, 1.0).beat()
+    skew_host_clock(monkeypatch, 600)  # a sweeper's, early
     assert recovery.recover_dead_workers(worker_here) == []
     row = task_row(task_id)
     assert row.status == "running" and row.lease == task.lease

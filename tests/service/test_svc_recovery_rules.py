@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from service import db, recovery
+from service import db, recovery, task_state
 from service.models import Task, Tenant, utcnow
 from service.settings import Settings
 
@@ -97,14 +97,14 @@ def test_a_worker_that_beats_during_the_sweep_keeps_its_task(database, monkeypat
     update means the worker is alive, so its task is not handed to another worker."""
     settings, sent = database
     task_id = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
-    decide = recovery._after_worker_loss
+    decide = task_state._after_worker_loss
 
-    def beat_meanwhile(task, settings):
+    def beat_meanwhile(task, settings, now):
         with db.session_scope() as session:  # the worker's heartbeat thread, on another connection
             session.query(Task).filter_by(id=task.id).update({"heartbeat_at": utcnow()})
-        return decide(task, settings)
+        return decide(task, settings, now)
 
-    monkeypatch.setattr(recovery, "_after_worker_loss", beat_meanwhile)
+    monkeypatch.setattr(task_state, "_after_worker_loss", beat_meanwhile)
     recovery.recover_dead_workers(settings)
     assert status_of(task_id).status == "running" and status_of(task_id).lease == "l"
     assert sent == []

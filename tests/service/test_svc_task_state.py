@@ -1,10 +1,12 @@
 """service.task_state on a real PostgreSQL: every transition, and every race it can lose.
 
 Each test reads the row back and checks the lease rule (a lease exactly while running or cancelling).
+The last test checks that nothing else in service/ and worker/ writes a task's status.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import threading
 import uuid
@@ -18,7 +20,7 @@ from service import db, task_state
 from service.migrate import upgrade
 from service.models import ACTIVE_STATUSES, Task, TaskEvent, Tenant
 from service.settings import get_settings
-from svc_helpers import PG_ADMIN
+from svc_helpers import PG_ADMIN, ROOT
 
 pytestmark = pytest.mark.service
 
@@ -360,3 +362,50 @@ def test_after_worker_loss_loses_to_any_change_since_the_sweepers_read(settings)
         assert run(task_state.after_worker_loss, seen[task_id], settings) is None
         assert row(task_id).status == status
     assert row(taken).lease == new_lease
+
+
+# --- one home ----------------------------------------------------------------------------------------------
+
+def _updates_task(call: ast.Call) -> bool:
+    """`update(Task)...` or `session.query(Task)...` somewhere down the receiver chain of `call`."""
+    node = call.func
+    while isinstance(node, (ast.Attribute, ast.Call)):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if name in ("update", "insert", "query") and any(isinstance(a, ast.Name) and a.id == "Task"
+                                                              for a in node.args):
+                return True
+            node = node.func
+        else:
+            node = node.value
+    return False
+
+
+def status_writes_outside_task_state() -> list[str]:
+    found = []
+    for path in sorted([*(ROOT / "service").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]):
+        if path == ROOT / "service" / "task_state.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("values", "update") and _updates_task(node):
+                # The instant stage's own columns are instant.py's; anything else, and any **values, is not.
+                if any(k.arg is None or not k.arg.startswith("instant_") for k in node.keywords) or node.args:
+                    found.append(f"{where}: UPDATE of a task row")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Task" \
+                    and any(k.arg in ("status", None) for k in node.keywords):
+                found.append(f"{where}: Task(status=...)")
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    for part in ast.walk(target):
+                        if isinstance(part, ast.Attribute) and part.attr in ("status", "lease") and \
+                                not (isinstance(part.value, ast.Name) and part.value.id == "self"):
+                            found.append(f"{where}: assignment to .{part.attr}")
+    return found
+
+
+def test_nothing_but_task_state_writes_a_tasks_status():
+    """Routes, worker and recovery change a task's state through service.task_state only."""
+    assert status_writes_outside_task_state() == []
