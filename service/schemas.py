@@ -86,7 +86,9 @@ class TaskPage(BaseModel):
 
 class EventOut(BaseModel):
     """`epoch`: one training epoch (method=auto: numbered across candidates, with `data.candidate`);
-    `candidate`: method=auto finished a candidate (`epoch` is its index, `data` its leaderboard row)."""
+    `candidate`: method=auto finished a candidate (`epoch` is its index, `data` its leaderboard row);
+    `handback`: a worker serving another backbone handed the task back untrained (`epoch` numbers the
+    hand-backs, `data` says which worker and why)."""
 
     kind: str
     epoch: int

@@ -161,16 +161,38 @@ def run_task(task_id: str) -> None:
 class WrongBackbone(Exception):
     """The task was checked against, and is meant for, another backbone than this worker's."""
 
+    def __init__(self, wanted: str, served: str) -> None:
+        super().__init__(f"This task was created for the backbone {wanted}, but the worker that took it serves "
+                         f"{served}.")
+        self.wanted, self.served = wanted, served
+
 
 def _check_backbone(task: Task, backbone, settings) -> None:
     if task.model == settings.model and task.weights_sha256 in (None, backbone.weights_sha256):
         return
-    mine = shown_weights(settings.pretrained, backbone.weights_sha256)
-    log.error("task %s was created for %s (%s); this worker serves %s (%s): refused", task.id, task.model,
-              task.pretrained, settings.model, mine)
-    raise WrongBackbone(f"This task was created for the backbone {task.model} ({task.pretrained}), but the worker "
-                        f"that took it serves {settings.model} ({mine}); it refused to train it. Run workers with "
-                        "the API's UPT_MODEL and UPT_PRETRAINED, then create the task again.")
+    raise WrongBackbone(f"{task.model} ({task.pretrained})",
+                        f"{settings.model} ({shown_weights(settings.pretrained, backbone.weights_sha256)})")
+
+
+# A handed-back task waits this long before a worker may take it again: no tight loop between workers
+# that all refuse it, and soon enough for one with the right backbone (a fleet being redeployed).
+HAND_BACK_DELAY_S = 5.0
+
+
+def _after_wrong_backbone(task_id: str, error: WrongBackbone, settings) -> tuple[float | None, str]:
+    """A worker serving another backbone hands the task back for another worker, untrained, at most
+    UPT_MAX_ATTEMPTS times; the next refusal fails it. Returns the delay before another worker may
+    take it (None: fail now) and what the hand-back event, or the task's error, says."""
+    with session_scope() as session:
+        refused = task_state.hand_backs(session, task_id)
+    if refused >= settings.max_attempts:
+        log.error("task %s: %s; refused %d times before, failed", task_id, error, refused)
+        return None, (f"{error} It refused to train it, as {refused} workers before (UPT_MAX_ATTEMPTS="
+                      f"{settings.max_attempts}). Run workers with the API's UPT_MODEL and UPT_PRETRAINED, "
+                      "then create the task again.")
+    log.warning("task %s: %s; handed back for another worker (%d of %d)", task_id, error, refused + 1,
+                settings.max_attempts)
+    return HAND_BACK_DELAY_S, f"{error} It handed the task back, untrained, for a worker that serves {error.wanted}."
 
 
 def _train_auto(task_id: str, attempt: int, lease: Lease, storage: Storage, config, partial: Path,
@@ -237,9 +259,11 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
         message = None
     elif isinstance(error, Exception) and is_disk_full(error):
         retry_in_s, message = _after_disk_full(task_id, settings)
+    elif isinstance(error, WrongBackbone):
+        retry_in_s, message = _after_wrong_backbone(task_id, error, settings)
     elif isinstance(error, SoftTimeLimitExceeded):
         message = f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={settings.task_time_limit_s})."
-    elif isinstance(error, (UptError, WrongBackbone)):
+    elif isinstance(error, UptError):
         message = without_paths(str(error))
     elif isinstance(error, Exception):
         log.exception("task %s failed unexpectedly", task_id)
@@ -251,8 +275,11 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
         if message is None:
             cancelled = task_state.confirm_cancel(session, task_id, lease.lease)
         elif retry_in_s is not None:
+            if isinstance(error, WrongBackbone):
+                retried = task_state.hand_back(session, task_id, lease.lease, worker_name(), message, retry_in_s)
+            else:
+                retried = task_state.retry_later(session, task_id, lease.lease, retry_in_s, message)
             # A cancel asked meanwhile wins over the retry.
-            retried = task_state.retry_later(session, task_id, lease.lease, retry_in_s, message)
             cancelled = not retried and task_state.confirm_cancel(session, task_id, lease.lease)
         else:
             failed = task_state.fail(session, task_id, lease.lease, message)

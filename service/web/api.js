@@ -222,7 +222,7 @@ export function normTask(t) {
 export function normEvents(data) {
   let list = Array.isArray(data) ? data : data?.items ?? data?.events ?? data?.history ?? [];
   return list
-    .filter((e) => !(e && e.kind === "candidate")) // method=auto's finished candidates: not an epoch
+    .filter((e) => !(e && (e.kind === "candidate" || e.kind === "handback"))) // auto's candidates, hand-backs: not epochs
     .map((e) => (e && typeof e.data === "object" && e.data ? { ...e, ...e.data } : e)) // {epoch, attempt, data: {...}}
     .filter((e) => e && typeof e === "object" && (e.epoch !== undefined || e.loss !== undefined))
     .map((e, i) => ({

@@ -117,13 +117,28 @@ def test_a_failed_tasks_error_names_no_server_path(worker_here, tmp_path):
     assert str(tmp_path) not in task.error and "/storage/" not in task.error, task.error
 
 
-def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_here):
+def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_here, monkeypatch):
+    """A worker serving another backbone hands the task back, untrained, for another worker (a fleet
+    being redeployed), with an event saying why; after UPT_MAX_ATTEMPTS hand-backs the task fails."""
+    import worker.tasks as worker_tasks
     from worker.tasks import run_task
 
+    sent = []
+    monkeypatch.setattr(worker_tasks, "enqueue", lambda task_id, countdown=None: sent.append((task_id, countdown)))
     task_id = add_queued_task(weights_sha256="0" * 64)
-    run_task(task_id)
+    for refusal in range(1, worker_here.max_attempts + 1):
+        run_task(task_id)
+        task = task_row(task_id)
+        assert task.status == "queued" and task.attempts == 0 and task.error is None, (task.status, task.error)
+        assert sent[-1] == (task_id, worker_tasks.HAND_BACK_DELAY_S) and len(sent) == refusal
+        handbacks = [e for e in task_events(task_id) if e.kind == "handback"]
+        assert len(handbacks) == refusal
+        assert "handed the task back" in handbacks[-1].data["reason"] and "upt-tiny" in handbacks[-1].data["reason"]
+        assert handbacks[-1].data["worker"] == worker_tasks.worker_name()
+    run_task(task_id)  # one refusal more than UPT_MAX_ATTEMPTS hand-backs
     task = task_row(task_id)
     assert task.status == "failed" and "refused" in task.error and "upt-tiny" in task.error, task.error
+    assert len(sent) == worker_here.max_attempts
     assert not (Path(worker_here.storage_dir) / "tasks" / task_id / "artifact").exists()
     from worker.tasks import get_backbone
 
@@ -132,6 +147,14 @@ def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_he
     for accepted in (same, other):
         run_task(accepted)
         assert task_row(accepted).status == "succeeded", task_row(accepted).error
+
+
+def task_events(task_id: str):
+    from service import db
+    from service.models import TaskEvent
+
+    with db.session_scope() as session:
+        return list(session.query(TaskEvent).filter_by(task_id=task_id).order_by(TaskEvent.id))
 
 
 def _age(folder: Path, seconds: float) -> None:
