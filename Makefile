@@ -33,7 +33,7 @@ test: install-test system-test-deps
 mutation: install-test
 	$(BIN)/python scripts/mutation.py
 
-bench: install
+bench: install-test
 	$(BIN)/python bench/text_truncation.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/polling.py

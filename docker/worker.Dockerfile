@@ -22,12 +22,12 @@ COPY migrations ./migrations
 COPY alembic.ini ./
 # The same uid/gid (1000) as the API image: both write to the shared data and models volumes.
 # Ubuntu's image ships a user `ubuntu` with that uid, so it goes first.
-RUN pip install -c constraints.txt . && (userdel --remove ubuntu 2>/dev/null || true) \
+RUN pip install -c constraints.txt ".[service]" && (userdel --remove ubuntu 2>/dev/null || true) \
     && groupadd --gid 1000 upt && useradd --create-home --uid 1000 --gid 1000 upt \
     && mkdir -p /data /models && chown upt:upt /data /models
 USER upt
 
 # Healthy while the worker answers a Celery ping through the broker.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
-    CMD celery -A worker.celery_app inspect ping -d "celery@$HOSTNAME" --timeout 10 || exit 1
+    CMD python -m worker --ping || exit 1
 CMD ["upt", "worker"]

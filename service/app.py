@@ -16,6 +16,7 @@ from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.instant import InstantStages
 from service.prometheus import Metrics, MetricsMiddleware
+from service.queue import TrainingQueue
 from service.recovery import Sweeper
 from service.serving_cache import ServingCache
 from service.settings import Settings, get_settings
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.serving.start_loading()
         # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
         # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
-        sweeper = Sweeper(settings)
+        sweeper = Sweeper(settings, app.state.queue)
         sweeper.start()
         yield
         sweeper.stop()
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.serving = ServingCache(settings)
     app.state.storage = Storage.from_settings(settings)
+    app.state.queue = TrainingQueue(settings)
     app.state.metrics = Metrics()
     app.state.instant = InstantStages(settings, app.state.storage, app.state.serving)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,

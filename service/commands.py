@@ -1,6 +1,9 @@
-"""`upt serve`, `upt worker`, `upt migrate` and `upt keys`: the service's command-line entry points.
+"""`upt serve`, `upt migrate` and `upt keys`: the service's command-line entry points.
 
-`register(subparsers)` adds them to the `upt` CLI; each sets `func(args) -> int`.
+The `upt` CLI finds them through the `upt.commands` entry-point group (pyproject.toml), as it finds
+`upt worker`: each entry point is a function that adds its sub-command to the CLI's
+subparsers and sets `func(args) -> int`. Module imports stay light (the service stack is imported
+when a command runs), so that `upt train` does not pay for FastAPI and SQLAlchemy to list these.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import subprocess
 import sys
 
 WORKER_STOP_GRACE_S = 10.0
+EMBEDDED_PARENT_ENV = "UPT_EMBEDDED_PARENT_PID"  # the worker that `upt serve` starts exits with it
 SHUTDOWN_GRACE_S = 10.0  # for requests still running when `upt serve` is asked to stop
 
 
-def register(subparsers) -> None:
+def register_serve(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the HTTP API (and, unless --no-worker, a worker)")
     serve.add_argument("--host", help="bind address (UPT_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (UPT_PORT, default 8000)")
@@ -26,15 +30,14 @@ def register(subparsers) -> None:
     serve.add_argument("--json", action="store_true", help="print the start-up summary as JSON")
     serve.set_defaults(func=serve_command)
 
-    worker = subparsers.add_parser("worker", help="run a Celery worker that trains queued tasks")
-    worker.add_argument("--concurrency", type=int, help="trainings at once (UPT_WORKER_CONCURRENCY, default 1)")
-    worker.add_argument("--json", action="store_true", help="accepted for symmetry; logs stay text")
-    worker.set_defaults(func=lambda args: run_worker(_worker_argv(args)))
 
+def register_migrate(subparsers) -> None:
     migrate = subparsers.add_parser("migrate", help="create or upgrade the database schema (alembic upgrade head)")
     migrate.add_argument("--json", action="store_true", help="machine-readable output")
     migrate.set_defaults(func=migrate_command)
 
+
+def register_keys(subparsers) -> None:
     keys = subparsers.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key for a tenant and print it (shown once)")
@@ -51,7 +54,7 @@ def register(subparsers) -> None:
     revoke.set_defaults(func=keys_revoke_command)
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -72,7 +75,7 @@ def serve_command(args) -> int:
     from service.settings import get_settings
 
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     try:
         settings.check()
     except ValueError as error:
@@ -122,9 +125,10 @@ def _announce(summary: dict, as_json: bool) -> None:
 
 
 def start_embedded_worker() -> subprocess.Popen:
-    """A worker process beside the API, in its own process group so Ctrl-C reaches only `serve`."""
-    env = dict(os.environ, UPT_EMBEDDED_PARENT_PID=str(os.getpid()))
-    return subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
+    """A worker process beside the API, in its own process group so Ctrl-C reaches only `serve`.
+    Started as `upt worker`, which the CLI finds by its entry point like this command."""
+    env = dict(os.environ, **{EMBEDDED_PARENT_ENV: str(os.getpid())})
+    return subprocess.Popen([sys.executable, "-m", "upt", "worker"], env=env, start_new_session=True)
 
 
 def stop_embedded_worker(worker: subprocess.Popen) -> None:
@@ -138,30 +142,6 @@ def stop_embedded_worker(worker: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
-
-
-def _worker_argv(args) -> list[str]:
-    return ["--concurrency", str(args.concurrency)] if args.concurrency else []
-
-
-def run_worker(argv: list[str]) -> int:
-    """`upt worker`: prefork pool, prefetch 1, late acks (configured in worker.celery_app)."""
-    parser = argparse.ArgumentParser(prog="upt worker")
-    parser.add_argument("--concurrency", type=int)
-    args = parser.parse_args(argv)
-    from service.settings import get_settings
-    from worker.celery_app import app, ensure_broker_folder
-
-    settings = get_settings()
-    _configure_logging(settings.log_level)
-    ensure_broker_folder(settings)
-    celery_argv = ["worker", f"--loglevel={settings.log_level.upper()}", "--pool=prefork",
-                   f"--concurrency={args.concurrency or settings.worker_concurrency}",
-                   "--prefetch-multiplier=1", "-O", "fair", "-Q", settings.queue]
-    if settings.resolved_broker_url.startswith("filesystem"):
-        celery_argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    app.worker_main(celery_argv)
-    return 0
 
 
 def migrate_command(args) -> int:
@@ -235,6 +215,8 @@ def keys_revoke_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m service COMMAND`: the same commands without the rest of the `upt` CLI."""
     parser = argparse.ArgumentParser(prog="python -m service")
-    register(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in (register_serve, register_migrate, register_keys):
+        register(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)

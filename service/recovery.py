@@ -25,17 +25,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.db import db_now, session_scope
-from service.dispatch import enqueue
 from service.errors import database_outage
 from service import task_state
 from service.models import Task, TaskStatus, as_utc
+from service.queue import TrainingQueue
 from service.settings import Settings
 from service.storage import Storage
 
 log = logging.getLogger("upt.recovery")
 
 
-def requeue_lost_messages(settings: Settings) -> list[str]:
+def requeue_lost_messages(settings: Settings, queue: TrainingQueue) -> list[str]:
     sent = []
     with session_scope() as session:
         cutoff = db_now(session) - timedelta(seconds=settings.requeue_after_s)
@@ -48,7 +48,7 @@ def requeue_lost_messages(settings: Settings) -> list[str]:
                 sent.append(task_id)
     for task_id in sent:
         log.info("re-sending task %s: queued for over %.0fs", task_id, settings.requeue_after_s)
-        enqueue(task_id)
+        queue.enqueue(task_id)
     return sent
 
 
@@ -67,7 +67,7 @@ def dead_on_this_host(worker: str | None) -> bool:
     return False
 
 
-def recover_dead_workers(settings: Settings) -> list[str]:
+def recover_dead_workers(settings: Settings, queue: TrainingQueue) -> list[str]:
     requeued = []
     with session_scope() as session:
         cutoff = db_now(session) - timedelta(seconds=settings.heartbeat_timeout_s)
@@ -83,7 +83,7 @@ def recover_dead_workers(settings: Settings) -> list[str]:
                 if status == TaskStatus.queued.value:
                     requeued.append(task.id)
     for task_id in requeued:
-        enqueue(task_id)
+        queue.enqueue(task_id)
     return requeued
 
 
@@ -127,19 +127,21 @@ def sweep_storage(settings: Settings) -> list[Path]:
     return removed
 
 
-def sweep(settings: Settings, storage_too: bool = True) -> None:
-    recover_dead_workers(settings)
-    requeue_lost_messages(settings)
+def sweep(settings: Settings, queue: TrainingQueue, storage_too: bool = True) -> None:
+    recover_dead_workers(settings, queue)
+    requeue_lost_messages(settings, queue)
     if storage_too:
         sweep_storage(settings)
 
 
 class Sweeper(threading.Thread):
-    """Runs `sweep` every UPT_SWEEP_INTERVAL_S in the background until stopped."""
+    """Runs `sweep` every UPT_SWEEP_INTERVAL_S in the background until stopped; tasks it takes back
+    are sent again through `queue`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, queue: TrainingQueue) -> None:
         super().__init__(name="upt-sweeper", daemon=True)
         self.settings = settings
+        self.queue = queue
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -149,7 +151,7 @@ class Sweeper(threading.Thread):
         while True:
             try:
                 storage_too = time.monotonic() - last_storage >= storage_every_s
-                sweep(self.settings, storage_too)
+                sweep(self.settings, self.queue, storage_too)
                 if storage_too:
                     last_storage = time.monotonic()
                 database_outage.recovered()

@@ -8,6 +8,21 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FASHION = FIXTURES / "fashion_mnist"
+SERVICE_COMMANDS = {"serve", "worker", "migrate", "keys"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`upt serve` and the worker it starts are found through installed metadata (the `upt.commands`
+    entry points of pyproject.toml): an install made before they existed, or a stale `upt.egg-info`
+    folder in the working directory (found first on sys.path), hides them, and many tests would fail
+    with "invalid choice". Say so once, with the fix."""
+    from importlib.metadata import entry_points
+
+    found = {entry.name for entry in entry_points(group="upt.commands")}
+    if not SERVICE_COMMANDS <= found:
+        pytest.exit(f"the installed metadata of upt lacks the `upt.commands` entry points {sorted(SERVICE_COMMANDS - found)}:"
+                    " reinstall with `rm -rf upt.egg-info && .venv/bin/pip install -q --no-deps --no-build-isolation -e .`",
+                    returncode=4)
 
 
 @pytest.fixture(scope="session")

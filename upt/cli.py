@@ -1,22 +1,25 @@
 """The `upt` command line: train, evaluate, predict and analyse without starting the service.
 
 Every command accepts --json for machine-readable output on stdout; training shows a progress bar on
-stderr. The service commands (serve, worker, migrate, keys) come from the `service` package.
+stderr. Other packages add commands through the `upt.commands` entry-point group (the service's
+serve, worker, migrate and keys): this module names none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
+import re
 import sys
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UptError
 from .methods.config import DESCRIPTIONS, METHODS
 
+COMMANDS_GROUP = "upt.commands"
 DEFAULT_MODEL = os.environ.get("UPT_MODEL", "ViT-B-16")
 DEFAULT_PRETRAINED = os.environ.get("UPT_PRETRAINED", "openai")
 
@@ -372,14 +375,49 @@ def _artifact_backbone_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_service_commands(sub) -> None:
-    """serve, worker, migrate and keys live with the service; the core never imports it otherwise."""
-    try:
-        commands = importlib.import_module("service.commands")
-    except ModuleNotFoundError as error:
-        if error.name not in ("service", "service.commands"):
-            raise
-        return
-    commands.register(sub)
+    """Add the commands of the `upt.commands` entry-point group (pyproject.toml). An entry point is a
+    function taking `sub`; one whose extra is not fully installed is listed, and says how to install it."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        missing = _missing_extra_requirements(entry)
+        if missing:
+            _add_uninstalled_command(sub, entry, missing)
+        else:
+            entry.load()(sub)
+
+
+def _missing_extra_requirements(entry: EntryPoint) -> list[str]:
+    """The distributions that the extras named by `entry` (`module:function [extra]`) require but that
+    are not installed. Names only, no versions: a wrong version fails loudly when the command runs."""
+    if not entry.extras or entry.dist is None:
+        return []
+    extra_marker = re.compile(r"""extra\s*==\s*["'](%s)["']""" % "|".join(map(re.escape, entry.extras)))
+    missing = []
+    for requirement in entry.dist.requires or []:
+        name, _, marker = requirement.partition(";")
+        if not extra_marker.search(marker):
+            continue
+        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", name).group(1)
+        if name.lower() == entry.dist.name.lower():  # an extra naming another of this distribution's
+            continue
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def _add_uninstalled_command(sub, entry: EntryPoint, missing: list[str]) -> None:
+    extras = ",".join(entry.extras)
+    install = f"pip install '{entry.dist.name}[{extras}]'"
+    # No option prefix: whatever follows (--help included) is taken as is, and the command explains.
+    parser = sub.add_parser(entry.name, help=f"(needs {install})", add_help=False, prefix_chars="\0")
+    parser.add_argument("arguments", nargs="*")
+
+    def explain(args: argparse.Namespace) -> int:
+        raise UptError(f"`upt {entry.name}` needs the {extras} extra, which is not installed (missing: "
+                       f"{', '.join(missing)}). Install it with: {install}")
+
+    parser.set_defaults(func=explain)
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -22,12 +22,11 @@ from sqlalchemy import select
 from service import task_state
 from service.db import session_scope
 from service.quotas import folder_bytes
-from service.dispatch import enqueue
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskStatus
+from service.queue import TrainingQueue
 from service.settings import get_settings
 from service.storage import Storage
-from worker.celery_app import TRAIN_TASK, app
 
 log = logging.getLogger("upt.worker")
 PROGRESS_EVERY_S = 1.0
@@ -45,11 +44,6 @@ def get_backbone():
             settings = get_settings()
             _backbone = load_backbone(settings.model, settings.pretrained, settings.device)
         return _backbone
-
-
-@app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
-def train_task(task_id: str) -> None:
-    run_task(task_id)
 
 
 def worker_name() -> str:
@@ -126,7 +120,9 @@ def _callbacks(lease: Lease, attempt: int):
     return DatabaseCallbacks()
 
 
-def run_task(task_id: str) -> None:
+def run_task(task_id: str, queue: TrainingQueue) -> None:
+    """Train one task (the Celery task registered by worker.process); `queue` sends it again when it
+    must be retried later (a full disk, another backbone's task)."""
     from upt.auto import AutoConfig, config_from_dict
     from upt.training import train
 
@@ -153,7 +149,7 @@ def run_task(task_id: str) -> None:
             _succeed(task_id, lease, storage, partial, metrics)
         except BaseException as error:  # noqa: BLE001 - every outcome must be written to the row
             shutil.rmtree(partial, ignore_errors=True)
-            _record_failure(task_id, lease, storage, error)
+            _record_failure(task_id, lease, storage, error, queue)
             if not isinstance(error, Exception):
                 raise
 
@@ -247,7 +243,8 @@ def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metric
         _forget_if_deleted(task_id, storage)
 
 
-def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseException) -> None:
+def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseException,
+                    queue: TrainingQueue) -> None:
     from upt.errors import TrainingCancelled, UptError
 
     if isinstance(error, TrainingCancelled) and lease.stop_reason == "lost":
@@ -286,7 +283,7 @@ def _record_failure(task_id: str, lease: Lease, storage: Storage, error: BaseExc
     if cancelled:
         storage.delete_checkpoints(task_id)
     if retried:
-        enqueue(task_id, countdown=retry_in_s)
+        queue.enqueue(task_id, countdown=retry_in_s)
     if not (retried or cancelled or failed):
         _forget_if_deleted(task_id, storage)
 
@@ -315,55 +312,3 @@ def _forget_if_deleted(task_id: str, storage: Storage) -> None:
         if session.get(Task, task_id) is None:
             storage.delete_task(task_id)
 
-
-# --- worker process lifecycle -------------------------------------------------------------------
-from celery import signals  # noqa: E402
-
-_sweeper = None
-
-
-@signals.worker_process_init.connect
-def _fresh_connections(**_) -> None:
-    # A forked pool process must not share the parent's database connections.
-    from service.db import get_engine
-
-    get_engine().dispose(close=False)
-    # Load the backbone now rather than on the first task, but in the background: process init has
-    # a timeout of a few seconds and a real CLIP takes longer.
-    threading.Thread(target=_preload_backbone, name="backbone-preload", daemon=True).start()
-
-
-def _preload_backbone() -> None:
-    try:
-        get_backbone()
-    except Exception as error:  # reported again, as the task's error, when a task needs it
-        log.warning("cannot load the backbone yet: %s", error)
-
-
-@signals.worker_ready.connect
-def _start_recovery(**_) -> None:
-    """Every worker also sweeps: lost messages and dead workers are found as long as one runs."""
-    global _sweeper
-    from service.recovery import Sweeper
-
-    _sweeper = Sweeper(get_settings())
-    _sweeper.start()
-    parent = os.environ.get("UPT_EMBEDDED_PARENT_PID")
-    if parent:
-        threading.Thread(target=_exit_with_parent, args=(int(parent),), daemon=True).start()
-
-
-@signals.worker_shutdown.connect
-def _stop_recovery(**_) -> None:
-    if _sweeper is not None:
-        _sweeper.stop()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """In embedded mode, go when `upt serve` goes, even if it was killed without a chance to stop us."""
-    import signal
-
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    log.warning("upt serve (pid %d) is gone; stopping the embedded worker", parent_pid)
-    os.killpg(os.getpgid(0), signal.SIGKILL)

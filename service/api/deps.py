@@ -1,4 +1,4 @@
-"""Shared dependencies of the routes: the per-process serving cache, storage and metrics."""
+"""Shared dependencies of the routes: the per-process serving cache, storage, metrics and training queue."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from service.batching import MicroBatcher
 from service.instant import InstantStages
 from service.prometheus import Metrics
+from service.queue import TrainingQueue
 from service.serving_cache import ServingCache
 from service.storage import Storage
 
@@ -33,8 +34,13 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_queue(request: Request) -> TrainingQueue:
+    return request.app.state.queue
+
+
 ServingDep = Annotated[ServingCache, Depends(get_serving)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 InstantDep = Annotated[InstantStages, Depends(get_instant)]
+QueueDep = Annotated[TrainingQueue, Depends(get_queue)]

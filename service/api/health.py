@@ -7,9 +7,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service.api.deps import MetricsDep, ServingDep
+from service.api.deps import MetricsDep, QueueDep, ServingDep
 from service.auth import get_sessionmaker
-from service.dispatch import broker_reachable
 from service.errors import without_paths
 from service.schemas import CheckOut, ReadyOut
 
@@ -32,12 +31,12 @@ def _database() -> tuple[bool, str]:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
-async def readyz(serving: ServingDep) -> JSONResponse:
+async def readyz(serving: ServingDep, queue: QueueDep) -> JSONResponse:
     """Database reachable, broker reachable, backbone loadable (and the image encoder that serves it):
     200 when all hold, else 503."""
     checks = {
         "database": await run_in_threadpool(_database),
-        "broker": await run_in_threadpool(broker_reachable),
+        "broker": await run_in_threadpool(queue.reachable),
         "backbone": await run_in_threadpool(serving.backbone_status),
     }
     checks["image_encoder"] = serving.encoder_status()  # which runtime and precision serve /classify

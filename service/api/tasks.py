@@ -14,10 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
-from service.api.deps import InstantDep, ServingDep, StorageDep
+from service.api.deps import InstantDep, QueueDep, ServingDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
-from service.dispatch import enqueue
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
@@ -64,7 +63,7 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str | None) -> Ta
 @router.post("/tasks", status_code=202, response_model=TaskOut, openapi_extra=TASK_FORM,
              responses={202: {"description": "Task queued; `Location` names it."}})
 async def create_task(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                      serving: ServingDep, storage: StorageDep, instant: InstantDep,
+                      serving: ServingDep, storage: StorageDep, instant: InstantDep, queue: QueueDep,
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     """Multipart form: `class_names` (repeated), `files` + `labels` (repeated) or one `archive` zip,
     `method`, optional `shots`, `epochs`, `seed`, `n_ctx`, `depth`, `ctx_init`, `lr`, `batch_size`."""
@@ -102,7 +101,7 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         # Both only after the row is committed. The instant stage is built here, in the API process,
         # not by a worker, so a full queue cannot delay a task's first answer (see service.instant).
         instant.schedule(task.id)
-        await run_in_threadpool(enqueue, task.id)
+        await run_in_threadpool(queue.enqueue, task.id)
     return accepted(task, replayed)
 
 

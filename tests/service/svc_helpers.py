@@ -190,3 +190,17 @@ def skew_host_clock(monkeypatch, offset_s: float) -> None:
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] in ("service", "worker") and getattr(module, "utcnow", None) is true_now:
             monkeypatch.setattr(module, "utcnow", skewed)
+
+
+class RecordingQueue:
+    """Stands for service.queue.TrainingQueue: records the task ids it is asked to send, with their
+    countdowns, instead of publishing them."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.countdowns: list[float | None] = []
+
+    def enqueue(self, task_id: str, countdown: float | None = None) -> bool:
+        self.sent.append(task_id)
+        self.countdowns.append(countdown)
+        return True

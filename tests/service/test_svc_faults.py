@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from faults import Tmpfs, own_postgres
-from svc_helpers import CLASSES, REDIS_DB, Proc, Stack, base_env, free_port, images, wait_http
+from svc_helpers import CLASSES, REDIS_DB, Proc, RecordingQueue, Stack, base_env, free_port, images, wait_http
 
 NO_SPACE = "no space left on the storage volume"
 
@@ -138,11 +138,8 @@ def worker_on_full_volume(full_volume, tmp_path, tiny_checkpoint, monkeypatch):
     for cached in (get_settings, db.get_engine, db.get_sessionmaker):
         cached.cache_clear()
     upgrade(get_settings())
-    sent: list[tuple[str, float | None]] = []
-    monkeypatch.setattr(worker_tasks, "enqueue", lambda task_id, countdown=None: sent.append((task_id, countdown)),
-                        raising=False)
     monkeypatch.setattr(worker_tasks, "_backbone", None)
-    yield full_volume, sent
+    yield full_volume, RecordingQueue()
     db.get_engine().dispose()
     for cached in (get_settings, db.get_engine, db.get_sessionmaker):
         cached.cache_clear()
@@ -186,25 +183,25 @@ def row(task_id: str):
 def test_training_on_a_full_disk_says_so_and_retries_with_back_off(worker_on_full_volume):
     from worker.tasks import run_task
 
-    volume, sent = worker_on_full_volume
+    volume, queue = worker_on_full_volume
     task_id = queued_task()
     filler = volume.fill(leave_bytes=0)
     for attempt, delay in ((1, 7), (2, 10)):  # 7 s, then doubled but bounded by UPT_DISK_FULL_RETRY_MAX_S
-        run_task(task_id)
+        run_task(task_id, queue)
         task = row(task_id)
         assert task.status == "queued" and task.attempts == attempt, (task.status, task.error)
         assert NO_SPACE in task.error and "inline_container" not in task.error
-        assert sent[-1] == (task_id, delay)
+        assert (queue.sent[-1], queue.countdowns[-1]) == (task_id, delay)
         assert not list(volume.mountpoint.rglob("*.tmp")), "a half-written checkpoint was left"
     filler.unlink()  # space again: the third try trains to the end
-    run_task(task_id)
+    run_task(task_id, queue)
     task = row(task_id)
     assert task.status == "succeeded" and task.error is None, task.error
 
     other = queued_task()
     volume.fill(leave_bytes=0)
     for _ in range(3):
-        run_task(other)
+        run_task(other, queue)
     task = row(other)
     assert task.status == "failed" and NO_SPACE in task.error and "UPT_MAX_ATTEMPTS" in task.error
     assert task.finished_at is not None

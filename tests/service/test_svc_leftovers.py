@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.models import TaskStatus, utcnow
-from svc_helpers import CLASSES, ROOT, base_env, images, skew_host_clock, task_form
+from svc_helpers import CLASSES, ROOT, RecordingQueue, base_env, images, skew_host_clock, task_form
 
 TaskStatusNames = [s.value for s in TaskStatus]
 
@@ -24,7 +24,9 @@ def test_the_filesystem_broker_writes_nothing_in_the_working_directory(tmp_path,
     env = base_env(tmp_path / "data", tiny_checkpoint)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    done = subprocess.run([sys.executable, "-c", "from service.dispatch import enqueue; assert enqueue('0' * 32)"],
+    send = ("from service.queue import TrainingQueue; from service.settings import get_settings; "
+            "assert TrainingQueue(get_settings()).enqueue('0' * 32)")
+    done = subprocess.run([sys.executable, "-c", send],
                           env={**env, "PYTHONPATH": str(ROOT)}, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert os.listdir(cwd) == [], "Kombu's filesystem transport wrote into the working directory"
@@ -111,41 +113,41 @@ def test_a_failed_tasks_error_names_no_server_path(worker_here, tmp_path):
     from worker.tasks import run_task
 
     task_id = add_queued_task(with_images=False)  # its images are gone: the training cannot start
-    run_task(task_id)
+    run_task(task_id, RecordingQueue())
     task = task_row(task_id)
     assert task.status == "failed" and task.error, task.error
     assert str(tmp_path) not in task.error and "/storage/" not in task.error, task.error
 
 
-def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_here, monkeypatch):
+def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_here):
     """A worker serving another backbone hands the task back, untrained, for another worker (a fleet
     being redeployed), with an event saying why; after UPT_MAX_ATTEMPTS hand-backs the task fails."""
     import worker.tasks as worker_tasks
     from worker.tasks import run_task
 
-    sent = []
-    monkeypatch.setattr(worker_tasks, "enqueue", lambda task_id, countdown=None: sent.append((task_id, countdown)))
+    queue = RecordingQueue()
     task_id = add_queued_task(weights_sha256="0" * 64)
     for refusal in range(1, worker_here.max_attempts + 1):
-        run_task(task_id)
+        run_task(task_id, queue)
         task = task_row(task_id)
         assert task.status == "queued" and task.attempts == 0 and task.error is None, (task.status, task.error)
-        assert sent[-1] == (task_id, worker_tasks.HAND_BACK_DELAY_S) and len(sent) == refusal
+        assert (queue.sent[-1], queue.countdowns[-1]) == (task_id, worker_tasks.HAND_BACK_DELAY_S)
+        assert len(queue.sent) == refusal
         handbacks = [e for e in task_events(task_id) if e.kind == "handback"]
         assert len(handbacks) == refusal
         assert "handed the task back" in handbacks[-1].data["reason"] and "upt-tiny" in handbacks[-1].data["reason"]
         assert handbacks[-1].data["worker"] == worker_tasks.worker_name()
-    run_task(task_id)  # one refusal more than UPT_MAX_ATTEMPTS hand-backs
+    run_task(task_id, queue)  # one refusal more than UPT_MAX_ATTEMPTS hand-backs
     task = task_row(task_id)
     assert task.status == "failed" and "refused" in task.error and "upt-tiny" in task.error, task.error
-    assert len(sent) == worker_here.max_attempts
+    assert len(queue.sent) == worker_here.max_attempts
     assert not (Path(worker_here.storage_dir) / "tasks" / task_id / "artifact").exists()
     from worker.tasks import get_backbone
 
     same = add_queued_task()  # a task of before the check (no weights recorded) is trained
     other = add_queued_task(weights_sha256=get_backbone().weights_sha256)
     for accepted in (same, other):
-        run_task(accepted)
+        run_task(accepted, RecordingQueue())
         assert task_row(accepted).status == "succeeded", task_row(accepted).error
 
 
@@ -163,11 +165,10 @@ def _age(folder: Path, seconds: float) -> None:
         os.utime(path, (then, then))
 
 
-def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_database, monkeypatch):
+def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_database):
     from service import recovery
     from service.storage import Storage
 
-    monkeypatch.setattr(recovery, "enqueue", lambda *a, **k: None)
     settings = sqlite_database.model_copy(update={"orphan_grace_s": 600})
     storage = Storage.from_settings(settings)
     row_task = add_queued_task(with_images=True)
@@ -181,7 +182,7 @@ def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_d
     for name in ("old-scratch", "orphan"):
         _age(folders[name], 3600)
     _age(storage.task_dir(row_task), 3600)  # old, but its task exists
-    recovery.sweep(settings)
+    recovery.sweep(settings, RecordingQueue())
     assert not folders["old-scratch"].exists() and not folders["orphan"].exists()
     assert folders["new-scratch"].exists() and folders["young-orphan"].exists()
     assert storage.data_dir(row_task).is_dir()
@@ -191,14 +192,13 @@ def test_heartbeats_are_judged_by_the_database_clock_not_each_hosts(worker_here,
     from service import recovery
     import worker.tasks as worker_tasks
 
-    monkeypatch.setattr(recovery, "enqueue", lambda *a, **k: None)
     task_id = add_queued_task()
     with monkeypatch.context() as clock:
         skew_host_clock(clock, -600)  # a worker host whose clock is late
         task = worker_tasks.claim(task_id)
         worker_tasks.Lease(task_id, task.lease, 1.0).beat()
     skew_host_clock(monkeypatch, 600)  # a sweeper's, early
-    assert recovery.recover_dead_workers(worker_here) == []
+    assert recovery.recover_dead_workers(worker_here, RecordingQueue()) == []
     row = task_row(task_id)
     assert row.status == "running" and row.lease == task.lease
 

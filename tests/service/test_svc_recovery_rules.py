@@ -14,13 +14,12 @@ import pytest
 from service import db, recovery, task_state
 from service.models import Task, Tenant, utcnow
 from service.settings import Settings
+from svc_helpers import RecordingQueue
 
 
 @pytest.fixture
-def database(sqlite_database, monkeypatch):
-    sent: list[str] = []
-    monkeypatch.setattr(recovery, "enqueue", sent.append)  # record instead of publishing
-    return sqlite_database, sent
+def database(sqlite_database):
+    return sqlite_database, RecordingQueue()  # records instead of publishing
 
 
 def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0,
@@ -45,32 +44,32 @@ def status_of(task_id: str) -> Task:
 
 
 def test_dead_worker_is_retried_then_failed_never_left_running(database):
-    settings, sent = database
+    settings, queue = database
     fresh = add_task("running", attempts=1, heartbeat_age_s=1)
     retry = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
     spent = add_task("running", attempts=settings.max_attempts, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
     orphan = add_task("cancelling", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
-    recovery.recover_dead_workers(settings)
+    recovery.recover_dead_workers(settings, queue)
     assert status_of(fresh).status == "running"  # still heart-beating: left alone
     assert status_of(retry).status == "queued" and status_of(retry).lease is None
     failed = status_of(spent)
     assert failed.status == "failed" and "UPT_MAX_ATTEMPTS" in failed.error and failed.finished_at
     assert status_of(orphan).status == "cancelled"
-    assert sent == [retry]
+    assert queue.sent == [retry]
 
 
 def test_lost_messages_are_sent_again_once_per_period(database):
-    settings, sent = database
+    settings, queue = database
     recent = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=1)
     lost = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=settings.requeue_after_s + 5)
-    recovery.requeue_lost_messages(settings)
-    recovery.requeue_lost_messages(settings)  # a second sweeper right after: nothing more to send
-    assert sent == [lost]
-    assert recent not in sent
+    recovery.requeue_lost_messages(settings, queue)
+    recovery.requeue_lost_messages(settings, queue)  # a second sweeper right after: nothing more to send
+    assert queue.sent == [lost]
+    assert recent not in queue.sent
 
 
 def test_celery_redelivery_settings():
-    from worker.celery_app import make_celery
+    from service.queue import make_celery
 
     settings = Settings(broker_url="redis://127.0.0.1:6379/0", task_time_limit_s=3600)
     conf = make_celery(settings).conf
@@ -80,22 +79,22 @@ def test_celery_redelivery_settings():
 
 
 def test_a_gone_worker_process_on_this_host_is_not_waited_for(database):
-    settings, sent = database
+    settings, queue = database
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     host = socket.gethostname()
     gone = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{finished.pid}")
     alive = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{os.getpid()}")
     elsewhere = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"other-{host}:{finished.pid}")
-    recovery.recover_dead_workers(settings)
-    assert status_of(gone).status == "queued" and sent == [gone]
+    recovery.recover_dead_workers(settings, queue)
+    assert status_of(gone).status == "queued" and queue.sent == [gone]
     assert status_of(alive).status == status_of(elsewhere).status == "running"
 
 
 def test_a_worker_that_beats_during_the_sweep_keeps_its_task(database, monkeypatch):
     """The heartbeat is part of the compare-and-set: one written between the sweeper's read and its
     update means the worker is alive, so its task is not handed to another worker."""
-    settings, sent = database
+    settings, queue = database
     task_id = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
     decide = task_state._after_worker_loss
 
@@ -105,6 +104,6 @@ def test_a_worker_that_beats_during_the_sweep_keeps_its_task(database, monkeypat
         return decide(task, settings, now)
 
     monkeypatch.setattr(task_state, "_after_worker_loss", beat_meanwhile)
-    recovery.recover_dead_workers(settings)
+    recovery.recover_dead_workers(settings, queue)
     assert status_of(task_id).status == "running" and status_of(task_id).lease == "l"
-    assert sent == []
+    assert queue.sent == []

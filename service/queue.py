@@ -1,6 +1,9 @@
-"""The Celery application, shared by the API (to enqueue) and the workers (to consume).
+"""The training queue: the Celery application, its queue and task names, and sending a task id to it.
 
-Importing this module does not import torch: API replicas only send messages by task name.
+The API enqueues with it; a worker process builds its own from its settings and registers the
+training task on it. This module knows the task by name only: it imports neither the worker nor
+torch nor the ML core (checked by tests/core/test_boundaries.py).
+
 Reliability settings, and why:
 - acks_late + reject_on_worker_lost: a message is acknowledged only after the task ran, so a worker
   that dies mid-training leaves the message to be delivered again;
@@ -12,15 +15,19 @@ The database, not the broker, decides whether a delivered message still has work
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from service.settings import Settings
 
+log = logging.getLogger("upt.service")
 TRAIN_TASK = "upt.train"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("upt", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    """The Celery application for `settings`, with no task registered (the worker adds its own)."""
+    app = Celery("upt", broker=settings.resolved_broker_url)
     transport_options: dict = {"visibility_timeout": settings.visibility_timeout_s}
     filesystem = settings.resolved_broker_url.startswith("filesystem")
     if filesystem:
@@ -54,4 +61,30 @@ def ensure_broker_folder(settings: Settings) -> None:
         (settings.broker_folder / "control").mkdir(parents=True, exist_ok=True)
 
 
-app = make_celery(get_settings())
+class TrainingQueue:
+    """The queue of training tasks of one process, built from that process's settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.celery = make_celery(settings)
+
+    def enqueue(self, task_id: str, countdown: float | None = None) -> bool:
+        """Publish the training message; always called after the task row is committed. On failure
+        the row stays `queued` and recovery (service.recovery) sends it again."""
+        try:
+            ensure_broker_folder(self.settings)
+            self.celery.send_task(TRAIN_TASK, args=[task_id], countdown=countdown)
+            return True
+        except Exception:  # broker down: the database still holds the task, so nothing is lost
+            log.warning("could not enqueue task %s now; it will be re-sent", task_id, exc_info=True)
+            return False
+
+    def reachable(self) -> tuple[bool, str]:
+        """Whether the broker answers now, and why not (for /readyz)."""
+        try:
+            ensure_broker_folder(self.settings)
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            return True, "reachable"
+        except Exception as error:
+            return False, f"{type(error).__name__}: {error}"
