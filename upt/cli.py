@@ -377,8 +377,12 @@ def _artifact_backbone_options(parser: argparse.ArgumentParser) -> None:
 def _register_service_commands(sub) -> None:
     """Add the commands of the `upt.commands` entry-point group (pyproject.toml). An entry point is a
     function taking `sub`; one whose extra is not fully installed is listed, and says how to install it."""
+    missing_by_extras: dict[tuple[str, ...], list[str]] = {}  # the commands share an extra: look once
     for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
-        missing = _missing_extra_requirements(entry)
+        extras = tuple(entry.extras)
+        if extras not in missing_by_extras:
+            missing_by_extras[extras] = _missing_extra_requirements(entry)
+        missing = missing_by_extras[extras]
         if missing:
             _add_uninstalled_command(sub, entry, missing)
         else:
