@@ -53,7 +53,7 @@ def requeue_lost_messages(settings: Settings, queue: TrainingQueue) -> list[str]
 
 
 def dead_on_this_host(worker: str | None) -> bool:
-    """True when `worker` ("host:pid", see worker.tasks.worker_name) ran here and its process is gone:
+    """True when `worker` (the "host:pid" a worker writes when it claims a task) ran here and its process is gone:
     no need to wait for the heartbeat timeout (a restarted `upt serve`, a pool process killed)."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():

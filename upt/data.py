@@ -150,8 +150,8 @@ def eval_transform(spec: ImageSpec) -> T.Compose:
 
 
 def read_image_file(path: Path) -> Image.Image:
-    """A trusted image file from disk as RGB, or a DataError naming the file (the service decodes
-    untrusted uploads with `service.uploads.decode_upload`, which checks sizes and answers 4xx)."""
+    """A trusted image file from disk as RGB, or a DataError naming the file (untrusted uploads are the
+    service's to decode: it checks their sizes and answers 4xx)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

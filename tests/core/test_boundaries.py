@@ -27,9 +27,11 @@ def imported_stacks(code: str) -> list[str]:
 
 
 def mentions_of(package: str, folder: Path) -> list[str]:
-    """Lines under `folder` that import `package` or name one of its modules in a string: a dotted
-    name (importlib, Celery's include=[...]), import_module("package") or `python -m package`."""
-    pattern = re.compile(rf"^\s*(import|from)\s+{package}\b|[\"']{package}\.\w"
+    """Lines under `folder` that import `package` or name one of its modules: in a string (importlib,
+    Celery's include=[...]), import_module("package"), `python -m package`, or a dotted name in prose
+    (a docstring pointing at `package.module` is a dependency too, one a reader must follow)."""
+    modules = "|".join(sorted(path.stem for path in (ROOT / package).glob("*.py")) + ["api", "web"])
+    pattern = re.compile(rf"^\s*(import|from)\s+{package}\b|[\"']{package}\.\w|\b{package}\.({modules})\b"
                          rf"|import_module\(\s*[\"']{package}[\"']|[\"']-m[\"'],\s*[\"']{package}[\"']")
     found = []
     for path in sorted(folder.rglob("*.py")):
@@ -72,9 +74,9 @@ def test_the_checks_see_an_import_and_a_module_named_in_a_string(tmp_path):
     (tmp_path / "b.py").write_text('celery = Celery("upt", include=["worker.tasks"])\n')
     (tmp_path / "c.py").write_text('importlib.import_module("service.commands")\n')
     (tmp_path / "d.py").write_text('subprocess.Popen([sys.executable, "-m", "worker"])\n')
-    (tmp_path / "e.py").write_text('"""Started by the worker (see service.recovery): prose is allowed."""\n'
-                                   'summary = {"worker": True}; argv = ["upt", "worker"]\n')
-    assert len(mentions_of("worker", tmp_path)) == 3
+    (tmp_path / "e.py").write_text('"""The worker names itself "host:pid" (see worker.tasks.worker_name)."""\n')
+    (tmp_path / "f.py").write_text('"""A worker (prose is allowed)."""\nsummary = {"worker": worker.pid}; argv = ["upt", "worker"]\n')
+    assert len(mentions_of("worker", tmp_path)) == 4
     assert len(mentions_of("service", tmp_path)) == 1
 
 
