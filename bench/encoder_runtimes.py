@@ -96,7 +96,7 @@ def agreement_tasks(tiny, args, work: Path) -> list[tuple[str, Predictor]]:
     class_names = scan_image_folder(FIXTURE / "test").class_names
     tasks = [("zero-shot", Predictor.zero_shot(tiny, class_names))]
     for method in ("upt", "vpt-deep"):
-        config = TrainConfig(method, shots=16, epochs=args.epochs, lr=0.05, batch_size=16, seed=1)
+        config = TrainConfig.of(method, shots=16, epochs=args.epochs, lr=0.05, batch_size=16, seed=1)
         result = train(tiny, FIXTURE / "train", config, work / method)
         tasks.append((method, Predictor.from_artifact(tiny, result.artifact_dir)))
     return tasks

@@ -88,6 +88,7 @@ def m(name, file, original, replacement, description, *tests, issue=False) -> Mu
 TIP = "upt/methods/tip_adapter.py"
 COCOOP = "upt/methods/cocoop.py"
 PROMPTS, MODEL, ENC = "upt/methods/prompts.py", "upt/methods/model.py", "upt/encoders.py"
+REGISTRY = "upt/methods/registry.py"
 TRAIN, DATA, ART, PRED = "upt/training.py", "upt/data.py", "upt/artifact.py", "upt/predict.py"
 
 MUTANTS: list[Mutant] = [
@@ -103,7 +104,7 @@ MUTANTS: list[Mutant] = [
     m("upt-visual-half-detached", PROMPTS, "visual=self.to_vision(u[:, self.n_ctx:]))",
       "visual=self.to_vision(u[:, self.n_ctx:].detach()))",
       "the visual half of θ(U) detached: no gradient from the image tower to U or θ", IMAGE_TOWER, GRADIENTS, issue=True),
-    m("shared-ignores-ctx-init", MODEL, 'split=method != "shared", init=init)', 'split=method != "shared", init=None)',
+    m("shared-ignores-ctx-init", REGISTRY, "split=split, init=init)", "split=split, init=init if split else None)",
       "the shared ablation ignores ctx_init", CTX_INIT, issue=True),
     m("visual-prompts-before-cls", ENC, "x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)",
       "x = torch.cat([_expand(prompts[0], x), x], dim=1)",
@@ -122,7 +123,7 @@ MUTANTS: list[Mutant] = [
       "the visual-only methods' fixed classifier uses only the first template", LOGITS, issue=True),
     m("export-dropout-on", MODEL, "was_training = self.training\n        self.eval()", "was_training = self.training",
       "export() leaves dropout on", EXPORT, issue=True),
-    m("upt-depth-vision-only", MODEL, "min(backbone.text_layers, backbone.vision_layers)", "backbone.vision_layers",
+    m("upt-depth-vision-only", REGISTRY, '_BOTH_DEPTH = DepthRule(("text", "vision"))', '_BOTH_DEPTH = DepthRule(("vision",))',
       "UPT's depth checked against the vision tower only", DEPTHS, issue=True),
     m("lr-schedule-not-applied", TRAIN, 'group["lr"] = lr', 'group["lr"] = group["lr"]',
       "the learning-rate schedule never applied to the optimiser", SCHEDULE, issue=True),
@@ -195,14 +196,13 @@ MUTANTS: list[Mutant] = [
     m("generate-twice", MODEL, "self.image_features(images, prompts) @ self.classifier(prompts).T",
       "self.image_features(images, self.generate()) @ self.classifier(prompts).T",
       "θ(U) computed twice per step, two dropout masks (the released code)", ONCE_PER_STEP),
-    m("vpt-deep-default-shallow", MODEL, 'default = 1 if method == "vpt-shallow" else backbone.vision_layers',
-      "default = 1", "VPT-deep prompts only the first layer by default", TOWER_DEPTHS),
-    m("joint-visual-shallow", MODEL, '_depth(config, backbone.vision_layers, backbone.vision_layers, "vision")',
-      '_depth(config, backbone.vision_layers, 1, "vision")', "joint's visual prompts shallow by default", TOWER_DEPTHS),
+    m("vpt-deep-default-shallow", REGISTRY, "options=_prompt_options(_VISION_ALL), depth=_VISION_ALL,",
+      'options=_prompt_options(_VISION_ALL), depth=DepthRule(("vision",)),', "VPT-deep prompts only the first layer by default", TOWER_DEPTHS),
+    m("joint-visual-shallow", REGISTRY, "depth=_VISION_ALL,\n               build=_joint)",
+      'depth=DepthRule(("vision",)),\n               build=_joint)', "joint's visual prompts shallow by default", TOWER_DEPTHS),
     m("ctx-init-keeps-sos", MODEL, "return tokens[1:end]  # drop [SOS] and [EOS]", "return tokens[0:end]",
       "ctx_init's embeddings include [SOS]", CTX_INIT),
-    m("coop-depth-vision", MODEL, '_depth(config, backbone.text_layers, 1, "text")',
-      '_depth(config, backbone.vision_layers, 1, "text")', "CoOp's depth checked against the vision tower", TOWER_DEPTHS),
+    m("coop-depth-vision", REGISTRY, '_TEXT_DEPTH = DepthRule(("text",))', '_TEXT_DEPTH = DepthRule(("vision",))', "CoOp's depth checked against the vision tower", TOWER_DEPTHS),
     # ---- encoders.py ---------------------------------------------------------------------------------
     m("context-before-positional", ENC,
       "if context is not None:\n        x = _replace(x, context[0], start=1)\n"

@@ -48,8 +48,8 @@ def instant_config(task: Task, settings: Settings):
 
     own = config_from_dict(task.config)
     own = getattr(own, "base", own)  # method=auto: the options its candidates share
-    return TrainConfig(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
-                       class_names=list(task.class_names), augment_views=settings.instant_augment_views)
+    return TrainConfig.of(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
+                          class_names=list(task.class_names), augment_views=settings.instant_augment_views)
 
 
 class InstantStages:

@@ -6,7 +6,6 @@ naming the field: class names, labels, images, archive layout, method and hyper-
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
 import zipfile
@@ -14,17 +13,20 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+
+from upt.auto import AUTO, CANDIDATES, AutoConfig, base_config, parse_candidates
+from upt.errors import ConfigError, UptError
+from upt.methods import METHODS
+from upt.architecture import Architecture, architecture
+from upt.methods.model import check_start_token, check_text_prompt_fits
+from upt.methods.registry import train_options
+from upt.training import TrainConfig
 
 from service.errors import invalid
 from service.settings import Settings
 from service.storage import Storage
 from service.uploads import ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
 
-# Optional numeric options of POST /tasks and their types; TrainConfig.validate() checks ranges.
-INT_OPTIONS = ("shots", "epochs", "seed", "n_ctx", "depth", "batch_size")
-FLOAT_OPTIONS = ("lr",)
-TEXT_OPTIONS = ("ctx_init",)
 MAX_CLASS_NAME_BYTES = 200
 CHUNK_BYTES = 1024 * 1024
 
@@ -32,54 +34,35 @@ CHUNK_BYTES = 1024 * 1024
 @dataclass
 class TaskSpec:
     class_names: list[str]
-    config: Any  # upt.training.TrainConfig
-    images: list[tuple[str, str, bytes | UploadedFile]]  # (class name, source name, content)
+    config: TrainConfig | AutoConfig
+    images: list[tuple[str, str, UploadedFile]]  # (class name, source name, upload)
 
 
-def parse_config(form: ParsedForm, settings: Settings):
-    from upt.errors import ConfigError
-    from upt.methods import METHODS
-    from upt.training import TrainConfig
-
-    from upt.auto import AUTO, AutoConfig, parse_candidates
-
+def parse_config(form: ParsedForm, settings: Settings) -> TrainConfig | AutoConfig:
+    """The method and its options (the registry's, each parsed and checked by its spec); a 422 names
+    the field at fault, as the ConfigError raised for it does."""
     method = form.one("method")
     choices = ", ".join((*METHODS, AUTO))
     if method is None:
         raise invalid("method", f"choose one of {choices}.")
     if method not in (*METHODS, AUTO):
         raise invalid("method", f"unknown method {method!r}; choose one of {choices}.")
-    if form.one("candidates") is not None and method != AUTO:
-        raise invalid("candidates", "applies to method=auto only.")
-    candidates = None
-    if method == AUTO:
-        try:
-            candidates = parse_candidates(form.one("candidates"))
-        except ConfigError as error:
-            raise invalid("candidates", str(error))
-    options: dict[str, Any] = {"method": candidates[0] if candidates else method}
-    for name in INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS:
-        raw = form.one(name)
-        if raw is None:
-            continue
-        try:
-            options[name] = int(raw) if name in INT_OPTIONS else float(raw) if name in FLOAT_OPTIONS else raw
-        except ValueError:
-            kind = "a whole number" if name in INT_OPTIONS else "a number"
-            raise invalid(name, f"must be {kind}, got {raw!r}.")
-    if options.get("epochs") is not None and options["epochs"] > settings.max_epochs:
-        raise invalid("epochs", f"at most {settings.max_epochs} (UPT_MAX_EPOCHS).")
+    if form.one(CANDIDATES.name) is not None and method != AUTO:
+        raise invalid(CANDIDATES.name, "applies to method=auto only.")
     try:
-        config = TrainConfig(**options)
+        candidates = parse_candidates(form.one(CANDIDATES.name)) if method == AUTO else None
+    except ConfigError as error:
+        raise invalid(CANDIDATES.name, str(error))
+    try:
+        options = {option.name: option.parse(raw) for option in train_options()
+                   if (raw := form.one(option.name)) is not None}
+        if options.get("epochs") is not None and options["epochs"] > settings.max_epochs:
+            raise ConfigError(f"at most {settings.max_epochs} (UPT_MAX_EPOCHS).", field="epochs")
         if candidates:  # every candidate's options checked now, not when the worker reaches it
-            config = AutoConfig(config, candidates).validate()
-        else:
-            config.validate()
-    except (ConfigError, TypeError, ValueError) as error:
-        field = next((n for n in ("method",) + INT_OPTIONS + FLOAT_OPTIONS + TEXT_OPTIONS if n in str(error)),
-                     "config")
-        raise invalid(field, str(error))
-    return config
+            return AutoConfig(base_config(candidates, **options), candidates).validate()
+        return TrainConfig.of(method, **options).validate()
+    except ConfigError as error:
+        raise invalid(error.field or "config", str(error))
 
 
 def normal_name(name: str) -> str:
@@ -223,47 +206,43 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
     return TaskSpec(class_names, config, images)
 
 
-def check_against_backbone(config, backbone) -> None:
-    """Options that only the backbone can judge (a prompt depth beyond its layers): a 422 now, rather
-    than a task that is queued and then fails in the worker."""
-    for one in config.configs() if hasattr(config, "configs") else [config]:  # auto: each candidate
-        _check_one_against_backbone(one, backbone)
-
-
-def _check_one_against_backbone(config, backbone) -> None:
-    from upt.errors import ConfigError
-    from upt.methods import CACHE_METHODS, build_prompt_generator
-    from upt.methods.model import check_text_prompt_fits
-
-    if config.method in CACHE_METHODS:  # no prompts: nothing the backbone must fit
-        return
-    # Without ctx_init, whose phrase sets the context length: only the widths and depths are checked.
-    prompt_config = dataclasses.replace(config.prompt_config(), ctx_init=None)
+def parse_checked_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
+    """`parse_task_form`, with the options checked against the configured model's architecture."""
+    spec = parse_task_form(form, settings)
     try:
-        build_prompt_generator(backbone, prompt_config, prompt_config.n_ctx)
-        if config.prompt_config().learns_text and config.class_names:
-            check_text_prompt_fits(backbone, config.prompt_config(), config.class_names)
-    except ConfigError as error:
-        field = next((n for n in ("ctx_init", "depth", "n_ctx") if n in str(error)), "config")
-        raise invalid(field, str(error))
+        model = architecture(settings.model)
+    except UptError:  # no such model: the backbone's load fails too, and its 503 says how to configure one
+        return spec
+    check_against_architecture(spec.config, model)
+    return spec
+
+
+def check_against_architecture(config: TrainConfig | AutoConfig, model: Architecture) -> None:
+    """Options only the backbone's architecture can judge (a prompt depth beyond its layers, a text
+    context that leaves no room for the class names): a 422 now, rather than a task that is queued and
+    then fails in the worker. The architecture is open_clip's config: no weights are needed."""
+    for one in config.configs() if isinstance(config, AutoConfig) else [config]:  # auto: each candidate
+        spec = one.spec
+        try:
+            if spec.depth is not None:
+                spec.depth.resolve(one.prompt.depth, model)
+            if spec.learns_text:
+                check_start_token(model)
+                if one.class_names:
+                    check_text_prompt_fits(model, one.prompt, one.class_names)
+        except ConfigError as error:
+            raise invalid(error.field or "config", str(error))
 
 
 def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
     """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout."""
-    check_request_pixels([(content.path if isinstance(content, UploadedFile) else content, name,
-                           content.field if isinstance(content, UploadedFile) else "archive")
-                          for _, name, content in spec.images], settings.max_image_pixels, settings.max_request_pixels)
+    check_request_pixels([(upload.path, name, upload.field) for _, name, upload in spec.images],
+                         settings.max_image_pixels, settings.max_request_pixels)
     counters: dict[str, int] = {}
     folder_of = dict(zip(spec.class_names, Storage.class_folders(len(spec.class_names))))
-    for label, name, content in spec.images:
-        data = content.path.read_bytes() if isinstance(content, UploadedFile) else content
-        field = content.field if isinstance(content, UploadedFile) else "archive"
-        image = decode_upload(data, name, field, settings.max_image_pixels)
+    for label, name, upload in spec.images:
+        image = decode_upload(upload.path.read_bytes(), name, upload.field, settings.max_image_pixels)
         folder = data_dir / folder_of[label]
         folder.mkdir(parents=True, exist_ok=True)
         counters[label] = counters.get(label, 0) + 1
         image.save(folder / f"{counters[label]:05d}.png", format="PNG")
-
-
-def config_dict(config) -> dict[str, Any]:
-    return config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)

@@ -22,11 +22,27 @@ from .artifact import annotate_artifact, load_artifact
 from .backbone import Backbone
 from .datasets import DataSource
 from .errors import ConfigError
-from .methods.config import CACHE_METHODS, METHODS
+from .methods.config import METHODS
+from .methods.registry import REGISTRY, registry_as_dicts, train_options
+from .options import OptionSpec
 from .training import SGD_OPTIONS, EpochReport, StepReport, TrainCallbacks, TrainConfig, TrainResult, train
 
 AUTO = "auto"
 DEFAULT_CANDIDATES: tuple[str, ...] = ("tip-adapter-f", "coop", "vpt-deep", "upt")
+CANDIDATES = OptionSpec("candidates", str, f"auto: comma-separated methods to train (default: "
+                        f"{','.join(DEFAULT_CANDIDATES)}); the SGD options and epochs apply to the prompt methods, "
+                        f"Tip-Adapter keeps its own recipe", default=",".join(DEFAULT_CANDIDATES))
+AUTO_TITLE = "Auto (pick for me)"
+AUTO_DESCRIPTION = ("Trains the candidates (Tip-Adapter-F, CoOp, VPT deep and UPT) on the same images and keeps the "
+                    "one that is best on the held-out images.")
+
+
+def method_listing() -> list[dict[str, Any]]:
+    """Every method as `upt methods --json` and `GET /methods` list it: auto first, then the registry's."""
+    auto = {"name": AUTO, "title": AUTO_TITLE, "description": AUTO_DESCRIPTION, "learns": [], "conditional": False,
+            "uses_cache": False, "default_depth": None,
+            "options": [CANDIDATES.as_dict()] + [option.as_dict() for option in train_options()]}
+    return [auto] + registry_as_dicts()
 
 
 def parse_candidates(text: str | None) -> tuple[str, ...]:
@@ -46,12 +62,21 @@ def parse_candidates(text: str | None) -> tuple[str, ...]:
 
 def candidate_config(base: TrainConfig, method: str) -> TrainConfig:
     """`base`'s options for `method`. The SGD options and epochs apply to the prompt methods; the
-    cache methods keep Tip-Adapter's own recipe, so one command line can serve every candidate."""
-    if method in CACHE_METHODS:
-        defaults = TrainConfig(method)
-        kept = {name: getattr(defaults, name) for name in (*SGD_OPTIONS, "epochs", "n_ctx", "depth", "ctx_init")}
-        return dataclasses.replace(base, method=method, **kept).validate()
-    return dataclasses.replace(base, method=method).validate()
+    methods with their own recipe (the cache methods) keep it, and take no prompt options, so one
+    command line can serve every candidate."""
+    options = base.to_dict()
+    del options["method"]
+    if REGISTRY[method].recipe is not None:
+        defaults = TrainConfig.of(method).to_dict()
+        options |= {name: defaults[name] for name in (*SGD_OPTIONS, "epochs", "n_ctx", "depth", "ctx_init")}
+    return TrainConfig.of(method, **options).validate()
+
+
+def base_config(candidates: tuple[str, ...], **options: Any) -> TrainConfig:
+    """The options shared by `candidates`, held as the first candidate's that learns prompts (every
+    prompt option applies to it; the cache methods drop them in `candidate_config`)."""
+    holder = next((m for m in candidates if REGISTRY[m].recipe is None), candidates[0])
+    return TrainConfig.of(holder, **options)
 
 
 @dataclass
@@ -92,8 +117,8 @@ class AutoConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AutoConfig":
         candidates = tuple(data.get("candidates") or DEFAULT_CANDIDATES)
-        options = {key: value for key, value in data.items() if key != "candidates"}
-        return cls(TrainConfig.from_dict(options | {"method": candidates[0]}), candidates)
+        options = {key: value for key, value in data.items() if key not in ("candidates", "method")}
+        return cls(base_config(candidates, **options), candidates)
 
 
 def config_from_dict(data: dict[str, Any]) -> "TrainConfig | AutoConfig":

@@ -62,6 +62,11 @@ class Backbone:
         return len(self.clip.visual.transformer.resblocks)
 
     @property
+    def context_length(self) -> int:
+        """Tokens the text encoder reads (77 for CLIP's)."""
+        return int(getattr(self.clip, "context_length", 77))
+
+    @property
     def logit_scale(self) -> float:
         return float(self.clip.logit_scale.exp())
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UptError
-from .methods.config import DESCRIPTIONS, METHODS
+from .methods.registry import SPECS, methods_taking, train_options
+from .auto import CANDIDATES
+from .options import OptionSpec
 
 COMMANDS_GROUP = "upt.commands"
 DEFAULT_MODEL = os.environ.get("UPT_MODEL", "ViT-B-16")
@@ -82,14 +84,14 @@ def cmd_train_auto(args: argparse.Namespace) -> int:
     """Train every candidate on the same split and seed; keep the best on validation (upt.auto)."""
     import tempfile
 
-    from .auto import candidate_config, parse_candidates, train_auto
+    from .auto import base_config, candidate_config, parse_candidates, train_auto
     from .progress import EpochProgressBar
 
     from .datasets import load_data
 
     candidates = parse_candidates(args.candidates)
     source = load_data(args.data, args.dataset)
-    base = _train_config(args, candidates[0], source)
+    base = base_config(candidates, **_given_options(args), templates=_templates(args, source))
     for method in candidates:
         candidate_config(base, method)  # every candidate's options checked before the backbone loads
     if args.checkpoint_dir is not None:
@@ -123,11 +125,13 @@ def cmd_train_auto(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace, method: str, source):
     from .training import TrainConfig
 
-    return TrainConfig(
-        method=method, shots=args.shots, seed=args.seed, epochs=args.epochs, n_ctx=args.n_ctx,
-        depth=args.depth, ctx_init=args.ctx_init, templates=_templates(args, source), lr=args.lr,
-        batch_size=args.batch_size, augment_views=args.augment_views,
-    )
+    return TrainConfig.of(method, **_given_options(args), templates=_templates(args, source))
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The registry's options given on the command line (an omitted one keeps the method's default)."""
+    return {option.name: getattr(args, option.name) for option in train_options()
+            if getattr(args, option.name) is not None}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -184,18 +188,31 @@ def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    rows = [{"method": m, "description": DESCRIPTIONS[m]} for m in METHODS]
+    from .auto import method_listing
+
+    rows = method_listing()
     if args.model:
         from .parameters import parameters_per_cached_image, trainable_parameters_by_method
 
         counts = trainable_parameters_by_method(args.model, args.cached_images)
-        rows = [row | {"trainable_parameters": counts[row["method"]]} for row in rows]
         per_image = parameters_per_cached_image(args.model)
-        for row in rows:  # Tip-Adapter-F's count depends on the data: one key per cached image
-            if row["trainable_parameters"] is None:
+        for row in rows:
+            if row["name"] not in counts:  # auto: its winner's count
+                continue
+            row["trainable_parameters"] = counts[row["name"]]
+            if row["trainable_parameters"] is None:  # Tip-Adapter-F's count depends on the data: a key per image
                 row["trainable_parameters_per_cached_image"] = per_image
-    return _emit(args, {"methods": rows, "model": args.model}, lambda d: "\n".join(
-        f"{r['method']:<13} {_count(r):>12}  {r['description']}" for r in d["methods"]))
+    return _emit(args, {"methods": rows, "model": args.model}, _summarise_methods)
+
+
+def _summarise_methods(d: dict[str, Any]) -> str:
+    lines = []
+    for row in d["methods"]:
+        lines.append(f"{row['name']:<13} {_count(row):>12}  {row['description']}")
+        flags = " ".join(f"--{o['name'].replace('_', '-')}" + (f"={o['default']}" if o["default"] is not None else "")
+                         for o in row["options"])
+        lines.append(f"{'':<13} {'':>12}  options: {flags}")
+    return "\n".join(lines)
 
 
 def _count(row: dict[str, Any]) -> str:
@@ -238,23 +255,12 @@ def _add_train(sub) -> None:
                    help="ImageFolder DIR/<class name>/<image> (optional DIR/classnames.txt), or a data set in "
                         "CoOp's layout (DIR/split_zhou_<Name>.json, or ImageNet's classnames.txt and images/)")
     _dataset_option(p)
-    p.add_argument("--method", required=True, choices=(*METHODS, "auto"),
-                   help="a method, or auto: train --candidates and keep the best on validation")
-    p.add_argument("--candidates", default=None,
-                   help="auto: comma-separated methods (default: tip-adapter-f,coop,vpt-deep,upt); the SGD "
-                        "options and --epochs apply to the prompt methods, Tip-Adapter keeps its own recipe")
-    p.add_argument("--shots", type=int, default=None, help="images per class (default: all but validation)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=None, help="default: the paper's schedule by shots")
+    p.add_argument("--method", required=True, choices=(*(spec.name for spec in SPECS), "auto"),
+                   help="a method (see `upt methods`), or auto: train --candidates and keep the best on validation")
+    p.add_argument(CANDIDATES.flag, default=None, help=CANDIDATES.help)
     p.add_argument("--out", required=True, type=Path, help="artifact folder to write")
-    p.add_argument("--n-ctx", type=int, default=4, help="prompt length (default: 4)")
-    p.add_argument("--depth", type=int, default=None, help="layers that receive prompts (default: per method)")
-    p.add_argument("--ctx-init", default=None, help="initialise the text context from words, e.g. 'a photo of a'")
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step (default: the method's: 32, CoCoOp's paper 1)")
-    p.add_argument("--augment-views", type=int, default=10,
-                   help="tip-adapter(-f): augmented views averaged per cached image (default: %(default)s, the paper's)")
+    for option in train_options():
+        _add_option(p, option)
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="save each epoch here and resume from it")
     p.add_argument("--eval-data", type=Path, default=None,
                    help="also evaluate the artifact on this image folder (or the test split of a CoOp data set)")
@@ -262,6 +268,15 @@ def _add_train(sub) -> None:
     _template_options(p)
     _common(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_option(parser: argparse.ArgumentParser, option: OptionSpec) -> None:
+    """A flag from the registry: omitted, it is None and the method's own default applies."""
+    takers = methods_taking(option.name)
+    applies = "" if len(takers) == len(SPECS) else f"; methods: {', '.join(takers)}"
+    default = "" if option.default is None or "(default" in option.help else f" (default: {option.default})"
+    parser.add_argument(option.flag, dest=option.name, type=option.type, default=None,
+                        metavar=option.name.upper(), help=f"{option.help}{default}{applies}")
 
 
 def _add_eval(sub) -> None:

@@ -1,12 +1,22 @@
 """The errors the core raises. Each says what went wrong and what to do about it."""
 
+from __future__ import annotations
+
 
 class UptError(Exception):
     """Base class: callers (CLI, service) turn these into clear messages, never tracebacks."""
 
 
 class ConfigError(UptError, ValueError):
-    """A method, prompt or training option is invalid."""
+    """A method, prompt or training option is invalid. `field` names the option it is about (as the
+    CLI's flag without dashes and the API's form field spell it), or None when no one option is."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # pickled across processes (a worker's result) with its field
+        return type(self), (str(self), self.field)
 
 
 class DataError(UptError, ValueError):

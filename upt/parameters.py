@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .backbone import random_backbone
-from .methods import PROMPT_METHODS, PromptConfig, build_prompt_generator
-from .methods.config import TIP_ADAPTER, TIP_ADAPTER_F
+from .methods import SPECS, PromptConfig, build_prompt_generator
 
 
 def trainable_parameters_by_method(model: str, cached_images: int | None = None) -> dict[str, int | None]:
@@ -13,14 +12,15 @@ def trainable_parameters_by_method(model: str, cached_images: int | None = None)
     Tip-Adapter-F trains one key (the embedding width) per cached training image, so its count needs
     `cached_images` (classes × shots); without it, it is None. Tip-Adapter trains nothing."""
     backbone = random_backbone(model, "cpu")
-    counts: dict[str, int | None] = {
-        TIP_ADAPTER: 0,
-        TIP_ADAPTER_F: None if cached_images is None else cached_images * embedding_width(backbone),
-    }
-    for method in PROMPT_METHODS:
-        config = PromptConfig(method)
+    counts: dict[str, int | None] = {}
+    for spec in SPECS:
+        if spec.uses_cache:  # trains its keys (Tip-Adapter-F), or nothing
+            per_image = embedding_width(backbone) if spec.trains else 0
+            counts[spec.name] = None if cached_images is None and per_image else (cached_images or 0) * per_image
+            continue
+        config = PromptConfig(spec.name)
         generator = build_prompt_generator(backbone, config, config.n_ctx)
-        counts[method] = 0 if generator is None else sum(p.numel() for p in generator.parameters())
+        counts[spec.name] = 0 if generator is None else sum(p.numel() for p in generator.parameters())
     return counts
 
 

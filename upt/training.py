@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,10 @@ from .backbone import Backbone
 from .data import FewShotSplit, ImageDataset, train_transform
 from .datasets import DataSource, few_shot_split, load_data
 from .errors import ConfigError, DataError, TrainingCancelled
-from .methods import ZERO_SHOT, PromptConfig, PromptedCLIP
-from .methods import cocoop
+from .methods import PromptConfig, PromptedCLIP
 from .methods.cocoop import ConditionalContext
-from .methods.config import CACHE_METHODS, COCOOP, DEFAULT_TEMPLATE, TIP_ADAPTER, TIP_ADAPTER_F
 from .methods.model import template_classifier
+from .methods.registry import MethodSpec
 from .methods.tip_adapter import (
     CacheModel,
     CacheOptions,
@@ -44,11 +43,23 @@ from .methods.tip_adapter import (
     search_alpha_beta,
     validation_features,
 )
-from .options import JsonOptions
+from .options import (
+    AUGMENT_VIEWS,
+    BATCH_SIZE,
+    EPOCHS,
+    LR,
+    MOMENTUM,
+    SEED,
+    SHOTS,
+    WARMUP_EPOCHS,
+    WARMUP_LR,
+    WEIGHT_DECAY,
+    OPTIONS,
+    JsonOptions,
+)
 from .predict import Predictor
 
 CHECKPOINT_FILE = "last.pt"
-DEFAULT_BATCH_SIZE = 32  # the paper's (CoOp's)
 SGD_OPTIONS = ("lr", "momentum", "weight_decay", "batch_size", "warmup_epochs", "warmup_lr")
 
 
@@ -61,88 +72,106 @@ def epochs_for_shots(shots: int | None) -> int:
     return 200
 
 
+# The prompt options a training run sets through `TrainConfig.of` and stores flat beside its own.
+PROMPT_OPTIONS = ("n_ctx", "depth", "ctx_init", "templates", "dropout")
+
+
 @dataclass
 class TrainConfig(JsonOptions):
-    """All options of one training run; defaults are the paper's."""
+    """All options of one training run: the method's prompt options (`prompt`) and the training
+    schedule's. Defaults are the paper's. `TrainConfig.of("upt", shots=4, n_ctx=8)` builds one
+    from flat options, as the CLI, the API and stored JSON give them."""
 
-    method: str
-    shots: int | None = None
-    seed: int = 1
-    epochs: int | None = None
-    n_ctx: int = 4
-    depth: int | None = None
-    ctx_init: str | None = None
-    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
-    dropout: float = 0.1
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int | None = None  # None: the method's (CoCoOp's paper: 1; the others': 32)
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
+    prompt: PromptConfig
+    shots: int | None = SHOTS.default
+    seed: int = SEED.default
+    epochs: int | None = EPOCHS.default
+    lr: float = LR.default
+    momentum: float = MOMENTUM.default
+    weight_decay: float = WEIGHT_DECAY.default
+    batch_size: int | None = BATCH_SIZE.default  # None: the method's (CoCoOp's paper: 1; the others': 32)
+    warmup_epochs: int = WARMUP_EPOCHS.default
+    warmup_lr: float = WARMUP_LR.default
     class_names: list[str] | None = None
-    augment_views: int = 10  # Tip-Adapter's cache: augmented views averaged per training image
-
+    augment_views: int = AUGMENT_VIEWS.default  # Tip-Adapter's cache: augmented views averaged per image
 
     options_kind = "training options"
 
-    def __post_init__(self) -> None:
-        self.templates = tuple(self.templates)
+    @classmethod
+    def of(cls, method: str, **options: Any) -> "TrainConfig":
+        """A run of `method` with flat options: the prompt's (n_ctx, depth, ...) and the schedule's."""
+        own = {f.name for f in fields(cls)} - {"prompt"}
+        unknown = set(options) - own - set(PROMPT_OPTIONS)
+        if unknown:
+            raise ConfigError(f"Unknown {cls.options_kind}: {', '.join(sorted(unknown))}.", field=sorted(unknown)[0])
+        prompt = PromptConfig(method, **{name: options[name] for name in PROMPT_OPTIONS if name in options})
+        return cls(prompt, **{name: value for name, value in options.items() if name in own})
 
-    def prompt_config(self) -> PromptConfig:
-        return PromptConfig(self.method, self.n_ctx, self.depth, self.ctx_init, self.templates, self.dropout)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The flat form `to_dict` writes (artifacts' `train`, checkpoints, task rows)."""
+        options = dict(data)
+        if "method" not in options:
+            raise ConfigError("Stored training options name no method.", field="method")
+        return cls.of(options.pop("method"), **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, as stored since the first version: the method and prompt options beside the schedule's."""
+        prompt = self.prompt.to_dict()
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "prompt"}
+        return {"method": prompt["method"], **{name: prompt[name] for name in PROMPT_OPTIONS}, **own}
+
+    @property
+    def method(self) -> str:
+        return self.prompt.method
+
+    @property
+    def spec(self) -> MethodSpec:
+        return self.prompt.spec
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return self.prompt.templates
 
     def cache_options(self) -> CacheOptions:
         """Tip-Adapter's settings: the paper's, with the views and (Tip-Adapter-F) epochs from here."""
         return CacheOptions(augment_views=self.augment_views, epochs=self.total_epochs)
 
     def validate(self) -> "TrainConfig":
-        self.prompt_config()  # raises ConfigError for a bad method or prompt option
-        checks = [
-            (self.shots is None or self.shots >= 1, f"shots must be at least 1, not {self.shots}"),
-            (self.epochs is None or 0 <= self.epochs <= 10_000, f"epochs must be between 0 and 10000, not {self.epochs}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be non-negative, not {self.weight_decay}"),
-            (self.batch_size is None or 1 <= self.batch_size <= 4096,
-             f"batch_size must be between 1 and 4096, not {self.batch_size}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be non-negative, not {self.warmup_epochs}"),
-            (self.warmup_lr > 0, f"warmup_lr must be positive, not {self.warmup_lr}"),
-            (self.class_names is None or len(set(self.class_names)) == len(self.class_names), "class names must be unique"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message + ".")
+        self.prompt.validate()  # a bad method or prompt option
+        for f in fields(self):
+            if f.name in OPTIONS:
+                OPTIONS[f.name].check(getattr(self, f.name))
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError("class names must be unique.", field="class_names")
         self.cache_options()  # raises for a bad augment_views
         self._check_sgd_options_unused()
         return self
 
     def _check_sgd_options_unused(self) -> None:
-        """Tip-Adapter-F follows its paper's recipe (AdamW); SGD options given for it would be ignored."""
-        if self.method not in CACHE_METHODS:
+        """A method with its own recipe (Tip-Adapter-F: AdamW) would ignore the SGD options given for it."""
+        recipe = self.spec.recipe
+        if recipe is None:
             return
-        defaults = TrainConfig(self.method)
+        defaults = TrainConfig.of(self.method)
         changed = [name for name in SGD_OPTIONS if getattr(self, name) != getattr(defaults, name)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} apply to the prompt methods' SGD training; {self.method} "
-                              f"follows Tip-Adapter's recipe (AdamW, lr 0.001, batch 256, cosine).")
+                              f"follows {recipe}.", field=changed[0])
 
     @property
     def total_epochs(self) -> int:
-        if self.method in (ZERO_SHOT, TIP_ADAPTER):
+        spec = self.spec
+        if not spec.trains:
             return 0
-        if self.method == TIP_ADAPTER_F:
-            return self.epochs if self.epochs is not None else CacheOptions.epochs
-        if self.method == COCOOP:
-            return self.epochs if self.epochs is not None else cocoop.EPOCHS
-        return self.epochs if self.epochs is not None else epochs_for_shots(self.shots)
+        if self.epochs is not None:
+            return self.epochs
+        return spec.epochs if spec.epochs is not None else epochs_for_shots(self.shots)
 
     @property
     def step_batch_size(self) -> int:
         """Images per SGD step: batch_size, or the method's own default."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return cocoop.BATCH_SIZE if self.method == COCOOP else DEFAULT_BATCH_SIZE
+        return self.batch_size if self.batch_size is not None else self.spec.batch_size
 
     def lr_at(self, epoch: int) -> float:
         """Constant warm-up, then cosine over all epochs, stepped per epoch.
@@ -226,10 +255,10 @@ def train(
     if not source.train:
         raise DataError(f"{source.name} has no training split: it is an evaluation set.")
     split = few_shot_split(source, config.shots, config.seed)
-    if config.method in CACHE_METHODS:
+    if config.spec.uses_cache:
         return _train_cache_model(backbone, source, split, config, out_dir, callbacks)
     _seed_everything(config.seed, -1)  # prompt initialisation
-    model = PromptedCLIP(backbone, source.class_names, config.prompt_config())
+    model = PromptedCLIP(backbone, source.class_names, config.prompt)
     history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
     exported = model.export()
     predictor = Predictor(backbone, source.class_names, exported["classifier"], exported.get("visual_prompts"),
@@ -238,7 +267,7 @@ def train(
     metrics["variances"] = analyze_samples(backbone, source.class_names, split.train + split.val,
                                            config.templates).as_dict()
     tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
-    options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(), "metrics": metrics,
+    options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(), "metrics": metrics,
                "data": source.describe()}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=source.class_names,
                         tensors=tensors, options=options)
@@ -262,7 +291,7 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
     keys, values = build_keys(views), one_hot_values(labels, len(class_names)).to(backbone.device)
     history: list[dict[str, Any]] = []
     trainable = 0
-    if config.method == TIP_ADAPTER_F:
+    if config.spec.trains:  # Tip-Adapter-F: the keys are fine-tuned
         def on_epoch(report: KeyEpoch) -> None:
             done = report.epoch / report.epochs
             elapsed = time.monotonic() - started
@@ -285,7 +314,7 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
     metrics["variances"] = analyze_samples(backbone, class_names, split.train + split.val,
                                            config.templates).as_dict()
     tensors = {"classifier": classifier} | cache.tensors()
-    artifact_options = {"prompt": config.prompt_config().to_dict(), "train": config.to_dict(),
+    artifact_options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(),
                         "cache": options.to_dict() | {"alpha": search.alpha, "beta": search.beta},
                         "metrics": metrics, "data": source.describe()}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=class_names,

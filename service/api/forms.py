@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from upt.auto import AUTO, CANDIDATES
 from upt.methods import METHODS
+from upt.methods.registry import methods_taking, train_options
 
 
 def _multipart(properties: dict, required: list[str], any_of: list[list[str]] | None = None) -> dict:
@@ -17,23 +19,27 @@ _text = {"type": "string"}
 _texts = {"type": "array", "items": {"type": "string"}}
 _files = {"type": "array", "items": {"type": "string", "format": "binary"}}
 
+
+
+def _option_property(option) -> dict:
+    """A training option of `POST /tasks` as the registry states it, with the methods that take it."""
+    schema = option.json_schema()
+    takers = methods_taking(option.name)
+    if len(takers) < len(METHODS):
+        schema["description"] += f" (methods: {', '.join(takers)})"
+    return schema
+
+
 TASK_FORM = _multipart({
     "class_names": {**_texts, "description": "one field per class (optional with `archive`: its folders)"},
     "files": {**_files, "description": "images, with `labels` in the same order"},
     "labels": {**_texts, "description": "the class of each file"},
     "archive": {"type": "string", "format": "binary", "description": "a zip of <class name>/<image> folders"},
-    "method": {**_text, "enum": [*METHODS, "auto"],
-               "description": "a method, or auto: train `candidates` on one split, keep the best on validation"},
-    "candidates": {**_text, "description": "method=auto: comma-separated methods "
-                   "(default tip-adapter-f,coop,vpt-deep,upt)"},
-    "shots": {"type": "integer", "minimum": 1},
-    "epochs": {"type": "integer", "minimum": 0},
-    "seed": {"type": "integer"},
-    "n_ctx": {"type": "integer", "minimum": 1},
-    "depth": {"type": "integer", "minimum": 1},
-    "ctx_init": _text,
-    "lr": {"type": "number", "exclusiveMinimum": 0},
-    "batch_size": {"type": "integer", "minimum": 1},
+    "method": {**_text, "enum": [*METHODS, AUTO],
+               "description": "a method (`GET /methods` lists them with their options), or auto: train "
+                              "`candidates` on one split, keep the best on validation"},
+    CANDIDATES.name: CANDIDATES.json_schema(),
+    **{option.name: _option_property(option) for option in train_options()},
 }, ["method"], any_of=[["class_names", "files", "labels"], ["archive"]])
 
 CLASSIFY_FORM = _multipart({

@@ -25,7 +25,7 @@ from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
-from service.task_input import check_against_backbone, config_dict, parse_task_form, write_dataset
+from service.task_input import TaskSpec, parse_checked_task_form, write_dataset
 from service.uploads import ParsedForm, parse_form, remove, request_fingerprint, scratch_dir
 
 router = APIRouter(tags=["tasks"])
@@ -90,8 +90,10 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         fingerprint = request_fingerprint(form)
         if existing is not None:
             return accepted(_same_request(existing, fingerprint), replayed=True)
+        # Checked against the architecture's config, before and without the backbone's weights.
+        spec = await run_in_threadpool(parse_checked_task_form, form, settings)
         backbone = await run_in_threadpool(serving.backbone)  # 503 with advice if the backbone cannot load
-        task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, form, idempotency_key,
+        task, replayed = await run_in_threadpool(_create, session, tenant, settings, storage, spec, idempotency_key,
                                                  backbone, fingerprint)
     finally:
         remove(scratch)
@@ -151,11 +153,8 @@ def _same_request(task: Task, fingerprint: str) -> Task:
     return task
 
 
-def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, form: ParsedForm,
+def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, spec: TaskSpec,
             idempotency_key: str | None, backbone=None, fingerprint: str | None = None) -> tuple[Task, bool]:
-    spec = parse_task_form(form, settings)
-    if backbone is not None:
-        check_against_backbone(spec.config, backbone)
     task_id = new_task_id()
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
@@ -163,7 +162,7 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
         check_stored_bytes(session, tenant, settings, written)  # what was really stored (PNG, not the upload)
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
-                    config=config_dict(spec.config), class_names=spec.class_names, num_images=len(spec.images),
+                    config=spec.config.to_dict(), class_names=spec.class_names, num_images=len(spec.images),
                     model=settings.model,
                     pretrained=shown_weights(settings.pretrained, getattr(backbone, "weights_sha256", None)),
                     weights_sha256=getattr(backbone, "weights_sha256", None), stored_bytes=written,

@@ -18,7 +18,7 @@ from upt.training import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def trained(tiny, fashion_train, tmp_path_factory):
-    config = TrainConfig("upt", shots=4, epochs=2, lr=0.05, batch_size=8)
+    config = TrainConfig.of("upt", shots=4, epochs=2, lr=0.05, batch_size=8)
     return train(tiny, fashion_train, config, tmp_path_factory.mktemp("artifact") / "upt")
 
 

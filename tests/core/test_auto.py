@@ -42,7 +42,7 @@ def test_candidates_are_checked_and_keep_their_own_recipe():
     for bad in ("coop,nope", "coop,coop"):
         with pytest.raises(ConfigError):
             parse_candidates(bad)
-    base = TrainConfig("coop", shots=4, seed=3, epochs=2, lr=0.05, batch_size=8)
+    base = TrainConfig.of("coop", shots=4, seed=3, epochs=2, lr=0.05, batch_size=8)
     tip = candidate_config(base, "tip-adapter-f")
     assert (tip.shots, tip.seed, tip.lr, tip.step_batch_size, tip.total_epochs) == (4, 3, 0.002, 32, 20)
     upt = candidate_config(base, "upt")
@@ -50,7 +50,7 @@ def test_candidates_are_checked_and_keep_their_own_recipe():
 
 
 def test_auto_keeps_the_argmax_of_its_leaderboard(tiny, fashion_train, tmp_path):
-    base = TrainConfig("coop", shots=4, epochs=2, lr=0.05, batch_size=8, augment_views=2)
+    base = TrainConfig.of("coop", shots=4, epochs=2, lr=0.05, batch_size=8, augment_views=2)
     candidates = ("tip-adapter", "coop", "vpt-shallow")
     result = train_auto(tiny, fashion_train, base, candidates, tmp_path / "out", tmp_path / "work")
     board = result.choice["leaderboard"]
@@ -87,7 +87,7 @@ def test_cli_auto_prints_the_leaderboard_and_writes_the_winner(tiny_checkpoint, 
 
 
 def test_a_resumed_auto_run_keeps_the_candidates_already_trained(tiny, fashion_train, tmp_path):
-    base = TrainConfig("coop", shots=2, epochs=1, lr=0.05, batch_size=4, augment_views=1)
+    base = TrainConfig.of("coop", shots=2, epochs=1, lr=0.05, batch_size=4, augment_views=1)
     seen = []
     first = train_auto(tiny, fashion_train, base, ("tip-adapter", "coop"), tmp_path / "a", tmp_path / "work",
                        resume=True, on_candidate=lambda i, row, reused: seen.append((row.method, reused)))
@@ -104,11 +104,11 @@ def test_a_resumed_auto_run_keeps_the_candidates_already_trained(tiny, fashion_t
 
 
 def test_auto_config_round_trips_as_a_task_row_stores_it():
-    config = AutoConfig(TrainConfig("coop", shots=4, epochs=3, lr=0.05), ("tip-adapter-f", "coop"))
+    config = AutoConfig(TrainConfig.of("coop", shots=4, epochs=3, lr=0.05), ("tip-adapter-f", "coop"))
     stored = json.loads(json.dumps(config.to_dict()))
     assert stored["method"] == "auto" and stored["candidates"] == ["tip-adapter-f", "coop"]
     again = config_from_dict(stored)
     assert isinstance(again, AutoConfig) and again.candidates == config.candidates
     assert [c.to_dict() for c in again.configs()] == [c.to_dict() for c in config.configs()]
     assert again.total_epochs == 20 + 3
-    assert isinstance(config_from_dict(TrainConfig("upt").to_dict()), TrainConfig)
+    assert isinstance(config_from_dict(TrainConfig.of("upt").to_dict()), TrainConfig)

@@ -21,9 +21,9 @@ def _images(tiny, count: int = 3) -> torch.Tensor:
 
 
 def test_the_papers_settings_are_the_defaults(tiny):
-    config = TrainConfig("cocoop")
+    config = TrainConfig.of("cocoop")
     assert (config.step_batch_size, config.lr, config.total_epochs, config.warmup_lr) == (1, 0.002, 10, 1e-5)
-    assert TrainConfig("coop").step_batch_size == 32
+    assert TrainConfig.of("coop").step_batch_size == 32
     model = PromptedCLIP(tiny, CLASSES, PromptConfig("cocoop"))
     assert model.n_ctx == 4  # "a photo of a"
     d = tiny.clip.visual.output_dim
@@ -57,7 +57,7 @@ def test_with_the_meta_net_output_at_zero_it_is_coop(tiny):
 
 
 def test_trained_artifact_serves_the_per_image_context(tiny, tmp_path):
-    result = train(tiny, FASHION, TrainConfig("cocoop", shots=1, epochs=1), tmp_path / "a")
+    result = train(tiny, FASHION, TrainConfig.of("cocoop", shots=1, epochs=1), tmp_path / "a")
     assert result.metrics["train_count"] == 4 and result.metrics["epochs"] == 1
     artifact = load_artifact(tmp_path / "a")
     model = PromptedCLIP(tiny, CLASSES, PromptConfig("cocoop")).eval()

@@ -37,7 +37,7 @@ def test_split_file_gives_the_splits_names_and_its_val(tmp_path):
 
 
 def test_trained_artifact_holds_the_splits_names(tiny, tmp_path):
-    result = train(tiny, FASHION, TrainConfig("coop", shots=2, epochs=1, batch_size=8), tmp_path / "a")
+    result = train(tiny, FASHION, TrainConfig.of("coop", shots=2, epochs=1, batch_size=8), tmp_path / "a")
     config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
     assert config["class_names"] == DISPLAY
     assert config["data"] == {"dataset": "FashionMNIST", "classes": 4, "train": 48, "val": 16, "test": 40}
@@ -89,7 +89,7 @@ def test_imagenet_and_its_variants_map_classes_as_coop(tiny, tmp_path):
     assert torch.allclose(subset.classifier, built_for_200.classifier, atol=1e-6)  # CoOp rebuilds it for the subset
     assert subset.evaluate(adversarial.test)["count"] == 20
     with pytest.raises(DataError, match="no training split"):
-        train(tiny, adversarial, TrainConfig("zero-shot"), tmp_path / "x")
+        train(tiny, adversarial, TrainConfig.of("zero-shot"), tmp_path / "x")
     with pytest.raises(DataError, match="No sun397 data set at .*sun397/split_zhou_SUN397.json"):
         load_data(root, "sun397")
 

@@ -60,7 +60,7 @@ def test_variances_rank_the_shifts_as_the_appendix_predicts(pretrained_tiny):
 @pytest.mark.parametrize("method", ["vpt-deep", "upt"])
 def test_visual_prompts_adapt_to_the_visual_shift(pretrained_tiny, method, tmp_path):
     zero_shot = zero_shot_accuracy(pretrained_tiny, FASHION_VISUAL_SHIFT / "test")
-    result = train(pretrained_tiny, FASHION_VISUAL_SHIFT / "train", TrainConfig(method, **SHORT_TRAINING),
+    result = train(pretrained_tiny, FASHION_VISUAL_SHIFT / "train", TrainConfig.of(method, **SHORT_TRAINING),
                    tmp_path / method)
     tuned = Predictor.from_artifact(pretrained_tiny, result.artifact_dir)
     accuracy = tuned.evaluate(scan_image_folder(FASHION_VISUAL_SHIFT / "test").samples)["accuracy"]

@@ -94,7 +94,7 @@ def observed_run(tiny, fashion_train, tmp_path_factory):
     monkeypatch.setattr(F, "cross_entropy", cross_entropy)
     monkeypatch.setattr(torch.nn.Dropout, "forward", dropout)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(forward_pre_hook)
-    config = TrainConfig("upt", shots=SHOTS, epochs=EPOCHS, batch_size=BATCH, lr=0.01, dropout=0.2)
+    config = TrainConfig.of("upt", shots=SHOTS, epochs=EPOCHS, batch_size=BATCH, lr=0.01, dropout=0.2)
     try:
         result = train(tiny, fashion_train, config, tmp_path_factory.mktemp("run") / "artifact", _Recorder(observed))
     finally:

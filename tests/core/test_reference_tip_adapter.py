@@ -38,8 +38,8 @@ def tip_logits(backbone, features, classifier, keys, values, alpha, beta) -> tor
 
 @pytest.fixture(scope="module", params=["tip-adapter", "tip-adapter-f"])
 def trained(request, tiny, fashion_train, tmp_path_factory):
-    config = TrainConfig(request.param, shots=SHOTS, augment_views=2, templates=("a photo of a {}.", "art of the {}."),
-                         epochs=2 if request.param.endswith("f") else None)
+    config = TrainConfig.of(request.param, shots=SHOTS, augment_views=2, templates=("a photo of a {}.", "art of the {}."),
+                            epochs=2 if request.param.endswith("f") else None)
     result = train(tiny, fashion_train, config, tmp_path_factory.mktemp("tip") / "artifact")
     return request.param, config, result
 

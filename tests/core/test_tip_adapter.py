@@ -114,7 +114,7 @@ def test_tip_adapter_f_trains_only_the_keys(tiny, fashion_train):
 
 @pytest.mark.parametrize("method", ["tip-adapter", "tip-adapter-f"])
 def test_train_writes_a_servable_cache_artifact(tiny, fashion_train, tmp_path, method):
-    config = TrainConfig(method, shots=4, augment_views=2, epochs=4 if method == "tip-adapter-f" else None)
+    config = TrainConfig.of(method, shots=4, augment_views=2, epochs=4 if method == "tip-adapter-f" else None)
     result = train(tiny, fashion_train, config, tmp_path / method)
     artifact = load_artifact(result.artifact_dir)
     folder = scan_image_folder(fashion_train)
@@ -134,8 +134,8 @@ def test_train_writes_a_servable_cache_artifact(tiny, fashion_train, tmp_path, m
 
 
 def test_tip_adapter_f_starts_from_tip_adapters_cache(tiny, fashion_train, tmp_path):
-    plain = train(tiny, fashion_train, TrainConfig("tip-adapter", shots=2, augment_views=2), tmp_path / "a")
-    tuned = train(tiny, fashion_train, TrainConfig("tip-adapter-f", shots=2, augment_views=2, epochs=0), tmp_path / "b")
+    plain = train(tiny, fashion_train, TrainConfig.of("tip-adapter", shots=2, augment_views=2), tmp_path / "a")
+    tuned = train(tiny, fashion_train, TrainConfig.of("tip-adapter-f", shots=2, augment_views=2, epochs=0), tmp_path / "b")
     a, b = load_artifact(plain.artifact_dir).tensors, load_artifact(tuned.artifact_dir).tensors
     assert torch.equal(a["cache_keys"], b["cache_keys"])  # zero epochs of fine-tuning: the training-free keys
 
@@ -148,19 +148,19 @@ def test_tip_adapter_f_starts_from_tip_adapters_cache(tiny, fashion_train, tmp_p
 ])
 def test_options_that_do_not_apply_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig("tip-adapter-f", **options).validate()
+        TrainConfig.of("tip-adapter-f", **options).validate()
 
 
 def test_epochs_of_the_cache_methods():
-    assert TrainConfig("tip-adapter").total_epochs == 0
-    assert TrainConfig("tip-adapter-f").total_epochs == 20  # the paper's
-    assert TrainConfig("tip-adapter-f", epochs=3).total_epochs == 3
+    assert TrainConfig.of("tip-adapter").total_epochs == 0
+    assert TrainConfig.of("tip-adapter-f").total_epochs == 20  # the paper's
+    assert TrainConfig.of("tip-adapter-f", epochs=3).total_epochs == 3
 
 
 def test_a_cache_task_shares_the_raw_feature_pass_with_zero_shot(tiny, fashion_train, fashion_test, tmp_path):
     from upt.serving import TorchImageEncoder, encoder_need, logits_together
 
-    result = train(tiny, fashion_train, TrainConfig("tip-adapter", shots=2, augment_views=1), tmp_path / "tip")
+    result = train(tiny, fashion_train, TrainConfig.of("tip-adapter", shots=2, augment_views=1), tmp_path / "tip")
     tip = Predictor.from_artifact(tiny, result.artifact_dir)  # reads only the serving tensors
     assert tip.cache is not None and tip.cache.alpha == result.metrics["cache"]["alpha"]
     zero_shot = Predictor.zero_shot(tiny, ["bag", "sneaker"])

@@ -14,7 +14,7 @@ from upt.training import TrainCallbacks, TrainConfig, epochs_for_shots, train
 
 
 def _config(method: str = "upt", **overrides) -> TrainConfig:
-    return TrainConfig(method, **({"shots": 4, "epochs": 3, "lr": 0.05, "batch_size": 8} | overrides))
+    return TrainConfig.of(method, **({"shots": 4, "epochs": 3, "lr": 0.05, "batch_size": 8} | overrides))
 
 
 def _tensors(artifact_dir: Path) -> dict[str, torch.Tensor]:
@@ -23,12 +23,12 @@ def _tensors(artifact_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_paper_schedule():
     assert [epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
-    config = TrainConfig("coop", epochs=10)
+    config = TrainConfig.of("coop", epochs=10)
     assert config.lr_at(0) == 1e-5  # one warm-up epoch at a constant 1e-5
     assert config.lr_at(1) == 0.002  # then Dassl's cosine, counted from the end of the warm-up
     assert config.lr_at(2) == pytest.approx(0.5 * 0.002 * (1 + math.cos(math.pi / 10)))
     assert config.lr_at(9) == pytest.approx(0.5 * 0.002 * (1 + math.cos(8 * math.pi / 10)))
-    defaults = TrainConfig("upt")
+    defaults = TrainConfig.of("upt")
     assert (defaults.lr, defaults.momentum, defaults.weight_decay, defaults.step_batch_size) == (0.002, 0.9, 5e-4, 32)
 
 

@@ -152,7 +152,7 @@ def queued_task(epochs: int = 2) -> str:
     from service.storage import Storage
     from upt.training import TrainConfig
 
-    config = TrainConfig(method="coop", shots=2, epochs=epochs, batch_size=4)
+    config = TrainConfig.of(method="coop", shots=2, epochs=epochs, batch_size=4)
     config.class_names = CLASSES[:2]
     with db.session_scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")

@@ -77,7 +77,7 @@ def add_queued_task(with_images: bool = True, **values) -> str:
     from service.storage import Storage
     from upt.training import TrainConfig
 
-    config = TrainConfig(method="coop", shots=1, epochs=1, batch_size=2)
+    config = TrainConfig.of(method="coop", shots=1, epochs=1, batch_size=2)
     config.class_names = CLASSES[:2]
     with db.session_scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")

@@ -10,16 +10,8 @@ from ..backbone import Backbone
 from ..encoders import encode_image, encode_text
 from ..errors import ConfigError
 from .cocoop import ConditionalContext, conditional_logits
-from .config import CACHE_METHODS, COCOOP, ZERO_SHOT, PromptConfig
-from .prompts import (
-    JointPrompts,
-    PromptMLP,
-    Prompts,
-    TextContext,
-    UnifiedPrompts,
-    UnifiedTransformerLayer,
-    VisualPrompts,
-)
+from .config import PromptConfig
+from .prompts import Prompts
 
 
 def clean_class_name(name: str) -> str:
@@ -57,7 +49,7 @@ class PromptedCLIP(nn.Module):
     def __init__(self, backbone: Backbone, class_names: list[str], config: PromptConfig):
         super().__init__()
         if len(class_names) < 2:
-            raise ConfigError("At least two classes are needed.")
+            raise ConfigError("At least two classes are needed.", field="class_names")
         self.backbone = backbone
         self.class_names = list(class_names)
         self.config = config
@@ -141,7 +133,8 @@ def check_start_token(backbone: Backbone) -> None:
     if int(ids[0, 0]) != int(ids[1, 0]) or int(ids[0, 0]) == 0 or int(ids[0, 1]) == int(ids[1, 1]):
         raise ConfigError(f"{backbone.name}'s tokenizer puts no start token at position 0, where the learned text "
                           f"context (CoOp, UPT and their ablations) is placed after; use a model with CLIP's "
-                          f"tokenizer, or a method that learns no text context (zero-shot, vpt-shallow, vpt-deep).")
+                          f"tokenizer, or a method that learns no text context (zero-shot, vpt-shallow, vpt-deep).",
+                          field="method")
 
 
 def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names: list[str]) -> None:
@@ -151,16 +144,17 @@ def check_text_prompt_fits(backbone: Backbone, config: PromptConfig, class_names
     if config.context_init is not None:
         phrase = config.context_init.strip()
         if not any(ch.isalnum() for ch in phrase) or _token_count(backbone, phrase) < 1:
-            raise ConfigError("ctx_init must contain words, e.g. 'a photo of a'.")
+            raise ConfigError("ctx_init must contain words, e.g. 'a photo of a'.", field="ctx_init")
         n_ctx, field = _token_count(backbone, phrase), "ctx_init"
     else:
         n_ctx, field = config.n_ctx, "n_ctx"
-    limit = int(getattr(backbone.clip, "context_length", 77))
+    limit = backbone.context_length
     longest = max(class_names, key=lambda name: _token_count(backbone, f"{clean_class_name(name)}."))
     room = limit - 2 - _token_count(backbone, f"{clean_class_name(longest)}.")
     if n_ctx > room:
         raise ConfigError(f"{field} takes {n_ctx} tokens, but the text encoder's context of {limit} tokens leaves "
-                          f"room for {max(room, 0)} beside the longest class name ({longest[:40]!r}); shorten it.")
+                          f"room for {max(room, 0)} beside the longest class name ({longest[:40]!r}); shorten it.",
+                          field=field)
 
 
 def _context_length(backbone: Backbone, config: PromptConfig) -> int:
@@ -183,36 +177,14 @@ def _ctx_init_embeddings(backbone: Backbone, config: PromptConfig) -> torch.Tens
         return backbone.clip.token_embedding(ids).float().cpu()
 
 
-def _depth(config: PromptConfig, maximum: int, default: int, tower: str) -> int:
-    depth = config.depth if config.depth is not None else default
-    if depth > maximum:
-        raise ConfigError(f"depth {depth} exceeds the {maximum} layers of the {tower} encoder.")
-    return depth
-
-
 def build_prompt_generator(backbone: Backbone, config: PromptConfig, n_ctx: int) -> nn.Module | None:
-    """The learnable module of `config.method` for this backbone's widths and depths (None: zero-shot)."""
-    method, std = config.method, config.init_std
-    text_w, vision_w = backbone.text_width, backbone.vision_width
-    init = _ctx_init_embeddings(backbone, config)
-    if method == ZERO_SHOT:
+    """The learnable module of `config.method` (its spec's `build`) for this backbone's widths and
+    depths; None for a method without prompts (zero-shot)."""
+    spec = config.spec
+    if spec.uses_cache:
+        raise ConfigError(f"{spec.name} learns no prompts: it is a cache model (upt.methods.tip_adapter).")
+    if spec.build is None:
         return None
-    if method in CACHE_METHODS:
-        raise ConfigError(f"{method} learns no prompts: it is a cache model (upt.methods.tip_adapter).")
-    if method == COCOOP:
-        return ConditionalContext(n_ctx, text_w, backbone.clip.visual.output_dim, std, init)
-    if method == "coop":
-        return TextContext(n_ctx, text_w, _depth(config, backbone.text_layers, 1, "text"), std, init)
-    if method in ("vpt-shallow", "vpt-deep"):
-        default = 1 if method == "vpt-shallow" else backbone.vision_layers
-        return VisualPrompts(n_ctx, vision_w, _depth(config, backbone.vision_layers, default, "vision"), std)
-    if method == "joint":
-        visual_depth = _depth(config, backbone.vision_layers, backbone.vision_layers, "vision")
-        return JointPrompts(TextContext(n_ctx, text_w, 1, std, init), VisualPrompts(n_ctx, vision_w, visual_depth, std))
-    depth = _depth(config, min(backbone.text_layers, backbone.vision_layers), 1, "text and vision")
-    mixers = {
-        "upt": lambda: UnifiedTransformerLayer(text_w, config.dropout),
-        "mlp": lambda: PromptMLP(text_w, config.dropout),
-        "shared": lambda: None,
-    }
-    return UnifiedPrompts(n_ctx, text_w, vision_w, depth, std, mixers[method](), split=method != "shared", init=init)
+    init = _ctx_init_embeddings(backbone, config)
+    depth = spec.depth.resolve(config.depth, backbone) if spec.depth is not None else 1
+    return spec.build(backbone, config, n_ctx, depth, init)

@@ -35,8 +35,8 @@ from ..backbone import Backbone, ImageSpec
 from ..data import LabelledImage, eval_transform, labelled_batches
 from ..encoders import encode_image
 from ..errors import ConfigError, TrainingCancelled
-from ..options import JsonOptions
-from .config import CACHE_METHODS, TIP_ADAPTER, TIP_ADAPTER_F  # noqa: F401 - re-exported
+from ..options import AUGMENT_VIEWS, JsonOptions
+from .registry import TIP_ADAPTER_F_EPOCHS
 
 ENCODE_BATCH = 64
 
@@ -45,7 +45,7 @@ ENCODE_BATCH = 64
 class CacheOptions(JsonOptions):
     """The cache model's settings; defaults are the paper's (its released configs)."""
 
-    augment_views: int = 10
+    augment_views: int = AUGMENT_VIEWS.default
     crop_scale: float = 0.5  # RandomResizedCrop's lower scale bound for the cache views (released code)
     init_alpha: float = 1.0
     init_beta: float = 1.0
@@ -53,25 +53,28 @@ class CacheOptions(JsonOptions):
     alpha_steps: int = 20
     beta_max: float = 7.0
     beta_steps: int = 200
-    epochs: int = 20  # Tip-Adapter-F only
+    epochs: int = TIP_ADAPTER_F_EPOCHS  # Tip-Adapter-F only
     lr: float = 0.001
     batch_size: int = 256
 
     options_kind = "cache options"
 
     def __post_init__(self) -> None:
+        AUGMENT_VIEWS.check(self.augment_views)
         checks = [
-            (1 <= self.augment_views <= 100, f"augment_views must be between 1 and 100, not {self.augment_views}"),
-            (0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1], not {self.crop_scale}"),
-            (self.alpha_max > 0.1 and self.alpha_steps >= 1, "the α grid needs alpha_max > 0.1 and alpha_steps >= 1"),
-            (self.beta_max > 0.1 and self.beta_steps >= 1, "the β grid needs beta_max > 0.1 and beta_steps >= 1"),
-            (0 <= self.epochs <= 10_000, f"epochs must be between 0 and 10000, not {self.epochs}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
-            (1 <= self.batch_size <= 65536, f"batch_size must be between 1 and 65536, not {self.batch_size}"),
+            (0.0 < self.crop_scale <= 1.0, f"crop_scale must be in (0, 1], not {self.crop_scale}", "crop_scale"),
+            (self.alpha_max > 0.1 and self.alpha_steps >= 1, "the α grid needs alpha_max > 0.1 and alpha_steps >= 1",
+             "alpha_max"),
+            (self.beta_max > 0.1 and self.beta_steps >= 1, "the β grid needs beta_max > 0.1 and beta_steps >= 1",
+             "beta_max"),
+            (0 <= self.epochs <= 10_000, f"epochs must be between 0 and 10000, not {self.epochs}", "epochs"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}", "lr"),
+            (1 <= self.batch_size <= 65536, f"batch_size must be between 1 and 65536, not {self.batch_size}",
+             "batch_size"),
         ]
-        for ok, message in checks:
+        for ok, message, field in checks:
             if not ok:
-                raise ConfigError(message + ".")
+                raise ConfigError(message + ".", field=field)
 
     def alphas(self) -> list[float]:
         return _grid(self.alpha_max, self.alpha_steps)

@@ -126,8 +126,8 @@ def run_config(run: Run, source: DataSource, options: RunOptions) -> TrainConfig
     """The paper's options for one run (the data set's own template, CoOp's epochs), with overrides."""
     overrides = {key: value for key, value in asdict(options).items() if value is not None}
     epochs = overrides.pop("epochs", default_epochs(run))
-    return TrainConfig(method=run.method, shots=run.shots or 1, seed=run.seed, epochs=epochs,
-                       templates=resolve_templates(None, False, source), **overrides).validate()
+    return TrainConfig.of(run.method, shots=run.shots or 1, seed=run.seed, epochs=epochs,
+                          templates=resolve_templates(None, False, source), **overrides).validate()
 
 
 def _finished(run: Run, out_dir: Path) -> bool:

@@ -1,0 +1,253 @@
+"""The one list of methods: a `MethodSpec` per method says what it is, what it learns, which options
+it takes (with their types, defaults, limits and help), its default depth and how to build it.
+
+Everything else is derived from it: `METHODS` and the other name lists in `upt.methods.config`, the
+prompt options' checks, `build_prompt_generator`, the `upt train` flags, `upt methods`, the API's
+form validation and OpenAPI description, and `GET /methods` (which the web client reads).
+
+Adding a method = one module with its `nn.Module` (like `cocoop.py`) and one spec below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..options import (
+    AUGMENT_VIEWS,
+    BATCH_SIZE,
+    CTX_INIT,
+    DEPTH,
+    EPOCHS,
+    LR,
+    N_CTX,
+    OPTIONS,
+    SEED,
+    SHOTS,
+    OptionSpec,
+)
+from .cocoop import BATCH_SIZE as COCOOP_BATCH_SIZE
+from .cocoop import EPOCHS as COCOOP_EPOCHS
+from .cocoop import ConditionalContext
+from .prompts import JointPrompts, PromptMLP, TextContext, UnifiedPrompts, UnifiedTransformerLayer, VisualPrompts
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import PromptConfig
+
+TEXT, VISUAL, CACHE = "text", "visual", "cache"  # what a method learns
+DEFAULT_BATCH_SIZE = 32  # the paper's (CoOp's)
+TIP_ADAPTER_F_EPOCHS = 20  # Tip-Adapter-F's paper (upt.methods.tip_adapter.CacheOptions.epochs)
+
+
+@dataclass(frozen=True)
+class DepthRule:
+    """Which towers a method's `depth` counts layers of, and its default.
+
+    default None: every layer of the tower. maximum: a method's own cap (VPT-shallow: 1), with the
+    advice its error gives."""
+
+    towers: tuple[str, ...]  # ("text",), ("vision",) or ("text", "vision"): depth ≤ the smaller tower
+    default: int | None = 1
+    maximum: int | None = None
+    advice: str = ""
+
+    def layers(self, towers: Any) -> int:
+        """The layers `depth` may reach on `towers` (anything with text_layers and vision_layers)."""
+        return min(getattr(towers, f"{tower}_layers") for tower in self.towers)
+
+    def resolve(self, depth: int | None, towers: Any) -> int:
+        """The depth used on `towers`; ConfigError (field depth) if it exceeds their layers."""
+        layers = self.layers(towers)
+        chosen = depth if depth is not None else self.default if self.default is not None else layers
+        if chosen > layers:
+            raise ConfigError(f"depth {chosen} exceeds the {layers} layers of the {' and '.join(self.towers)} "
+                              f"encoder.", field="depth")
+        return chosen
+
+    def describe(self) -> str:
+        tower = " and ".join(self.towers)
+        if self.default is None:
+            return f"every {tower} layer"
+        return f"{self.default} ({tower} layers{'' if self.maximum is None else f', at most {self.maximum}'})"
+
+
+# (backbone, prompt config, context length, depth, ctx_init word embeddings) -> the learnable module
+Builder = Callable[[Any, "PromptConfig", int, int, "torch.Tensor | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method. `options` are those it takes, with its own defaults; `learns` what it trains."""
+
+    name: str
+    title: str  # a short display name ("CoOp (text prompt)")
+    description: str  # one line: what it does and when it helps
+    learns: tuple[str, ...]  # TEXT, VISUAL (prompts), CACHE (a cache of training features); () nothing
+    options: tuple[OptionSpec, ...]
+    depth: DepthRule | None = None  # None: takes no depth
+    build: Builder | None = None  # None: no learnable prompts
+    conditional: bool = False  # the text context depends on the image: no classifier W is computed once
+    trains: bool = True  # False: no epochs at all (zero-shot, Tip-Adapter)
+    epochs: int | None = None  # its default epochs; None: the paper's schedule by shots
+    batch_size: int = DEFAULT_BATCH_SIZE
+    context_init: str | None = None  # the words its default context starts from (CoCoOp's "a photo of a")
+    recipe: str | None = None  # its own optimiser recipe: the SGD options are refused rather than ignored
+
+    @property
+    def learns_text(self) -> bool:
+        return TEXT in self.learns
+
+    @property
+    def uses_cache(self) -> bool:
+        return CACHE in self.learns
+
+    @property
+    def learns_prompts(self) -> bool:
+        return self.build is not None
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((option for option in self.options if option.name == name), None)
+
+    def takes(self, name: str) -> bool:
+        return self.option(name) is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """What `upt methods --json` and `GET /methods` say about this method."""
+        return {"name": self.name, "title": self.title, "description": self.description, "learns": list(self.learns),
+                "conditional": self.conditional, "uses_cache": self.uses_cache,
+                "default_depth": None if self.depth is None else self.depth.describe(),
+                "options": [option.as_dict() for option in self.options]}
+
+
+def _default(option: OptionSpec, default: Any, why: str) -> OptionSpec:
+    """`option` with this method's default, said in its help."""
+    return replace(option, default=default, help=f"{option.help.split(' (default')[0]} (default: {why})")
+
+
+_TRAINING = (SHOTS, SEED, EPOCHS, LR, BATCH_SIZE)
+
+
+def _prompt_options(depth: DepthRule, ctx_init: bool = False) -> tuple[OptionSpec, ...]:
+    depth_option = replace(DEPTH, help=f"layers that receive prompts (default: {depth.describe()})")
+    return (N_CTX, depth_option, *((CTX_INIT,) if ctx_init else ())) + _TRAINING
+
+
+def _text_context(backbone, config, n_ctx, depth, init):
+    return TextContext(n_ctx, backbone.text_width, depth, config.init_std, init)
+
+
+def _visual_prompts(backbone, config, n_ctx, depth, init):
+    return VisualPrompts(n_ctx, backbone.vision_width, depth, config.init_std)
+
+
+def _joint(backbone, config, n_ctx, depth, init):
+    return JointPrompts(TextContext(n_ctx, backbone.text_width, 1, config.init_std, init),
+                        VisualPrompts(n_ctx, backbone.vision_width, depth, config.init_std))
+
+
+def _unified(mixer: Callable[[int, float], nn.Module] | None, split: bool = True) -> Builder:
+    def build(backbone, config, n_ctx, depth, init):
+        mixed = None if mixer is None else mixer(backbone.text_width, config.dropout)  # drawn first, as always
+        return UnifiedPrompts(n_ctx, backbone.text_width, backbone.vision_width, depth, config.init_std, mixed,
+                              split=split, init=init)
+
+    return build
+
+
+def _conditional_context(backbone, config, n_ctx, depth, init):
+    return ConditionalContext(n_ctx, backbone.text_width, backbone.clip.visual.output_dim, config.init_std, init)
+
+
+_TEXT_DEPTH = DepthRule(("text",))
+_BOTH_DEPTH = DepthRule(("text", "vision"))
+_VISION_ALL = DepthRule(("vision",), default=None)
+_SHALLOW = DepthRule(("vision",), default=1, maximum=1,
+                     advice="vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
+_CACHE_RECIPE = "Tip-Adapter's recipe (AdamW, lr 0.001, batch 256, cosine)"
+
+SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec("zero-shot", "Zero-shot",
+               "No training: class names in hand-written templates (\"a photo of a {class}\"). Instant; a baseline, "
+               "and enough for common objects.",
+               learns=(), options=(SHOTS, SEED), trains=False),
+    MethodSpec("coop", "CoOp (text prompt)",
+               "Learns the words around each class name (CoOp). Cheap and strong when each class looks "
+               "consistent but its name alone says little.",
+               learns=(TEXT,), options=_prompt_options(_TEXT_DEPTH, ctx_init=True), depth=_TEXT_DEPTH,
+               build=_text_context),
+    MethodSpec("vpt-shallow", "VPT shallow",
+               "Learns a few image tokens at the image encoder's input (VPT). Cheapest visual option; helps when "
+               "images look unlike web photos (sketches, scans) and generalises well to new domains.",
+               learns=(VISUAL,), options=_prompt_options(_SHALLOW), depth=_SHALLOW, build=_visual_prompts),
+    MethodSpec("vpt-deep", "VPT deep",
+               "Learns image tokens at every layer of the image encoder. More capacity when images of one class "
+               "vary a lot; needs more shots to avoid over-fitting.",
+               learns=(VISUAL,), options=_prompt_options(_VISION_ALL), depth=_VISION_ALL, build=_visual_prompts),
+    MethodSpec("upt", "UPT (unified prompt)",
+               "The paper's method: one shared prompt split into text and image prompts by a small Transformer. "
+               "The best all-round choice, when images of a class vary and when class names sound alike.",
+               learns=(TEXT, VISUAL), options=_prompt_options(_BOTH_DEPTH), depth=_BOTH_DEPTH,
+               build=_unified(UnifiedTransformerLayer)),
+    MethodSpec("joint", "Joint (CoOp + VPT)",
+               "Ablation: CoOp's text prompt and VPT-deep's image prompts trained together without sharing; shows "
+               "what UPT's shared prompt adds.",
+               learns=(TEXT, VISUAL), options=_prompt_options(_VISION_ALL, ctx_init=True), depth=_VISION_ALL,
+               build=_joint),
+    MethodSpec("shared", "Shared prompt",
+               "Ablation: one prompt used by both encoders, with only a linear map to the vision width. A lighter "
+               "UPT.",
+               learns=(TEXT, VISUAL), options=_prompt_options(_BOTH_DEPTH, ctx_init=True), depth=_BOTH_DEPTH,
+               build=_unified(None, split=False)),
+    MethodSpec("mlp", "UPT with an MLP",
+               "Ablation: UPT with a 2-layer MLP in place of the Transformer layer; slightly faster to train.",
+               learns=(TEXT, VISUAL), options=_prompt_options(_BOTH_DEPTH), depth=_BOTH_DEPTH,
+               build=_unified(PromptMLP)),
+    MethodSpec("tip-adapter", "Tip-Adapter (no training)",
+               "No training: a cache of the training images' features votes next to zero-shot (Tip-Adapter). "
+               "Ready seconds after the task is created.",
+               learns=(CACHE,), options=(SHOTS, SEED, AUGMENT_VIEWS), trains=False, recipe=_CACHE_RECIPE),
+    MethodSpec("tip-adapter-f", "Tip-Adapter-F",
+               "Tip-Adapter's cache keys fine-tuned for 20 quick epochs over cached features (Tip-Adapter-F). "
+               "Usually better than Tip-Adapter, still done in seconds to minutes.",
+               learns=(CACHE,), options=(SHOTS, SEED, _default(EPOCHS, None, f"{TIP_ADAPTER_F_EPOCHS}, the paper's"),
+                                         AUGMENT_VIEWS),
+               epochs=TIP_ADAPTER_F_EPOCHS, recipe=_CACHE_RECIPE),
+    MethodSpec("cocoop", "CoCoOp (conditional prompt)",
+               "CoOp's context shifted per image by a small meta-net (CoCoOp). Generalises better to unseen domains "
+               "than CoOp; the text encoder runs once per image, so training and serving are slower.",
+               learns=(TEXT,),
+               options=(N_CTX, CTX_INIT, SHOTS, SEED, _default(EPOCHS, None, f"{COCOOP_EPOCHS}, the paper's"), LR,
+                        _default(BATCH_SIZE, None, f"{COCOOP_BATCH_SIZE}, the paper's")),
+               build=_conditional_context, conditional=True, epochs=COCOOP_EPOCHS, batch_size=COCOOP_BATCH_SIZE,
+               context_init="a photo of a"),
+)
+
+REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in SPECS}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of `name`; ConfigError (field method) naming the choices if there is none."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"Unknown method {name!r}; choose one of: {', '.join(REGISTRY)}.", field="method")
+    return spec
+
+
+def registry_as_dicts() -> list[dict[str, Any]]:
+    return [spec.as_dict() for spec in SPECS]
+
+
+def train_options() -> list[OptionSpec]:
+    """Every option some method takes, as the general spec (not one method's defaults), in the
+    registry's order: the `upt train` flags and the API's `POST /tasks` option fields."""
+    names = dict.fromkeys(option.name for spec in SPECS for option in spec.options)
+    return [OPTIONS[name] for name in names]
+
+
+def methods_taking(option: str) -> list[str]:
+    return [spec.name for spec in SPECS if spec.takes(option)]
