@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service.api.openapi import document_problems
-from service.api import classify, events, health, tasks
+from service.api import classify, events, health, methods, tasks
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.instant import InstantStages
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     install_error_handlers(app)
-    for module in (tasks, events, classify, health):
+    for module in (tasks, events, classify, health, methods):
         app.include_router(module.router)
     document_problems(app)
     # After the API routes, so that they win over files of the same name.

@@ -181,6 +181,7 @@ export const api = {
   artifact: (id) => request("GET", `tasks/${encodeURIComponent(id)}/artifact`, { raw: true }),
   classify: (form, signal) => request("POST", "classify", { body: form, signal }),
   readyz: (signal) => request("GET", "readyz", { signal }),
+  methods: (signal) => request("GET", "methods", { signal }),
 };
 
 /** A random id for Idempotency-Key; crypto.randomUUID needs a secure context, getRandomValues does not. */

@@ -1,6 +1,7 @@
 // Entry point: hash router (#/, #/new, #/tasks/ID, #/try), API key dialog, readiness indicator.
 import { api, getApiKey, setApiKey, onAuthError } from "./api.js";
 import { h, clear, announce } from "./dom.js";
+import { loadMethods } from "./widgets.js";
 import { tasksView } from "./views/tasks.js";
 import { createView } from "./views/create.js";
 import { taskView } from "./views/task.js";
@@ -110,5 +111,7 @@ async function checkHealth() {
 }
 
 refreshKeyButton();
-render();
+// Method names in every view come from GET /methods: the first view waits for it (briefly; ids are
+// shown if the service cannot be reached, and the create view retries).
+loadMethods().catch(() => {}).finally(render);
 checkHealth();

@@ -1,5 +1,6 @@
 // Reusable pieces: drop zones (keyboard operable: a real file input sits behind each), methods,
 // top-k result cards.
+import { api } from "./api.js";
 import { h, pct } from "./dom.js";
 
 let dzCount = 0;
@@ -86,21 +87,24 @@ export function classesFromFolders(files) {
   return [...classes.entries()].sort(([a], [b]) => a.localeCompare(b));
 }
 
-export const METHODS = [
-  { id: "auto", name: "Auto (pick for me)", line: "Trains Tip-Adapter-F, CoOp, VPT deep and UPT on the same images and keeps the one that is best on your held-out images. Meanwhile a training-free model answers.", recommended: true },
-  { id: "upt", name: "UPT (unified prompt)", line: "One small network writes both the text and the image prompts. The best all-round choice: it helps both when pictures of a class vary a lot and when class names sound alike." },
-  { id: "coop", name: "CoOp (text prompt)", line: "Learns the words around each class name (\"a photo of a …\"). Cheap and strong when each class looks consistent but its name alone says little." },
-  { id: "vpt-shallow", name: "VPT shallow", line: "Learns a few extra image tokens at the input of the image encoder. Helps when your images look unlike web photos (sketches, scans, X-rays); cheapest visual option." },
-  { id: "vpt-deep", name: "VPT deep", line: "Learns image tokens at every layer of the image encoder. More capacity for a large visual shift; needs more shots to avoid over-fitting." },
-  { id: "joint", name: "Joint (CoOp + VPT)", line: "Learns text and image prompts side by side, independently. A baseline that shows what UPT's shared prompt adds." },
-  { id: "shared", name: "Shared prompt", line: "The same prompt tokens feed both encoders through linear maps, with no network between them. Lighter ablation of UPT." },
-  { id: "mlp", name: "UPT with an MLP", line: "Like UPT, but an MLP instead of a transformer writes the prompts. An ablation; slightly faster to train." },
-  { id: "tip-adapter", name: "Tip-Adapter (no training)", line: "Remembers your images and lets each vote for its class next to zero-shot. No training: answers seconds after you create the task." },
-  { id: "tip-adapter-f", name: "Tip-Adapter-F", line: "Tip-Adapter with its memory fine-tuned for 20 quick passes. Usually better than Tip-Adapter, still done in seconds to minutes." },
-  { id: "zero-shot", name: "Zero-shot", line: "No training: compares images with \"a photo of a {class}\". Instant; use it as a baseline, or when you have no labelled images." },
-];
+// The methods and their options come from the service (GET /methods, its method registry), so the
+// cards and option fields here say what POST /tasks accepts, in the service's own words.
+let methods = [];
+let loading = null;
 
-export function methodName(id) { return METHODS.find((m) => m.id === id)?.name || id || "–"; }
+/** The service's methods, auto first: [{name, title, description, options: [{name, type, default, minimum, maximum, help}]}]. */
+export function loadMethods() {
+  if (!loading) {
+    loading = api.methods().then((body) => { methods = body.methods || []; return methods; })
+      .catch((err) => { loading = null; throw err; });
+  }
+  return loading;
+}
+
+/** The web client's default and recommended choice. */
+export const RECOMMENDED_METHOD = "auto";
+
+export function methodName(id) { return methods.find((m) => m.name === id)?.title || id || "–"; }
 
 /** One image's result: thumbnail and top-k labels with probability bars. */
 export function resultCard(result) {

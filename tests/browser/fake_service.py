@@ -17,9 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from upt.auto import method_listing
+
 WEB = Path(__file__).resolve().parents[2] / "service" / "web"
-METHODS = {"zero-shot", "coop", "vpt-shallow", "vpt-deep", "upt", "joint", "shared", "mlp", "tip-adapter",
-           "tip-adapter-f", "auto"}
+METHODS = {method["name"] for method in method_listing()}  # GET /methods: the real registry's listing
 
 
 def problem(status: int, title: str, detail: str, errors=None):
@@ -82,6 +83,10 @@ def create_app(api_key: str | None = None, epoch_seconds: float = 1.0) -> FastAP
         if t["status"] == "cancelling":
             t["status"] = "cancelled"
         return {k: v for k, v in t.items() if k not in ("events", "started")}
+
+    @app.get("/methods")
+    def methods():
+        return {"methods": method_listing()}
 
     @app.get("/livez")
     def livez():

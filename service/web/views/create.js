@@ -2,10 +2,12 @@
 // API validation errors (problem+json errors[].field) are shown next to the matching field.
 import { api, randomId, normTask } from "../api.js";
 import { h, clear, announce } from "../dom.js";
-import { classesFromFolders, dropZone, METHODS } from "../widgets.js";
+import { classesFromFolders, dropZone, loadMethods, RECOMMENDED_METHOD } from "../widgets.js";
 
 // The draft survives navigating away and back (files stay in memory until the page reloads).
-const draft = { mode: "classes", classes: [], archive: null, method: "auto", shots: "", epochs: "", seed: "", idem: null };
+const draft = { mode: "classes", classes: [], archive: null, method: RECOMMENDED_METHOD, shots: "", epochs: "", seed: "", more: {}, idem: null };
+// Always shown; the chosen method's other options (GET /methods) are under "More options".
+const BASIC = ["shots", "epochs", "seed"];
 
 const FIELD_SLOTS = { class_names: "classes", labels: "images", files: "images", archive: "archive", method: "method", shots: "shots", epochs: "epochs", seed: "seed" };
 
@@ -13,7 +15,8 @@ export function createView(root) {
   const form = h("form", { class: "create-form", novalidate: true, "aria-labelledby": "create-title" });
   const topError = h("div", { class: "form-error", role: "alert", hidden: true, tabindex: "-1" });
   const errSlot = (name) => h("p", { class: "field-error", id: `err-${name}`, hidden: true });
-  const slots = Object.fromEntries(["classes", "images", "archive", "method", "shots", "epochs", "seed"].map((n) => [n, errSlot(n)]));
+  const FIXED_SLOTS = ["classes", "images", "archive", "method", ...BASIC];
+  const slots = Object.fromEntries(FIXED_SLOTS.map((n) => [n, errSlot(n)]));
 
   // ---- classes ----
   const nameInput = h("input", { id: "class-name", type: "text", autocomplete: "off", placeholder: "e.g. sneaker", "aria-describedby": "class-name-hint err-classes" });
@@ -46,14 +49,39 @@ export function createView(root) {
   const modeRadios = [["classes", "Images per class"], ["archive", "One zip file"]].map(([v, label]) =>
     h("label", { class: "seg" }, h("input", { type: "radio", name: "mode", value: v, checked: draft.mode === v, onchange: () => { draft.mode = v; renderMode(); } }), label));
 
-  // ---- method ----
+  // ---- method: the cards come from GET /methods ----
+  let methods = [];
+  const methodStatus = h("p", { class: "muted method-status", role: "status" }, "Loading the methods…");
   const methodField = h("fieldset", { class: "methods", "aria-describedby": "err-method" },
-    h("legend", {}, "Method"),
-    METHODS.map((m) => h("label", { class: "method" },
-      h("input", { type: "radio", name: "method", value: m.id, checked: draft.method === m.id, onchange: () => { draft.method = m.id; clearError("method"); } }),
-      h("span", { class: "method-name" }, m.name, m.recommended ? h("span", { class: "tag" }, "recommended") : null),
-      h("span", { class: "method-line" }, m.line))),
-    slots.method);
+    h("legend", {}, "Method"), methodStatus, slots.method);
+  const chosen = () => methods.find((m) => m.name === draft.method);
+  const optionSpec = (name) => (chosen()?.options || []).find((o) => o.name === name)
+    || methods.flatMap((m) => m.options).find((o) => o.name === name);
+  const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1) + ".";
+
+  function showMethods() {
+    loadMethods().then((list) => {
+      methods = list;
+      if (!methods.some((m) => m.name === draft.method)) draft.method = methods[0]?.name;
+      methodStatus.remove();
+      methodField.insertBefore(h("div", { class: "method-cards", style: { display: "contents" } },
+        methods.map((m) => h("label", { class: "method" },
+          h("input", { type: "radio", name: "method", value: m.name, checked: draft.method === m.name, onchange: () => { draft.method = m.name; clearError("method"); renderMore(); } }),
+          h("span", { class: "method-name" }, m.title, m.name === RECOMMENDED_METHOD ? h("span", { class: "tag" }, "recommended") : null),
+          h("span", { class: "method-line" }, m.description)))), slots.method);
+      for (const name of BASIC) {
+        const spec = optionSpec(name);
+        const input = form.querySelector(`#opt-${name}`);
+        if (!spec || !input) continue;
+        form.querySelector(`#hint-${name}`).textContent = sentence(spec.help);
+        if (spec.minimum !== null) input.min = String(spec.minimum);
+      }
+      renderMore();
+    }).catch((err) => {
+      clear(methodStatus).append(`The methods could not be loaded (${err.message}). `,
+        h("button", { type: "button", class: "btn btn-sm", onclick: () => { methodStatus.textContent = "Loading the methods…"; showMethods(); } }, "Retry"));
+    });
+  }
 
   // ---- options ----
   const numField = (name, label, hint, attrs) => {
@@ -61,11 +89,34 @@ export function createView(root) {
       oninput: (e) => { draft[name] = e.target.value; clearError(name); } });
     return h("div", { class: "field" }, h("label", { for: `opt-${name}` }, label), input, h("p", { class: "hint", id: `hint-${name}` }, hint), slots[name]);
   };
+  const moreGrid = h("div", { class: "grid3" });
+  const more = h("details", { class: "more-options" }, h("summary", {}, "More options for this method"), moreGrid);
   const options = h("fieldset", { class: "options" }, h("legend", {}, "Options ", h("span", { class: "muted" }, "(optional)")),
     h("div", { class: "grid3" },
       numField("shots", "Shots", "Images per class used for training (few-shot K). Default: all you gave.", { min: "1", step: "1", placeholder: "all" }),
       numField("epochs", "Epochs", "Passes over the shots. Default: the method's own.", { min: "1", step: "1", placeholder: "default" }),
-      numField("seed", "Seed", "Fixes the sampling of shots and the initialisation.", { min: "0", step: "1", placeholder: "1" })));
+      numField("seed", "Seed", "Fixes the sampling of shots and the initialisation.", { min: "0", step: "1", placeholder: "1" })),
+    more);
+
+  /** The chosen method's options beyond BASIC, as GET /methods describes them (type, default, help). */
+  function renderMore() {
+    clear(moreGrid);
+    for (const name of Object.keys(slots)) if (!FIXED_SLOTS.includes(name)) delete slots[name];
+    const extra = (chosen()?.options || []).filter((o) => !BASIC.includes(o.name));
+    more.hidden = !extra.length;
+    for (const o of extra) {
+      slots[o.name] = errSlot(o.name);
+      const numeric = o.type !== "string";
+      const input = h("input", { id: `opt-${o.name}`, name: o.name, type: numeric ? "number" : "text", value: draft.more[o.name] || "",
+        placeholder: o.default === null ? "default" : String(o.default), step: o.type === "integer" ? "1" : "any",
+        "aria-describedby": `hint-${o.name} err-${o.name}`,
+        oninput: (e) => { draft.more[o.name] = e.target.value; clearError(o.name); } });
+      if (numeric && o.minimum !== null) input.min = String(o.minimum);
+      if (numeric && o.maximum !== null) input.max = String(o.maximum);
+      moreGrid.append(h("div", { class: "field" }, h("label", { for: `opt-${o.name}` }, o.name.replace(/_/g, " ")), input,
+        h("p", { class: "hint", id: `hint-${o.name}` }, sentence(o.help)), slots[o.name]));
+    }
+  }
 
   const submit = h("button", { type: "submit", class: "btn btn-primary btn-lg" }, "Create task");
   const status = h("p", { class: "submit-status", role: "status", "aria-live": "polite" });
@@ -83,7 +134,7 @@ export function createView(root) {
     h("p", { class: "lead" }, "Adapt the frozen CLIP model to your own classes from a few labelled images per class."),
     form));
 
-  renderMode(); renderClasses(); renderArchive();
+  renderMode(); renderClasses(); renderArchive(); showMethods();
 
   function renderMode() {
     classesBox.hidden = draft.mode !== "classes";
@@ -161,7 +212,8 @@ export function createView(root) {
   function showError(slot, message) {
     const el = slots[slot];
     el.textContent = message; el.hidden = false;
-    const inputs = { classes: [nameInput], images: [...classList.querySelectorAll(".dz-input")], archive: [archiveZone.input], method: [...methodField.querySelectorAll("input")], shots: [form.querySelector("#opt-shots")], epochs: [form.querySelector("#opt-epochs")], seed: [form.querySelector("#opt-seed")] }[slot] || [];
+    const inputs = { classes: [nameInput], images: [...classList.querySelectorAll(".dz-input")], archive: [archiveZone.input], method: [...methodField.querySelectorAll("input")] }[slot] || [form.querySelector(`#opt-${slot}`)];
+    if (moreGrid.contains(el)) more.open = true;
     inputs.forEach((x) => x?.setAttribute("aria-invalid", "true"));
     el.closest(".field, fieldset, .mode-panel")?.classList.add("has-error");
   }
@@ -199,7 +251,11 @@ export function createView(root) {
       for (const c of draft.classes) for (const f of c.files) { fd.append("files", f, f.name); fd.append("labels", c.name); }
     }
     fd.append("method", draft.method);
-    for (const k of ["shots", "epochs", "seed"]) if (String(draft[k]).trim() !== "") fd.append(k, String(draft[k]).trim());
+    for (const k of BASIC) if (String(draft[k]).trim() !== "") fd.append(k, String(draft[k]).trim());
+    for (const o of chosen()?.options || []) {
+      const v = String(draft.more[o.name] ?? "").trim();
+      if (!BASIC.includes(o.name) && v !== "") fd.append(o.name, v);
+    }
     return fd;
   }
 
@@ -213,10 +269,17 @@ export function createView(root) {
         if (empty.length) errs.push(["images", `Drop at least one image on: ${empty.join(", ")}.`]);
       }
     } else if (!draft.archive) errs.push(["archive", "Choose a zip file."]);
-    for (const k of ["shots", "epochs", "seed"]) {
+    for (const k of BASIC) {
       const v = String(draft[k]).trim();
+      const minimum = optionSpec(k)?.minimum ?? (k === "seed" ? 0 : 1);
       if (v !== "" && !/^\d+$/.test(v)) errs.push([k, "Enter a whole number."]);
-      else if (v !== "" && k !== "seed" && Number(v) < 1) errs.push([k, "Must be at least 1."]);
+      else if (v !== "" && Number(v) < minimum) errs.push([k, `Must be at least ${minimum}.`]);
+    }
+    for (const o of (chosen()?.options || []).filter((x) => !BASIC.includes(x.name) && x.type !== "string")) {
+      const v = String(draft.more[o.name] ?? "").trim();
+      if (v !== "" && !(o.type === "integer" ? /^-?\d+$/.test(v) : Number.isFinite(Number(v)))) {
+        errs.push([o.name, o.type === "integer" ? "Enter a whole number." : "Enter a number."]);
+      }
     }
     return errs;
   }
@@ -252,7 +315,7 @@ export function createView(root) {
       draft.idem = null; // the service answered: a corrected form is a new request
       const unmatched = [];
       for (const fe of err.fieldErrors) {
-        const slot = FIELD_SLOTS[fe.field];
+        const slot = FIELD_SLOTS[fe.field] || (slots[fe.field] ? fe.field : null);
         if (slot) showError(slot, fe.message); else unmatched.push(fe.field ? `${fe.field}: ${fe.message}` : fe.message);
       }
       if (!err.fieldErrors.length || unmatched.length) showTop(err.title && err.title !== err.message ? `${err.title}: ${err.message}` : err.message, unmatched);
