@@ -23,10 +23,9 @@ from _timing import machine
 from upt.backbone import Backbone, random_backbone
 from upt.encoders import encode_image
 from upt.errors import ConfigError
-from upt.methods import CACHE_METHODS, METHODS, ZERO_SHOT, PromptConfig, PromptedCLIP, template_classifier
+from upt.methods import CACHE_METHODS, METHODS, REGISTRY, ZERO_SHOT, PromptConfig, PromptedCLIP, template_classifier
 from upt.methods.config import DEFAULT_TEMPLATE
-from upt.methods.tip_adapter import (TIP_ADAPTER, CacheOptions, build_keys, fine_tune_keys, one_hot_values,
-                                     search_alpha_beta)
+from upt.methods.tip_adapter import CacheOptions, build_keys, fine_tune_keys, one_hot_values, search_alpha_beta
 
 SHOTS, VAL_PER_CLASS = 16, 4  # the cache of a 16-shot task, α/β searched on 4 validation images per class
 
@@ -117,7 +116,7 @@ def main() -> None:
     for method in args.methods.split(","):
         if method in CACHE_METHODS:
             classifier = template_classifier(backbone, names, (DEFAULT_TEMPLATE,))
-            if method == TIP_ADAPTER:
+            if not REGISTRY[method].trains:  # Tip-Adapter: the cache build; Tip-Adapter-F: a key step
                 cache_build(backbone, images, classifier, args.repeats)
             else:
                 key_step(backbone, classifier, args.repeats)
