@@ -70,10 +70,13 @@ class DepthRule:
         return chosen
 
     def describe(self) -> str:
+        """'every vision layer', '1 layer of the text and vision towers', '1 layer of the vision tower, at most 1'."""
         tower = " and ".join(self.towers)
         if self.default is None:
             return f"every {tower} layer"
-        return f"{self.default} ({tower} layers{'' if self.maximum is None else f', at most {self.maximum}'})"
+        layers = f"{self.default} layer{'s' if self.default > 1 else ''}"
+        towers = f"{tower} tower{'s' if len(self.towers) > 1 else ''}"
+        return f"{layers} of the {towers}{'' if self.maximum is None else f', at most {self.maximum}'}"
 
 
 # (backbone, prompt config, context length, depth, ctx_init word embeddings) -> the learnable module
