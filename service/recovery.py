@@ -1,8 +1,11 @@
 """Finding work the broker lost or a dead worker dropped, from the database (the source of truth).
 
-- A `queued` task whose message was last sent more than UPT_REQUEUE_AFTER_S ago is sent again (the
-  broker may have restarted empty). Duplicates are harmless: a worker claims a task only while it is
-  `queued`, so a second message for the same task finds nothing to do.
+- A `queued` task whose message was last sent or seen more than UPT_REQUEUE_AFTER_S ago is looked
+  for in the broker (service.queued_messages) and sent again only if it is not there: the broker may
+  have restarted empty, or a worker died holding it. A message still waiting is left alone, so a deep
+  backlog does not fill with duplicates; a duplicate all the same (a message taken at the instant of
+  the look, or a broker that cannot be looked into) is harmless: a worker claims a task only while it
+  is `queued`, so a second message for the same task finds nothing to do.
 - A `running` task whose heartbeat is older than UPT_HEARTBEAT_TIMEOUT_S (or whose worker process
   on this host is gone) lost its worker: it goes
   back to `queued` (training resumes from its last epoch checkpoint), or to `failed` once it has been
@@ -29,6 +32,7 @@ from service.errors import database_outage
 from service import task_state
 from service.models import Task, TaskStatus, as_utc
 from service.queue import TrainingQueue
+from service.queued_messages import task_ids_in_broker
 from service.settings import Settings
 from service.storage import Storage
 
@@ -43,11 +47,17 @@ def requeue_lost_messages(settings: Settings, queue: TrainingQueue) -> list[str]
             select(Task.id, Task.enqueued_at).where(Task.status == TaskStatus.queued.value,
                                                     Task.enqueued_at < cutoff)
         ).all()
+        # Looked into after the rows were read: a message a worker took since is in its hands, or its
+        # task was claimed (then renew_enqueued loses).
+        waiting = task_ids_in_broker(settings) if rows else set()
         for task_id, enqueued_at in rows:
-            if task_state.renew_enqueued(session, task_id, enqueued_at):
+            # Renewed either way: a message seen waiting is looked for again UPT_REQUEUE_AFTER_S later.
+            renewed = task_state.renew_enqueued(session, task_id, enqueued_at)
+            if renewed and (waiting is None or task_id not in waiting):
                 sent.append(task_id)
+    why = "the broker cannot be looked into" if waiting is None else "its message is in no queue nor worker"
     for task_id in sent:
-        log.info("re-sending task %s: queued for over %.0fs", task_id, settings.requeue_after_s)
+        log.info("re-sending task %s: queued for over %.0fs and %s", task_id, settings.requeue_after_s, why)
         queue.enqueue(task_id)
     return sent
 
