@@ -7,6 +7,8 @@
    the fixture's 40 held-out test images, each in 10 random crops/flips (400 views), and, where
    Debian's Fashion-MNIST is at hand (`--fashion-mnist`, `apt-get install dataset-fashion-mnist`),
    every test-split image of the four classes that is not in the fixture (3,896 images, none trained on).
+   int8 is calibrated on the fixture's training images (each as the eval transform sees it and in
+   random crops/flips: `--calibration-views`), never on the images it is measured on.
 2. Speed on ViT-B-16 (random weights; the cost does not depend on the values): each runtime and
    precision against raw PyTorch fp32 `encode_image`, same batch, same run, as ratios.
 
@@ -28,7 +30,7 @@ from PIL import Image
 
 from _timing import machine, median_seconds
 from upt.backbone import load_backbone, random_backbone
-from upt.compiled import OpenVinoImageEncoder, cpu_has_bf16, openvino_available
+from upt.compiled import OpenVinoImageEncoder, cpu_has_bf16, nncf_available, openvino_available
 from upt.data import eval_transform, scan_image_folder
 from upt.predict import Predictor
 from upt.serving import TorchImageEncoder
@@ -38,7 +40,7 @@ from upt.training import TrainConfig, train
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "fashion_mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-COMBOS = (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("pytorch", "bf16"))
+COMBOS = (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"), ("pytorch", "bf16"))
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,35 @@ class Images:
     labels: torch.Tensor  # indices into the fixture's class names
 
 
-def encoder(backbone, runtime: str, precision: str, cache: Path):
+def available(combos: str) -> list[tuple[str, str]]:
+    chosen = [tuple(c.split(":")) for c in combos.split(",")]
+    unknown = [c for c in chosen if c not in COMBOS]
+    if unknown:
+        raise SystemExit(f"unknown runtime:precision {unknown}; choose from {COMBOS}")
+    return [(runtime, precision) for runtime, precision in chosen
+            if (runtime != "openvino" or openvino_available()) and (precision != "int8" or nncf_available())]
+
+
+def encoder(backbone, runtime: str, precision: str, cache: Path, calibration: torch.Tensor):
     if runtime == "openvino":
-        return OpenVinoImageEncoder(backbone, precision, cache)
+        return OpenVinoImageEncoder(backbone, precision, cache, calibration=calibration)
     return TorchImageEncoder(backbone, precision)
+
+
+def calibration_images(backbone, views: int) -> torch.Tensor:
+    """int8's calibration set: the fixture's training images, each through the eval transform and in
+    `views - 1` random crops and flips (real images, none of those the agreement is measured on)."""
+    torch.manual_seed(1)
+    plain = eval_transform(backbone.image)
+    augment = T.Compose([T.RandomResizedCrop(backbone.image.size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(),
+                         T.ToTensor(), T.Normalize(backbone.image.mean, backbone.image.std)])
+    batch = []
+    for sample in scan_image_folder(FIXTURE / "train").samples:
+        with Image.open(sample.path) as image:
+            rgb = image.convert("RGB")
+            batch.append(plain(rgb))
+            batch.extend(augment(rgb) for _ in range(views - 1))
+    return torch.stack(batch)
 
 
 def held_out_views(backbone, views: int) -> Images:
@@ -106,10 +133,12 @@ def agreement(args, work: Path) -> None:
     tiny = load_backbone(TINY_MODEL, str(PRETRAINED_TINY), "cpu")
     sets = [held_out_views(tiny, args.views), rest_of_test_split(tiny, args.fashion_mnist)]
     sets = [s for s in sets if s is not None]
-    combos = [c for c in COMBOS if c[0] != "openvino" or openvino_available()]
-    encoders = {combo: encoder(tiny, *combo, work / "ov") for combo in combos}
+    combos = available(args.combos)
+    calibration = calibration_images(tiny, args.calibration_views)
+    encoders = {combo: encoder(tiny, *combo, work / "ov", calibration) for combo in combos}
     print(f"## agreement with PyTorch fp32: tiny backbone pretrained on Fashion-MNIST ({PRETRAINED_TINY.name}), "
-          f"real Fashion-MNIST test images")
+          f"real Fashion-MNIST test images; int8 calibrated on {len(calibration)} views of the fixture's "
+          f"training images")
     for method, predictor in agreement_tasks(tiny, args, work):
         prompts = predictor.visual_prompts
         for images in sets:
@@ -133,19 +162,23 @@ def speed(args, work: Path) -> None:
     prompts = torch.randn(1, 4, backbone.vision_width) * 0.02  # a UPT/VPT-shallow task's 4 visual tokens
     print(f"## {args.model}, batch {args.batch}, 4 visual prompts, {machine()}, bf16 units: "
           f"{cpu_has_bf16() if openvino_available() else 'n/a'}")
+    calibration = calibration_images(backbone, 1)[: args.speed_calibration]  # the speed needs no more
     raw = median_seconds(lambda: backbone.clip.encode_image(images), args.repeats)
     reference = TorchImageEncoder(backbone)(images, prompts)
     print(f"  raw PyTorch fp32 encode_image: {1000 * raw:8.1f} ms (1.00x)")
-    for runtime, precision in (("pytorch", "fp32"),) + COMBOS:
-        if runtime == "openvino" and not openvino_available():
-            continue
+    measured = {}
+    for runtime, precision in [("pytorch", "fp32")] + available(args.combos):
         start = time.perf_counter()
-        served = encoder(backbone, runtime, precision, work / "ov")
+        served = encoder(backbone, runtime, precision, work / "ov", calibration)
         ready = time.perf_counter() - start
-        seconds = median_seconds(lambda: served(images, prompts), args.repeats)
+        seconds = measured[runtime, precision] = median_seconds(lambda: served(images, prompts), args.repeats)
         error = (served(images, prompts) - reference).abs().max().item()
         print(f"  {runtime:8s} {precision}: {1000 * seconds:8.1f} ms  {raw / seconds:5.2f}x raw throughput  "
               f"max |feature - fp32| {error:.1e}  (built in {ready:.0f} s)")
+        sys.stdout.flush()
+    if {("openvino", "fp32"), ("openvino", "int8")} <= measured.keys():
+        print(f"  openvino int8 vs openvino fp32: "
+              f"{measured['openvino', 'fp32'] / measured['openvino', 'int8']:.2f}x throughput")
 
 
 def main() -> None:
@@ -157,6 +190,10 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=10)
     parser.add_argument("--fashion-mnist", type=Path, default=DEBIAN_FASHION_MNIST,
                         help="folder of Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist)")
+    parser.add_argument("--combos", default=",".join(f"{r}:{p}" for r, p in COMBOS),
+                        help="runtime:precision pairs compared with PyTorch fp32")
+    parser.add_argument("--calibration-views", type=int, default=4, help="int8 calibration views per training image")
+    parser.add_argument("--speed-calibration", type=int, default=32, help="int8 calibration images for the speed")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-agreement", action="store_true")
     args = parser.parse_args()

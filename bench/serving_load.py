@@ -239,7 +239,8 @@ def main() -> None:
         for config in args.configs.split(","):
             runtime, precision = config.split(":")
             data_dir = tmp / f"data-{runtime}-{precision}"
-            tasks = make_tasks(backbone, data_dir, max(task_counts) + 2)
+            pool = max(max(task_counts), len(METHODS))  # every method at least once: one task is a UPT one
+            tasks = make_tasks(backbone, data_dir, pool + 2)
             env = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
             env.update({"UPT_MODEL": args.model, "UPT_PRETRAINED": str(tmp / "weights.safetensors"),
                         "UPT_DEVICE": args.device, "UPT_DATA_DIR": str(data_dir), "UPT_PORT": str(free_port()),
@@ -252,7 +253,7 @@ def main() -> None:
                 print(f"\n## UPT_SERVE_RUNTIME={runtime} UPT_SERVE_PRECISION={precision}: served by {serving} "
                       f"(ready after {time.perf_counter() - start:.0f} s)")
                 warm(server.url, tasks[:len(METHODS)], images[0], 1)  # the process's first requests: imports etc.
-                spare = tasks[max(task_counts):]  # never used under load: cold misses
+                spare = tasks[pool:]  # never used under load: cold misses
                 tuned = next(t for t in spare if "task_id" in t["data"])
                 miss, hit = miss_and_hit(server.url, tuned, images[0])
                 print(f"tuned-artifact miss ({tuned['method']}): {1000 * miss:.0f} ms vs hit {1000 * hit:.0f} ms "
@@ -271,6 +272,9 @@ def main() -> None:
                           f"p99 {result['p99_ms']:.0f} ms, {result['passes_per_image']:.3f} encoder passes per "
                           f"image ({result['requests']} requests)")
                     sys.stdout.flush()
+            except Exception:
+                print(f"--- the tail of the server's log ---\n{server.log.read_text()[-6000:]}")
+                raise
             finally:
                 server.stop()
         print(json.dumps({"raw_images_per_s": raw}))

@@ -110,10 +110,17 @@ class ServingCache:
         self._backbone = backbone
 
     def _build_encoder(self, backbone):
-        from upt.serving import build_image_encoder
+        from upt.errors import ConfigError
+        from upt.serving import build_image_encoder, calibration_images
 
+        calibration = None
+        if self.settings.serve_precision == "int8":
+            if self.settings.serve_calibration_dir is None:
+                raise ConfigError("UPT_SERVE_PRECISION=int8 needs UPT_SERVE_CALIBRATION_DIR: a folder of real "
+                                  "images of the kind served, to calibrate the int8 image encoder on.")
+            calibration = calibration_images(backbone, self.settings.serve_calibration_dir)
         encoder, note = build_image_encoder(backbone, self.settings.serve_runtime, self.settings.serve_precision,
-                                            self.settings.compiled_dir)
+                                            self.settings.compiled_dir, calibration)
         self.encoder_note = note
         if note:
             log.warning("Serving with %s: %s", encoder.describe(), note)

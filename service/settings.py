@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     # CPU where installed (bf16 where the CPU has AMX units, else fp32), PyTorch fp16 on CUDA, else
     # PyTorch fp32.
     serve_runtime: Literal["auto", "openvino", "pytorch"] = "auto"
-    serve_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    serve_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    # int8 only (opt-in, OpenVINO with NNCF): real images of the kind served, to calibrate on.
+    serve_calibration_dir: Path | None = None
     batch_window_ms: float = Field(5.0, ge=0)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)

@@ -17,7 +17,9 @@ from typing import Protocol
 import torch
 
 from .backbone import Backbone
+from .data import IMAGE_SUFFIXES, eval_transform, read_image_file
 from .encoders import encode_image
+from .errors import DataError
 from .predict import Predictor
 
 
@@ -33,8 +35,9 @@ class ImageEncoder(Protocol):
 
 
 RUNTIMES = ("auto", "openvino", "pytorch")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CALIBRATION_IMAGES = 128  # int8's calibration set: NNCF's default is 300; 128 real images took ~2 min on ViT-B-16
 
 
 class TorchImageEncoder:
@@ -44,6 +47,8 @@ class TorchImageEncoder:
     runtime = "pytorch"
 
     def __init__(self, backbone: Backbone, precision: str = "fp32") -> None:
+        if precision != "fp32" and precision not in _AUTOCAST:
+            raise ValueError(f"PyTorch serves fp32, bf16 or fp16, not {precision!r}")
         self.backbone = backbone
         self.precision = precision
 
@@ -59,19 +64,28 @@ class TorchImageEncoder:
 
 
 def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: str = "auto",
-                        cache_dir: str | Path | None = None) -> tuple[ImageEncoder, str]:
+                        cache_dir: str | Path | None = None,
+                        calibration: torch.Tensor | None = None) -> tuple[ImageEncoder, str]:
     """The serving image encoder and a note on how it was chosen (empty, or why it fell back).
 
     auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed: in bf16 where the CPU has AMX
     units, else in fp32 (bench/encoder_runtimes.py: bf16 kept ≥ 99.5 % top-1 agreement with PyTorch
     fp32 on trained artifacts, but without AMX it ran slower than OpenVINO fp32); PyTorch fp32 without
     OpenVINO. A failing compilation falls back to PyTorch.
+
+    int8 is only ever chosen by name, never by auto: OpenVINO's graphs quantized by NNCF, calibrated
+    on `calibration` (preprocessed real images of the kind served; required). Its agreement with fp32
+    depends on the weights and the images, so it is the operator's choice, checked on their own data
+    (bench/encoder_runtimes.py). Without NNCF it serves OpenVINO fp32, without OpenVINO PyTorch fp32,
+    each with a note.
     """
-    from .compiled import OpenVinoImageEncoder, cpu_has_amx, openvino_available
+    from .compiled import OpenVinoImageEncoder, cpu_has_amx, nncf_available, openvino_available
 
     if runtime not in RUNTIMES or precision not in PRECISIONS:
         raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}, "
                          f"not {runtime!r} and {precision!r}")
+    if precision == "int8" and (runtime == "pytorch" or calibration is None):
+        raise ValueError("int8 is served by OpenVINO only, and needs calibration images")
     on_cuda = backbone.device.type == "cuda"
     note = ""
     if runtime == "auto":
@@ -81,12 +95,28 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
         runtime = "pytorch"
     if runtime == "openvino":
         chosen = precision if precision != "auto" else ("bf16" if cpu_has_amx() else "fp32")
+        if chosen == "int8" and not nncf_available():
+            chosen, note = "fp32", "int8 needs NNCF (pip install nncf): serving exact fp32"
         try:
-            return OpenVinoImageEncoder(backbone, chosen, cache_dir), note
+            return OpenVinoImageEncoder(backbone, chosen, cache_dir, calibration=calibration), note
         except Exception as error:  # a model the converter cannot take still serves, in PyTorch
             note = f"OpenVINO failed ({type(error).__name__}: {error})"
-    chosen = precision if precision != "auto" else ("fp16" if on_cuda else "fp32")
+    chosen = precision if precision not in ("auto", "int8") else ("fp16" if on_cuda else "fp32")
     return TorchImageEncoder(backbone, chosen), note
+
+
+def calibration_images(backbone: Backbone, folder: str | Path, limit: int = CALIBRATION_IMAGES) -> torch.Tensor:
+    """int8's calibration set: up to `limit` image files under `folder` (recursively, in path order,
+    evenly spaced when there are more, so every class folder contributes), as the eval transform
+    hands them to the encoder."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"No images under {folder} to calibrate the int8 image encoder on.")
+    if len(paths) > limit:
+        paths = [paths[i * len(paths) // limit] for i in range(limit)]
+    transform = eval_transform(backbone.image)
+    return torch.stack([transform(read_image_file(path)) for path in paths])
 
 
 def encoder_need(predictor: Predictor) -> Hashable:

@@ -3,13 +3,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from upt import compiled
-from upt.serving import TorchImageEncoder, build_image_encoder
+from upt.data import read_image_file, scan_image_folder
+from upt.errors import DataError
+from upt.predict import Predictor
+from upt.serving import TorchImageEncoder, build_image_encoder, calibration_images
 
 pytest.importorskip("openvino")
+
+FASHION = Path(__file__).resolve().parents[1] / "fixtures" / "fashion_mnist"
+# int8's bar, the issue's for any serving precision: top-1 agreement with PyTorch fp32 of at least
+# 99.5 %. Its logits (100 × cosine on the pretrained tiny model) moved by at most 0.74 in
+# bench/encoder_runtimes.py; a bound of 1.5 catches a broken quantization, not rounding.
+INT8_MIN_AGREEMENT, INT8_MAX_LOGIT_CHANGE = 0.995, 1.5
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +92,63 @@ def test_runtime_selection_and_fallback(tiny, encoders, tmp_path, monkeypatch):
     assert encoder.runtime == "pytorch" and "OpenVINO failed (RuntimeError: unsupported operation)" in note
     with pytest.raises(ValueError, match="runtime must be one of"):
         build_image_encoder(tiny, "tensorrt", "auto", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def int8(pretrained_tiny, tmp_path_factory):
+    pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, in the service and test extras)")
+    cache = tmp_path_factory.mktemp("int8")
+    calibration = calibration_images(pretrained_tiny, FASHION / "train")  # 64 real images, none tested on
+    encoder, note = build_image_encoder(pretrained_tiny, "openvino", "int8", cache, calibration)
+    assert (encoder.runtime, encoder.precision, note) == ("openvino", "int8", "")
+    return encoder, cache, calibration
+
+
+def _fashion_test_images(backbone) -> tuple[torch.Tensor, list[str]]:
+    """The fixture's 40 held-out Fashion-MNIST test images, and the same mirrored: 80."""
+    folder = scan_image_folder(FASHION / "test")
+    images = Predictor.zero_shot(backbone, folder.class_names).preprocess(
+        [read_image_file(sample.path) for sample in folder.samples])
+    return torch.cat([images, images.flip(-1)]), folder.class_names
+
+
+def test_int8_agrees_with_fp32_on_the_pretrained_tiny_model(pretrained_tiny, int8):
+    encoder, _, _ = int8
+    images, class_names = _fashion_test_images(pretrained_tiny)
+    predictor = Predictor.zero_shot(pretrained_tiny, class_names)
+    deep = torch.randn(pretrained_tiny.vision_layers, 4, pretrained_tiny.vision_width,
+                       generator=torch.Generator().manual_seed(0)) * 0.15  # a trained VPT-deep's scale
+    for prompts in (None, deep):
+        exact = predictor.head(TorchImageEncoder(pretrained_tiny)(images, prompts))
+        served = predictor.head(encoder(images, prompts))
+        agreement = (served.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        change = (served - exact).abs().max().item()
+        assert agreement >= INT8_MIN_AGREEMENT and 0 < change < INT8_MAX_LOGIT_CHANGE, (agreement, change)
+
+
+def test_the_int8_model_is_cached_per_calibration_set(pretrained_tiny, int8, monkeypatch):
+    encoder, cache, calibration = int8
+    images = _fashion_test_images(pretrained_tiny)[0][:4]
+
+    def no_quantization(self, model, kind):
+        raise AssertionError("quantized again although the cache holds the int8 model")
+
+    monkeypatch.setattr(compiled.OpenVinoImageEncoder, "_quantize", no_quantization)
+    again = compiled.OpenVinoImageEncoder(pretrained_tiny, "int8", cache, calibration=calibration)
+    torch.testing.assert_close(again(images, None), encoder(images, None), atol=1e-6, rtol=0)  # the same graph
+    with pytest.raises(AssertionError, match="quantized again"):  # other images: other ranges
+        compiled.OpenVinoImageEncoder(pretrained_tiny, "int8", cache, calibration=calibration[:8])
+
+
+def test_int8_is_asked_for_by_name_with_images_and_falls_back_without_nncf(pretrained_tiny, tmp_path, monkeypatch):
+    calibration = calibration_images(pretrained_tiny, FASHION / "train", limit=8)
+    assert calibration.shape == (8, 3, pretrained_tiny.image.size, pretrained_tiny.image.size)
+    with pytest.raises(ValueError, match="needs calibration images"):
+        build_image_encoder(pretrained_tiny, "openvino", "int8", tmp_path)
+    with pytest.raises(ValueError, match="OpenVINO only"):
+        build_image_encoder(pretrained_tiny, "pytorch", "int8", tmp_path, calibration)
+    with pytest.raises(DataError, match="No images"):
+        calibration_images(pretrained_tiny, tmp_path)
+    monkeypatch.setattr(compiled, "nncf_available", lambda: False)
+    encoder, note = build_image_encoder(pretrained_tiny, "auto", "int8", tmp_path, calibration)
+    assert (encoder.runtime, encoder.precision) == ("openvino", "fp32") and "int8 needs NNCF" in note
