@@ -3,7 +3,8 @@
 One run, so that the ratios compare like with like on a shared machine:
 - raw PyTorch fp32 `encode_image` throughput at batch 32, measured in this process while the
   service is idle (the yardstick);
-- for each serving configuration (`--configs`, e.g. the default `auto` and exact `fp32`): a fresh
+- for each serving configuration (`--configs`, e.g. the default `auto`, exact `fp32`, or the opt-in
+  `openvino:int8`, calibrated on the fixture's training images): a fresh
   `upt serve --no-worker` on its own SQLite database, then N clients posting one image per request
   over 1, 10 and 100 distinct tasks of mixed methods (zero-shot class lists, CoOp, VPT-shallow,
   VPT-deep, UPT artifacts), printing images/s (and its ratio to raw), p50/p99 latency, and encoder
@@ -245,6 +246,8 @@ def main() -> None:
             env.update({"UPT_MODEL": args.model, "UPT_PRETRAINED": str(tmp / "weights.safetensors"),
                         "UPT_DEVICE": args.device, "UPT_DATA_DIR": str(data_dir), "UPT_PORT": str(free_port()),
                         "UPT_SERVE_RUNTIME": runtime, "UPT_SERVE_PRECISION": precision, "UPT_LOG_LEVEL": "warning"})
+            if precision == "int8":  # calibrated on the fixture's real training images (not those sent)
+                env["UPT_SERVE_CALIBRATION_DIR"] = str(FIXTURE / "train")
             server = Server(env, int(env["UPT_PORT"]), tmp / f"serve-{runtime}-{precision}.log")
             try:
                 start = time.perf_counter()
