@@ -18,8 +18,8 @@ pytest.importorskip("openvino")
 
 FASHION = Path(__file__).resolve().parents[1] / "fixtures" / "fashion_mnist"
 # int8's bar, the issue's for any serving precision: top-1 agreement with PyTorch fp32 of at least
-# 99.5 %. Its logits (100 × cosine on the pretrained tiny model) moved by at most 0.74 in
-# bench/encoder_runtimes.py; a bound of 1.5 catches a broken quantization, not rounding.
+# 99.5 %. Its logits (13.8 × cosine on the pretrained tiny model) moved by at most 0.67 in
+# bench/encoder_runtimes.py (README, Speed); a bound of 1.5 catches a broken quantization, not rounding.
 INT8_MIN_AGREEMENT, INT8_MAX_LOGIT_CHANGE = 0.995, 1.5
 
 
