@@ -120,6 +120,7 @@ def test_post_tasks_writes_enqueued_at_by_the_database_clock_not_the_api_hosts(s
     message of its tasks look lost at once (an hour early: lost messages never re-sent)."""
     from service.api.tasks import _create
     from service.storage import Storage
+    from service.task_input import parse_checked_task_form
     from service.uploads import ParsedForm, UploadedFile
 
     chosen = images("train", 2)
@@ -132,7 +133,8 @@ def test_post_tasks_writes_enqueued_at_by_the_database_clock_not_the_api_hosts(s
     skew_host_clock(monkeypatch, -3600)
     before = db_time()
     with db.get_sessionmaker()() as session:
-        task, replayed = _create(session, session.merge(tenant), settings, Storage(tmp_path / "storage"), form, None)
+        spec = parse_checked_task_form(form, settings)
+        task, replayed = _create(session, session.merge(tenant), settings, Storage(tmp_path / "storage"), spec, None)
     assert not replayed and row(task.id).status == "queued"
     assert before <= row(task.id).enqueued_at <= db_time()
 
