@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.serving.start_loading()
         # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
         # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
-        sweeper = Sweeper(settings, app.state.queue)
+        sweeper = Sweeper(settings, app.state.queue, chores=[app.state.instant.resume_unfinished])
         sweeper.start()
         yield
         sweeper.stop()

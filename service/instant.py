@@ -9,9 +9,12 @@ shots, no training. The result is an ordinary `tip-adapter` artifact in the task
 storage volume, so any API replica serves it; the task row holds the stage's state (building, ready,
 failed), so GET /tasks/{id} and its ETag change when it is ready.
 
-If the process that was building it died (the row says building, or nothing), /classify builds it on
-demand (`ensure`), guarded by a lock per task in this process; two replicas building at once write the
-same artifact (same seed and data) and publish it with an atomic rename, so either result is the one.
+If the process that was building it died (the row says building, or nothing), the stage is built again
+in two ways: /classify builds it on demand (`ensure`), and the API's sweeper resumes every such stage
+older than UPT_INSTANT_RESUME_AFTER_S (`resume_unfinished`), so a task nobody asks about still becomes
+ready and GET /tasks/{id} does not show `building` for ever. Both are guarded by a lock per task in this
+process; two replicas building at once write the same artifact (same seed and data) and publish it with
+an atomic rename, so either result is the one.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sqlalchemy import update
+from datetime import timedelta
 
-from service.db import session_scope
+from sqlalchemy import or_, select, update
+
+from service.db import db_now, session_scope
 from service.errors import Problem
 from service.models import Task
 from service.serving_cache import ServingCache
@@ -60,11 +65,33 @@ class InstantStages:
         # One build at a time: each is a burst of encoder passes, and /classify shares the device.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instant-stage")
         self._locks: dict[str, threading.Lock] = {}
+        self._scheduled: set[str] = set()  # waiting in or running on the pool: never submitted twice
         self._guard = threading.Lock()
 
-    def schedule(self, task_id: str) -> Future:
-        """Build in the background (called once the task row is committed)."""
+    def schedule(self, task_id: str) -> Future | None:
+        """Build in the background (called once the task row is committed); None if already scheduled here."""
+        with self._guard:
+            if task_id in self._scheduled:
+                return None
+            self._scheduled.add(task_id)
         return self._pool.submit(self._build_logged, task_id)
+
+    def resume_unfinished(self, limit: int = 20) -> list[str]:
+        """Schedules the stages left unbuilt by a process that died: rows that say `building`, or
+        nothing yet, for longer than UPT_INSTANT_RESUME_AFTER_S (a build in progress on another replica
+        is younger than that; if one is not, both builds publish the same artifact). A failed stage
+        stays failed: its error is shown, and retrying it every sweep would only fail again."""
+        with session_scope() as session:
+            older_than = db_now(session) - timedelta(seconds=self.settings.instant_resume_after_s)
+            candidates = session.scalars(
+                select(Task.id).where(or_(Task.instant_status.is_(None), Task.instant_status == BUILDING),
+                                      Task.created_at < older_than)
+                .order_by(Task.created_at).limit(limit)).all()
+        resumed = [task_id for task_id in candidates
+                   if not self.storage.has_instant(task_id) and self.schedule(task_id) is not None]
+        if resumed:
+            log.info("resuming the instant stage of %d task(s) left unbuilt: %s", len(resumed), ", ".join(resumed))
+        return resumed
 
     def ensure(self, task_id: str) -> None:
         """The stage's artifact exists when this returns, or a problem says why it cannot (409: the
@@ -135,8 +162,13 @@ class InstantStages:
     def _build_logged(self, task_id: str) -> None:
         try:
             self.build(task_id)
-        except Exception:  # a background build never takes the API down; /classify retries it
+        except Problem as problem:  # the backbone is not loaded yet: the sweeper resumes it later
+            log.info("instant stage of task %s postponed: %s", task_id, problem.detail)
+        except Exception:  # a background build never takes the API down; /classify or the sweeper retries it
             log.exception("building the instant stage of task %s failed", task_id)
+        finally:
+            with self._guard:
+                self._scheduled.discard(task_id)
 
     def _lock_of(self, task_id: str) -> threading.Lock:
         with self._guard:

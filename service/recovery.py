@@ -21,6 +21,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -146,12 +147,15 @@ def sweep(settings: Settings, queue: TrainingQueue, storage_too: bool = True) ->
 
 class Sweeper(threading.Thread):
     """Runs `sweep` every UPT_SWEEP_INTERVAL_S in the background until stopped; tasks it takes back
-    are sent again through `queue`."""
+    are sent again through `queue`. `chores` run after each sweep: work of the process that owns the
+    sweeper (the API resumes instant stages left unbuilt), which this module need not know about."""
 
-    def __init__(self, settings: Settings, queue: TrainingQueue) -> None:
+    def __init__(self, settings: Settings, queue: TrainingQueue,
+                 chores: Sequence[Callable[[], object]] = ()) -> None:
         super().__init__(name="upt-sweeper", daemon=True)
         self.settings = settings
         self.queue = queue
+        self.chores = tuple(chores)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -162,6 +166,8 @@ class Sweeper(threading.Thread):
             try:
                 storage_too = time.monotonic() - last_storage >= storage_every_s
                 sweep(self.settings, self.queue, storage_too)
+                for chore in self.chores:
+                    chore()
                 if storage_too:
                     last_storage = time.monotonic()
                 database_outage.recovered()

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # The training-free stage (Tip-Adapter's cache) built by the API right after a task's uploads are
     # stored: augmented views averaged per training image (the paper's 10; fewer is faster on a CPU).
     instant_augment_views: int = Field(10, ge=1, le=100)
+    # A stage still `building` (or never started) this long after its task was created was left by an
+    # API process that died; the sweeper builds it again.
+    instant_resume_after_s: float = Field(600.0, gt=0)
 
     # Dependability: heartbeats, re-enqueueing of lost messages, bounded retries.
     heartbeat_interval_s: float = Field(5.0, gt=0)

@@ -39,6 +39,15 @@ def test_stages_try_it_early_and_the_auto_leaderboard(real_service, open_page, f
         assert answered_by == "instant"
     assert answered_by in {"instant", "tuned"}
 
+    # The Try it page lists the task as soon as it can answer, not only once it has trained (before the
+    # fix it listed succeeded tasks only; the task is usually still training here).
+    page.goto(base + "/#/try")
+    page.get_by_role("heading", name="Try it", exact=True).wait_for()
+    option = page.locator(f'#try-task option[value="{task_id}"]')
+    option.wait_for(state="attached")
+    assert task_id[:8] in option.inner_text()
+    page.goto(base + f"/#/tasks/{task_id}")
+
     # Auto's result: every candidate's validation accuracy, the winner marked, on how many images.
     page.locator('[data-stage="tuned"][data-state="ready"]').wait_for(timeout=600_000)
     board = page.locator('[data-role="leaderboard"]')

@@ -131,6 +131,8 @@ def base_env(data_dir: Path, tiny_checkpoint: Path, **overrides) -> dict:
         "UPT_HEARTBEAT_TIMEOUT_S": "5",
         "UPT_REQUEUE_AFTER_S": "3",
         "UPT_SWEEP_INTERVAL_S": "1",
+        # An instant stage left `building` by a dead API is built again by the sweeper after this.
+        "UPT_INSTANT_RESUME_AFTER_S": "3",
         "UPT_LOG_LEVEL": "info",
         # PyTorch serves /classify in most service tests: compiling the OpenVINO encoder costs every
         # start tens of seconds on a busy 2-core machine. test_svc_embedded serves with the default.

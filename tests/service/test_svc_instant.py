@@ -71,6 +71,29 @@ def test_a_task_answers_before_any_worker_and_switches_stage_when_trained(stack)
     assert client.delete(f"/tasks/{task_id}").status_code == 204
 
 
+def test_a_stage_left_building_by_a_dead_api_is_resumed_without_a_classify(stack):
+    """The API process that was building a stage died: the row says `building` and no artifact was
+    published. The sweeper builds it again, so the task becomes classifiable without anyone asking."""
+    import psycopg
+
+    client = stack.client("acme")
+    data, files = task_form(per_class=4, method="coop", shots=2, epochs=3)
+    task_id = client.post("/tasks", data=data, files=files).json()["id"]
+    assert wait_for_stage(client, task_id, "instant", {"ready", "failed"})["stages"]["instant"]["state"] == "ready"
+
+    url = stack.env["UPT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:  # what a build interrupted by a crash leaves
+        conn.execute("UPDATE tasks SET instant_status = 'building', instant_accuracy = NULL WHERE id = %s", (task_id,))
+    shutil.rmtree(stack.tmp / "data" / "storage" / "tasks" / task_id / "instant")
+    assert client.get(f"/tasks/{task_id}").json()["stages"]["instant"]["state"] == "building"
+
+    task = wait_for_stage(client, task_id, "instant", {"ready", "failed"}, timeout=60)  # GET only, no /classify
+    assert task["stages"]["instant"]["state"] == "ready", (task, stack.api.tail())
+    assert (stack.tmp / "data" / "storage" / "tasks" / task_id / "instant" / "adapter_config.json").is_file()
+    assert "resuming the instant stage" in stack.api.tail(400)
+    assert client.delete(f"/tasks/{task_id}").status_code == 204
+
+
 def test_a_cancelled_training_keeps_its_instant_stage(stack):
     client = stack.client("acme")
     data, files = task_form(per_class=4, method="vpt-shallow", shots=2, epochs=50)

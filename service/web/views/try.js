@@ -87,7 +87,7 @@ export function tryView(root, { query }) {
 
   root.append(h("section", { class: "view", "aria-labelledby": "try-title" },
     h("div", { class: "view-head" }, h("h1", { id: "try-title" }, "Try it")),
-    h("p", { class: "lead" }, "Classify images with a tuned task, or zero-shot with any class names you type."),
+    h("p", { class: "lead" }, "Classify images with a task (trained, or already answering from its training-free stage), or zero-shot with any class names you type."),
     h("div", { class: "card" },
       h("fieldset", { class: "source" }, h("legend", {}, "Classify with"),
         h("div", { class: "segmented" }, radios), taskBox, namesBox),
@@ -101,15 +101,17 @@ export function tryView(root, { query }) {
       const items = [];
       let cursor;
       for (let page = 0; page < 5; page++) {
-        const data = await api.listTasks({ status: "succeeded", limit: 100, cursor }, ctrl.signal);
-        const list = (Array.isArray(data) ? data : data.items || []).map(normTask).filter((t) => t.status === "succeeded");
+        // Every task that can answer: trained, or its training-free stage ready while it still trains
+        // (or after its training failed or was cancelled, which keeps that stage).
+        const data = await api.listTasks({ limit: 100, cursor }, ctrl.signal);
+        const list = (Array.isArray(data) ? data : data.items || []).map(normTask).filter(canAnswer);
         items.push(...list);
         cursor = Array.isArray(data) ? null : data.next_cursor;
         if (!cursor) break;
       }
       clear(select);
       if (!items.length) {
-        select.append(h("option", { value: "" }, "No finished tasks yet"));
+        select.append(h("option", { value: "" }, "No task can answer yet"));
         select.disabled = true;
         if (!preset) { mode = "zero"; root.querySelector('input[name="try-mode"][value="zero"]').checked = true; sync(); }
       } else {
@@ -126,4 +128,8 @@ export function tryView(root, { query }) {
   })();
 
   return () => ctrl.abort();
+}
+
+function canAnswer(task) {
+  return task.status === "succeeded" || task.stages?.instant?.state === "ready";
 }
