@@ -152,7 +152,7 @@ class TaskEvent(Base):
 class IdempotencyLock(Base):
     """A POST /tasks under an Idempotency-Key that is still being processed (uploading, decoding): a
     retry meanwhile is a 409, on whichever API replica it lands. Removed when the request ends; one
-    left by a killed process is taken over after service.api.tasks.LOCK_STALE_S."""
+    left by a killed process is taken over after UPT_IDEMPOTENCY_LOCK_STALE_S."""
 
     __tablename__ = "idempotency_locks"
 

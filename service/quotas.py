@@ -2,8 +2,10 @@
 
 - UPT_TENANT_MAX_ACTIVE_TASKS: queued, running and cancelling tasks of one tenant; one more is a 429
   with Retry-After (the queue drains, the client retries).
-- UPT_TENANT_MAX_STORED_BYTES: the bytes a tenant's tasks keep (their images and artifacts); a task
-  that would go past it is a 507 (deleting tasks frees space). 0 turns either off.
+- UPT_TENANT_MAX_STORED_BYTES: the bytes a tenant's tasks keep (their images and artifacts, and the
+  epoch checkpoints of those still training, read from the volume: a long training's checkpoints are
+  not in any row until it ends); a task that would go past it is a 507 (deleting tasks frees space).
+  0 turns either off.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session
 from service.errors import Problem
 from service.models import Task, TaskStatus, Tenant
 from service.settings import Settings
+from service.storage import Storage
 
 ACTIVE = (TaskStatus.queued.value, TaskStatus.running.value, TaskStatus.cancelling.value)
 RETRY_AFTER_S = 30
@@ -38,14 +41,23 @@ def stored_bytes(session: Session, tenant: Tenant) -> int:
         Task.tenant_id == tenant.id)) or 0)
 
 
-def check_stored_bytes(session: Session, tenant: Tenant, settings: Settings, adding: int) -> None:
+def checkpoint_bytes(session: Session, tenant: Tenant, storage: Storage) -> int:
+    """The epoch checkpoints of the tenant's active tasks, on the volume now (a few files per task, and
+    at most UPT_TENANT_MAX_ACTIVE_TASKS tasks: cheap to walk on every request)."""
+    active = session.scalars(select(Task.id).where(Task.tenant_id == tenant.id, Task.status.in_(ACTIVE))).all()
+    return sum(folder_bytes(storage.checkpoint_dir(task_id)) for task_id in active)
+
+
+def check_stored_bytes(session: Session, tenant: Tenant, settings: Settings, storage: Storage, adding: int) -> None:
     limit = settings.tenant_max_stored_bytes
     if not limit:
         return
-    used = stored_bytes(session, tenant)
-    if used + adding > limit:
-        raise Problem(507, "Storage quota exceeded", f"This tenant's tasks keep {used} bytes; {adding} more would "
-                      f"pass its quota (UPT_TENANT_MAX_STORED_BYTES={limit}). Delete tasks to free space.",
+    kept, training = stored_bytes(session, tenant), checkpoint_bytes(session, tenant, storage)
+    if kept + training + adding > limit:
+        raise Problem(507, "Storage quota exceeded",
+                      f"This tenant's tasks keep {kept + training} bytes ({training} of them checkpoints of "
+                      f"trainings in progress); {adding} more would pass its quota "
+                      f"(UPT_TENANT_MAX_STORED_BYTES={limit}). Delete tasks to free space.",
                       type="tenant-storage-quota")
 
 

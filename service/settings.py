@@ -14,7 +14,7 @@ from typing import Literal
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(900.0, gt=0)
     body_idle_timeout_s: float = Field(30.0, gt=0)
     max_header_bytes: int = Field(16384, ge=1024)
+    # A POST /tasks under an Idempotency-Key holds the key while its body arrives and is decoded; a hold
+    # older than this was left by a killed process and is taken over. It must outlast the longest body
+    # (UPT_BODY_TIMEOUT_S), or a slow but live upload would lose its key to a retry.
+    idempotency_lock_stale_s: float = Field(1200.0, gt=0)
     # Per tenant (0: no limit): tasks queued or running (429 past it), bytes its tasks keep (507 past it).
     tenant_max_active_tasks: int = Field(100, ge=0)
     tenant_max_stored_bytes: int = Field(50 * 1024**3, ge=0)
@@ -114,6 +118,13 @@ class Settings(BaseSettings):
                                   or parts.query or parts.fragment):
                 raise ValueError(f"UPT_CORS_ORIGINS: {origin!r} is not an origin such as https://labels.example.com")
         return value
+
+    @model_validator(mode="after")
+    def _lock_outlasts_body(self) -> "Settings":
+        if self.idempotency_lock_stale_s <= self.body_timeout_s:
+            raise ValueError(f"UPT_IDEMPOTENCY_LOCK_STALE_S ({self.idempotency_lock_stale_s:g}) must be longer than "
+                             f"UPT_BODY_TIMEOUT_S ({self.body_timeout_s:g}): a live upload would lose its key")
+        return self
 
     @property
     def storage_dir(self) -> Path:

@@ -17,10 +17,11 @@ from service.api.conditional import json_response, list_etag, matches, not_modif
 from service.api.deps import InstantDep, QueueDep, ServingDep, StorageDep
 from service.api.forms import TASK_FORM
 from service.auth import SessionDep, SettingsDep, TenantDep
+from service.db import db_now
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
-from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id, utcnow
+from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id
 from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
@@ -30,7 +31,6 @@ from service.uploads import ParsedForm, parse_form, remove, request_fingerprint,
 
 router = APIRouter(tags=["tasks"])
 # A POST /tasks holding its Idempotency-Key longer than this was cut short (its process killed).
-LOCK_STALE_S = 900
 
 
 def _is_task_id(value: str) -> bool:
@@ -72,12 +72,12 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
     existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
     locked = False
     if idempotency_key and existing is None:
-        locked = await run_in_threadpool(_lock_key, session, tenant, idempotency_key)
+        locked = await run_in_threadpool(_lock_key, session, tenant, idempotency_key, settings.idempotency_lock_stale_s)
         if not locked:  # the task was created between the look-up and the lock
             existing = await run_in_threadpool(_by_idempotency_key, session, tenant, idempotency_key)
     if existing is None:
         try:
-            await run_in_threadpool(_check_quotas, session, tenant, settings, request)
+            await run_in_threadpool(_check_quotas, session, tenant, settings, storage, request)
         except Problem:
             if locked:
                 await run_in_threadpool(_unlock_key, session, tenant, idempotency_key)
@@ -107,26 +107,28 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
     return accepted(task, replayed)
 
 
-def _check_quotas(session: Session, tenant: Tenant, settings: Settings, request: Request) -> None:
+def _check_quotas(session: Session, tenant: Tenant, settings: Settings, storage: Storage, request: Request) -> None:
     """Before the body is read: the tenant's queue share, and its storage with this request's declared size."""
     check_active_tasks(session, tenant, settings)
     declared = request.headers.get("content-length", "")
-    check_stored_bytes(session, tenant, settings, int(declared) if declared.isdigit() else 0)
+    check_stored_bytes(session, tenant, settings, storage, int(declared) if declared.isdigit() else 0)
 
 
-def _lock_key(session: Session, tenant: Tenant, key: str) -> bool:
+def _lock_key(session: Session, tenant: Tenant, key: str, stale_after_s: float) -> bool:
     """Take the key for this request: True if taken, False if its task exists by now; a 409 while another
-    request under it is still being processed (a lock older than LOCK_STALE_S was left by a killed process)."""
+    request under it is still being processed (a lock older than UPT_IDEMPOTENCY_LOCK_STALE_S was left by
+    a killed process). Lock times are the database's clock: replicas' clocks may disagree."""
     try:
-        session.add(IdempotencyLock(tenant_id=tenant.id, key=key, created_at=utcnow()))
+        session.add(IdempotencyLock(tenant_id=tenant.id, key=key, created_at=db_now(session)))
         session.commit()
         return True
     except IntegrityError:
         session.rollback()
-    stale = utcnow() - timedelta(seconds=LOCK_STALE_S)
+    now = db_now(session)
     taken_over = session.execute(update(IdempotencyLock).where(
-        IdempotencyLock.tenant_id == tenant.id, IdempotencyLock.key == key, IdempotencyLock.created_at < stale,
-    ).values(created_at=utcnow())).rowcount
+        IdempotencyLock.tenant_id == tenant.id, IdempotencyLock.key == key,
+        IdempotencyLock.created_at < now - timedelta(seconds=stale_after_s),
+    ).values(created_at=now)).rowcount
     session.commit()
     if taken_over:
         return True
@@ -159,7 +161,7 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
         written = folder_bytes(storage.data_dir(task_id))
-        check_stored_bytes(session, tenant, settings, written)  # what was really stored (PNG, not the upload)
+        check_stored_bytes(session, tenant, settings, storage, written)  # what was really stored (PNG, not the upload)
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=spec.config.to_dict(), class_names=spec.class_names, num_images=len(spec.images),
