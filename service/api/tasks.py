@@ -27,7 +27,7 @@ from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
 from service.task_input import TaskSpec, parse_checked_task_form, write_dataset
-from service.uploads import ParsedForm, parse_form, remove, request_fingerprint, scratch_dir
+from service.uploads import parse_form, remove, request_fingerprint, scratch_dir
 
 router = APIRouter(tags=["tasks"])
 # A POST /tasks holding its Idempotency-Key longer than this was cut short (its process killed).
@@ -156,7 +156,7 @@ def _same_request(task: Task, fingerprint: str) -> Task:
 
 
 def _create(session: Session, tenant: Tenant, settings: Settings, storage: Storage, spec: TaskSpec,
-            idempotency_key: str | None, backbone=None, fingerprint: str | None = None) -> tuple[Task, bool]:
+            idempotency_key: str | None, backbone, fingerprint: str | None) -> tuple[Task, bool]:
     task_id = new_task_id()
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
@@ -166,8 +166,8 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,
                     config=spec.config.to_dict(), class_names=spec.class_names, num_images=len(spec.images),
                     model=settings.model,
-                    pretrained=shown_weights(settings.pretrained, getattr(backbone, "weights_sha256", None)),
-                    weights_sha256=getattr(backbone, "weights_sha256", None), stored_bytes=written,
+                    pretrained=shown_weights(settings.pretrained, backbone.weights_sha256),
+                    weights_sha256=backbone.weights_sha256, stored_bytes=written,
                     epochs=spec.config.epochs)
         task_state.add_queued(session, task)
         session.commit()
