@@ -29,15 +29,16 @@ def main() -> None:
 
     from service.app import create_app
     from service.auth import create_key, get_or_create_tenant
-    from service.db import get_engine, session_scope
     from service.migrate import upgrade
     from service.models import Task, TaskEvent
-    from service.settings import get_settings
+    from service.settings import Settings
 
-    upgrade(get_settings())
+    settings = Settings()
+    upgrade(settings)
+    app = create_app(settings)
     task_id = "b" * 32
     names = [f"class {i}" for i in range(args.classes)]
-    with session_scope() as session:
+    with app.state.database.scope() as session:
         key = create_key(session, "bench")
         tenant = get_or_create_tenant(session, "bench")
         session.add(Task(id=task_id, tenant_id=tenant.id, method="upt", config={"method": "upt"}, class_names=names,
@@ -48,10 +49,10 @@ def main() -> None:
             session.add(TaskEvent(task_id=task_id, kind="epoch", epoch=epoch, data={"epoch": epoch, "loss": 1.0}))
 
     statements: list[int] = []  # per statement: how many columns its result has (0: not a query)
-    event.listen(get_engine(), "after_cursor_execute",
+    event.listen(app.state.database.engine, "after_cursor_execute",
                  lambda conn, cursor, *a: statements.append(len(cursor.description or ())))
     headers = {"Authorization": f"Bearer {key}"}
-    with TestClient(create_app(get_settings())) as client:
+    with TestClient(app) as client:
         def poll(conditional: bool) -> tuple[float, float]:
             etag = client.get(f"/tasks/{task_id}", headers=headers).headers.get("etag")
             sent = dict(headers, **({"If-None-Match": etag} if conditional and etag else {}))
@@ -64,7 +65,7 @@ def main() -> None:
             return len(statements) / args.polls, sum(statements) / args.polls, received / args.polls
 
         plain, conditional = poll(conditional=False), poll(conditional=True)
-    url = get_settings().resolved_database_url.split("://")[0]
+    url = settings.resolved_database_url.split("://")[0]
     print(f"# {args.polls} polls of one unchanged task ({args.classes} classes, {args.epochs} epoch events), {url}")
     for name, (count, columns, received) in (("plain GET (every poll before ETags)", plain),
                                              ("GET with If-None-Match (ETag)", conditional)):

@@ -60,23 +60,21 @@ def make_tasks(backbone, data_dir: Path, count: int) -> list[dict]:
     """`count` tasks cycling through METHODS: zero-shot ones are class lists, tuned ones are succeeded
     task rows with an artifact in storage (untrained prompts: the serving cost is the same)."""
     os.environ["UPT_DATA_DIR"] = str(data_dir)
-    from service import db
     from service.auth import LOCAL_TENANT, get_or_create_tenant
-    from service.db import session_scope
+    from service.db import Database
     from service.migrate import upgrade
     from service.models import Task, TaskStatus
-    from service.settings import get_settings
+    from service.settings import Settings
     from service.storage import Storage
     from upt.artifact import save_artifact
     from upt.methods import PromptConfig, PromptedCLIP
 
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()  # each configuration has a database of its own
-    settings = get_settings()
+    settings = Settings()  # each configuration has a database of its own (UPT_DATA_DIR above)
     upgrade(settings)
     storage = Storage.from_settings(settings)
     tasks = []
-    with session_scope() as session:
+    database = Database.from_settings(settings)
+    with database.scope() as session:
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
         for index in range(count):
             method = METHODS[index % len(METHODS)]
@@ -95,6 +93,7 @@ def make_tasks(backbone, data_dir: Path, count: int) -> list[dict]:
             save_artifact(storage.artifact_dir(task.id), backbone=backbone, method=method, class_names=names,
                           tensors=model.export(), options={"prompt": config.to_dict()})
             tasks.append({"method": method, "data": {"task_id": task.id}})
+    database.dispose()
     return tasks
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 
 import service.models  # noqa: F401  (registers the tables on Base.metadata)
 from service.db import Base, make_engine
-from service.settings import get_settings
+from service.settings import Settings
 
 config = context.config
 if config.config_file_name is not None:
@@ -20,7 +20,9 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    return config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
+    # service.migrate.upgrade passes the URL of the settings it was given; a plain `alembic upgrade`
+    # reads the environment's.
+    return config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url
 
 
 def run_migrations_offline() -> None:

@@ -1,4 +1,9 @@
-"""The FastAPI application: routes, problem+json errors, metrics, and the web client at `/`."""
+"""The FastAPI application: routes, problem+json errors, metrics, and the web client at `/`.
+
+`create_app(settings)` builds everything a request uses from the settings it is given and keeps it on
+`app.state`, where the request dependencies (service.api.deps) read it; nothing reads the environment
+again, so the settings an app was created with are the only ones its requests see.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ from fastapi.staticfiles import StaticFiles
 from service.api.openapi import document_problems
 from service.api import classify, events, health, methods, tasks
 from service.batching import MicroBatcher
+from service.db import Database
 from service.errors import install_error_handlers
 from service.instant import InstantStages
 from service.prometheus import Metrics, MetricsMiddleware
 from service.queue import TrainingQueue
 from service.recovery import Sweeper
 from service.serving_cache import ServingCache
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.storage import Storage
 from service.timeouts import RequestBoundsMiddleware
 from service.uploads import configure_pillow
@@ -31,8 +37,7 @@ CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Idempotency-Key", "If-Non
 CORS_EXPOSED_HEADERS = ["Location", "Retry-After", "ETag", "Idempotent-Replayed"]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(settings: Settings) -> FastAPI:
     settings.check()
     configure_pillow(settings.max_image_pixels)
 
@@ -43,20 +48,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.serving.start_loading()
         # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
         # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
-        sweeper = Sweeper(settings, app.state.queue, chores=[app.state.instant.resume_unfinished])
+        sweeper = Sweeper(settings, app.state.database, app.state.queue,
+                          chores=[app.state.instant.resume_unfinished])
         sweeper.start()
         yield
         sweeper.stop()
         app.state.instant.shutdown()
+        app.state.database.dispose()
 
     app = FastAPI(title="upt", version="0.1.0", lifespan=lifespan,
                   description="Few-shot prompt tuning of a frozen CLIP, as a service.")
     app.state.settings = settings
+    app.state.database = Database.from_settings(settings)
     app.state.serving = ServingCache(settings)
     app.state.storage = Storage.from_settings(settings)
     app.state.queue = TrainingQueue(settings)
-    app.state.metrics = Metrics()
-    app.state.instant = InstantStages(settings, app.state.storage, app.state.serving)
+    app.state.metrics = Metrics(app.state.database)
+    app.state.instant = InstantStages(settings, app.state.storage, app.state.serving, app.state.database)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.encoder_batch.observe,
                                      encoder=app.state.serving.image_encoder)

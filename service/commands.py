@@ -4,6 +4,8 @@ The `upt` CLI finds them through the `upt.commands` entry-point group (pyproject
 `upt worker`: each entry point is a function that adds its sub-command to the CLI's
 subparsers and sets `func(args) -> int`. Module imports stay light (the service stack is imported
 when a command runs), so that `upt train` does not pay for FastAPI and SQLAlchemy to list these.
+Each command builds its settings once, when it starts, and passes them (and a database built from
+them) explicitly.
 """
 
 from __future__ import annotations
@@ -64,17 +66,15 @@ def _apply_overrides(args) -> None:
         os.environ["UPT_HOST"] = args.host
     if getattr(args, "port", None):
         os.environ["UPT_PORT"] = str(args.port)
-    from service.settings import get_settings
-
-    get_settings.cache_clear()
 
 
 def serve_command(args) -> int:
     _apply_overrides(args)
+    from service.app import create_app
     from service.migrate import upgrade
-    from service.settings import get_settings
+    from service.settings import Settings
 
-    settings = get_settings()
+    settings = Settings()
     configure_logging(settings.log_level)
     try:
         settings.check()
@@ -99,7 +99,7 @@ def serve_command(args) -> int:
 
         # Bounded: an open event stream (a browser following a task) would otherwise hold shutdown
         # until its task ends; after the grace period it is cut and EventSource reconnects elsewhere.
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
                     # h11, whose parser bounds the request line and headers; idle keep-alive closes after 5 s.
                     http="h11", h11_max_incomplete_event_size=settings.max_header_bytes, timeout_keep_alive=5)
@@ -146,24 +146,30 @@ def stop_embedded_worker(worker: subprocess.Popen) -> None:
 
 def migrate_command(args) -> int:
     from service.migrate import upgrade
-    from service.settings import get_settings
+    from service.settings import Settings
 
-    settings = get_settings()
+    settings = Settings()
     upgrade(settings)
     url = settings.resolved_database_url.split("@")[-1]
     print(json.dumps({"migrated": True, "database": url}) if args.json else f"Schema is up to date: {url}")
     return 0
 
 
+def _database(settings):
+    from service.db import Database
+
+    return Database.from_settings(settings)
+
+
 def keys_create_command(args) -> int:
     from service.auth import create_key
-    from service.db import session_scope
     from service.migrate import upgrade
-    from service.settings import get_settings
+    from service.settings import Settings
 
-    if get_settings().should_auto_migrate:
-        upgrade(get_settings())
-    with session_scope() as session:
+    settings = Settings()
+    if settings.should_auto_migrate:
+        upgrade(settings)
+    with _database(settings).scope() as session:
         key = create_key(session, args.tenant)
     if args.json:
         print(json.dumps({"tenant": args.tenant, "key": key}))
@@ -176,10 +182,10 @@ def keys_create_command(args) -> int:
 def keys_list_command(args) -> int:
     from sqlalchemy import select
 
-    from service.db import session_scope
     from service.models import ApiKey, Tenant
+    from service.settings import Settings
 
-    with session_scope() as session:
+    with _database(Settings()).scope() as session:
         query = select(ApiKey, Tenant.name).join(Tenant).order_by(Tenant.name, ApiKey.id)
         if args.tenant:
             query = query.where(Tenant.name == args.tenant)
@@ -196,11 +202,11 @@ def keys_revoke_command(args) -> int:
     from sqlalchemy import update
 
     from service.auth import hash_key
-    from service.db import session_scope
     from service.models import ApiKey, utcnow
+    from service.settings import Settings
 
     prefix = args.key[:12]
-    with session_scope() as session:
+    with _database(Settings()).scope() as session:
         matches = session.query(ApiKey).filter(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)).all()
         if len(args.key) > 12:  # a whole key: match it exactly
             matches = [key for key in matches if key.key_hash == hash_key(args.key)]

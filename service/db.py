@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
-
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from service.settings import get_settings
+from service.settings import Settings
 
 
 class Base(DeclarativeBase):
@@ -36,31 +34,42 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-@lru_cache
-def get_engine() -> Engine:
-    settings = get_settings()
-    if settings.is_sqlite:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return make_engine(settings.resolved_database_url)
+class Database:
+    """The engine and sessions of one database, built from the settings a process started with: the
+    API keeps its own on `app.state.database`, a worker and each CLI command build theirs at start.
+    Two of them (two apps in one test process) never share an engine."""
 
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-@lru_cache
-def get_sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(get_engine(), expire_on_commit=False)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Database":
+        if settings.is_sqlite:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(settings.resolved_database_url)
 
+    def session(self) -> Session:
+        """A session the caller closes (`with database.session() as session:`); nothing is committed."""
+        return self._sessions()
 
-@contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session that commits on success and rolls back on error (worker and CLI use)."""
-    session = get_sessionmaker()()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    @contextmanager
+    def scope(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self, close: bool = True) -> None:
+        """Drop the pooled connections (close=False in a forked child: the parent still owns them)."""
+        self.engine.dispose(close=close)
 
 
 def db_now(session: Session) -> datetime:

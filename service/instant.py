@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from service.db import db_now, session_scope
+from service.db import Database, db_now
 from service.errors import Problem
 from service.models import Task
 from service.serving_cache import ServingCache
@@ -60,8 +60,8 @@ def instant_config(task: Task, settings: Settings):
 class InstantStages:
     """Builds, publishes and (on demand) rebuilds the instant stage of tasks."""
 
-    def __init__(self, settings: Settings, storage: Storage, serving: ServingCache) -> None:
-        self.settings, self.storage, self.serving = settings, storage, serving
+    def __init__(self, settings: Settings, storage: Storage, serving: ServingCache, database: Database) -> None:
+        self.settings, self.storage, self.serving, self.database = settings, storage, serving, database
         # One build at a time: each is a burst of encoder passes, and /classify shares the device.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instant-stage")
         self._locks: dict[str, threading.Lock] = {}
@@ -81,7 +81,7 @@ class InstantStages:
         nothing yet, for longer than UPT_INSTANT_RESUME_AFTER_S (a build in progress on another replica
         is younger than that; if one is not, both builds publish the same artifact). A failed stage
         stays failed: its error is shown, and retrying it every sweep would only fail again."""
-        with session_scope() as session:
+        with self.database.scope() as session:
             older_than = db_now(session) - timedelta(seconds=self.settings.instant_resume_after_s)
             candidates = session.scalars(
                 select(Task.id).where(or_(Task.instant_status.is_(None), Task.instant_status == BUILDING),
@@ -100,7 +100,7 @@ class InstantStages:
             return
         self.build(task_id, retry_failed=False)
         if not self.storage.has_instant(task_id):
-            with session_scope() as session:
+            with self.database.scope() as session:
                 task = session.get(Task, task_id)
                 error = task.instant_error if task is not None else "the task was deleted"
             raise Problem(409, "Instant stage unavailable", f"Task {task_id} has no training-free stage: {error}",
@@ -110,7 +110,7 @@ class InstantStages:
         with self._lock_of(task_id):
             if self.storage.has_instant(task_id):
                 return
-            with session_scope() as session:
+            with self.database.scope() as session:
                 task = session.get(Task, task_id)
                 if task is None or (task.instant_status == FAILED and not retry_failed):
                     return
@@ -142,7 +142,7 @@ class InstantStages:
             log.exception("instant stage of task %s failed", task_id)
             self._mark(task_id, instant_status=FAILED, instant_error=f"Internal error: {type(error).__name__}: {error}")
             return
-        with session_scope() as session:
+        with self.database.scope() as session:
             # Published in the transaction that marks it ready: a reader that sees `ready` finds the folder.
             marked = session.execute(update(Task).where(Task.id == task_id).values(
                 instant_status=READY, instant_accuracy=result.metrics["val_accuracy"], instant_error=None)).rowcount
@@ -155,7 +155,7 @@ class InstantStages:
 
     def _mark(self, task_id: str, instant_status: str | None, instant_error: str | None = None) -> None:
         """The instant stage's own columns only: the task's `status` is service.task_state's."""
-        with session_scope() as session:
+        with self.database.scope() as session:
             session.execute(update(Task).where(Task.id == task_id)
                             .values(instant_status=instant_status, instant_error=instant_error))
 

@@ -16,15 +16,18 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.db import get_sessionmaker
+from service.db import Database
 from service.models import Task, TaskStatus
 
 TRAINING_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
 
 class TaskCollector:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
     def collect(self):
-        with get_sessionmaker()() as session:
+        with self.database.session() as session:
             counts = dict(session.execute(select(Task.status, func.count()).group_by(Task.status)).all())
             yield self._by_status(counts)
             yield self._durations(session)
@@ -57,7 +60,7 @@ class TaskCollector:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, database: Database) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("upt_http_requests_total", "HTTP requests", ["method", "route", "status"],
                                 registry=self.registry)
@@ -69,7 +72,7 @@ class Metrics:
                                        "Images per image-encoder pass (concurrent requests of any tasks micro-batched); "
                                        "_count is the number of encoder passes, _sum the images they encoded",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.registry.register(TaskCollector())
+        self.registry.register(TaskCollector(database))
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

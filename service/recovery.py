@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.db import db_now, session_scope
+from service.db import Database, db_now
 from service.errors import database_outage
 from service import task_state
 from service.models import Task, TaskStatus, as_utc
@@ -40,9 +40,9 @@ from service.storage import Storage
 log = logging.getLogger("upt.recovery")
 
 
-def requeue_lost_messages(settings: Settings, queue: TrainingQueue) -> list[str]:
+def requeue_lost_messages(settings: Settings, database: Database, queue: TrainingQueue) -> list[str]:
     sent = []
-    with session_scope() as session:
+    with database.scope() as session:
         cutoff = db_now(session) - timedelta(seconds=settings.requeue_after_s)
         rows = session.execute(
             select(Task.id, Task.enqueued_at).where(Task.status == TaskStatus.queued.value,
@@ -78,9 +78,9 @@ def dead_on_this_host(worker: str | None) -> bool:
     return False
 
 
-def recover_dead_workers(settings: Settings, queue: TrainingQueue) -> list[str]:
+def recover_dead_workers(settings: Settings, database: Database, queue: TrainingQueue) -> list[str]:
     requeued = []
-    with session_scope() as session:
+    with database.scope() as session:
         cutoff = db_now(session) - timedelta(seconds=settings.heartbeat_timeout_s)
         active = session.scalars(
             select(Task).where(Task.status.in_([TaskStatus.running.value, TaskStatus.cancelling.value]))
@@ -110,7 +110,7 @@ def _newest_mtime(folder: Path) -> float:
     return newest
 
 
-def sweep_storage(settings: Settings) -> list[Path]:
+def sweep_storage(settings: Settings, database: Database) -> list[Path]:
     """Remove what killed requests left: upload scratch folders, and task folders with no row (a POST
     /tasks killed between writing its images and committing its row), once untouched for
     UPT_ORPHAN_GRACE_S. A request in progress writes into its folders, so they stay young."""
@@ -122,7 +122,7 @@ def sweep_storage(settings: Settings) -> list[Path]:
     tasks = storage.root / "tasks"
     candidates = {p.name: p for p in (tasks.iterdir() if tasks.is_dir() else ())
                   if p.is_dir() and p.name.isalnum() and p.stat().st_mtime < cutoff}
-    with session_scope() as session:
+    with database.scope() as session:
         names = list(candidates)
         known = set()
         for start in range(0, len(names), 500):
@@ -138,11 +138,11 @@ def sweep_storage(settings: Settings) -> list[Path]:
     return removed
 
 
-def sweep(settings: Settings, queue: TrainingQueue, storage_too: bool = True) -> None:
-    recover_dead_workers(settings, queue)
-    requeue_lost_messages(settings, queue)
+def sweep(settings: Settings, database: Database, queue: TrainingQueue, storage_too: bool = True) -> None:
+    recover_dead_workers(settings, database, queue)
+    requeue_lost_messages(settings, database, queue)
     if storage_too:
-        sweep_storage(settings)
+        sweep_storage(settings, database)
 
 
 class Sweeper(threading.Thread):
@@ -150,11 +150,10 @@ class Sweeper(threading.Thread):
     are sent again through `queue`. `chores` run after each sweep: work of the process that owns the
     sweeper (the API resumes instant stages left unbuilt), which this module need not know about."""
 
-    def __init__(self, settings: Settings, queue: TrainingQueue,
+    def __init__(self, settings: Settings, database: Database, queue: TrainingQueue,
                  chores: Sequence[Callable[[], object]] = ()) -> None:
         super().__init__(name="upt-sweeper", daemon=True)
-        self.settings = settings
-        self.queue = queue
+        self.settings, self.database, self.queue = settings, database, queue
         self.chores = tuple(chores)
         self.stopped = threading.Event()
 
@@ -165,7 +164,7 @@ class Sweeper(threading.Thread):
         while True:
             try:
                 storage_too = time.monotonic() - last_storage >= storage_every_s
-                sweep(self.settings, self.queue, storage_too)
+                sweep(self.settings, self.database, self.queue, storage_too)
                 for chore in self.chores:
                     chore()
                 if storage_too:

@@ -1,14 +1,15 @@
 """Service settings: every knob comes from `UPT_*` environment variables or a `.env` file.
 
 One `Settings` class serves the API, the worker and the CLI so that embedded and production mode
-differ only in URLs. Derived values (database and broker URLs in local mode) are properties, so the
+differ only in URLs. Each process builds its settings once, when it starts, and passes them on
+(`create_app(settings)`, the worker process at its start, each CLI command): nothing reads the
+environment again later. Derived values (database and broker URLs in local mode) are properties, so the
 defaults stay visible in one place and the README table can quote them.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from typing import Annotated
@@ -182,8 +183,3 @@ class Settings(BaseSettings):
                 f"UPT_REQUIRE_API_KEYS=false is only allowed when UPT_HOST is a loopback address "
                 f"(it is {self.host!r}); create keys with `upt keys create --tenant NAME` instead."
             )
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

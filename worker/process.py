@@ -21,11 +21,10 @@ import time
 from celery import signals
 
 from service.commands import EMBEDDED_PARENT_ENV, configure_logging
-from service.db import get_engine
 from service.queue import TRAIN_TASK, TrainingQueue, ensure_broker_folder
 from service.recovery import Sweeper
-from service.settings import Settings, get_settings
-from worker.tasks import get_backbone, run_task
+from service.settings import Settings
+from worker.tasks import WorkerProcess, get_backbone, run_task, start_process
 
 log = logging.getLogger("upt.worker")
 
@@ -45,8 +44,8 @@ def build_queue(settings: Settings) -> TrainingQueue:
 class WorkerHooks:
     """What the worker process does at Celery's lifecycle signals."""
 
-    def __init__(self, settings: Settings, queue: TrainingQueue) -> None:
-        self.settings, self.queue = settings, queue
+    def __init__(self, process: WorkerProcess, queue: TrainingQueue) -> None:
+        self.settings, self.database, self.queue = process.settings, process.database, queue
         self.sweeper: Sweeper | None = None
 
     def connect(self) -> None:
@@ -57,14 +56,14 @@ class WorkerHooks:
 
     def pool_process_started(self, **_) -> None:
         # A forked pool process must not share the parent's database connections.
-        get_engine().dispose(close=False)
+        self.database.dispose(close=False)
         # Load the backbone now rather than on the first task, but in the background: process init has
         # a timeout of a few seconds and a real CLIP takes longer.
         threading.Thread(target=_preload_backbone, name="backbone-preload", daemon=True).start()
 
     def worker_ready(self, **_) -> None:
         """Every worker also sweeps: lost messages and dead workers are found as long as one runs."""
-        self.sweeper = Sweeper(self.settings, self.queue)
+        self.sweeper = Sweeper(self.settings, self.database, self.queue)
         self.sweeper.start()
         parent = os.environ.get(EMBEDDED_PARENT_ENV)
         if parent:
@@ -95,11 +94,12 @@ def run_worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="upt worker")
     parser.add_argument("--concurrency", type=int)
     args = parser.parse_args(argv)
-    settings = get_settings()
+    settings = Settings()  # once, at start: every task and hook of this worker uses these
+    process = start_process(settings)
     configure_logging(settings.log_level)
     ensure_broker_folder(settings)
     queue = build_queue(settings)
-    WorkerHooks(settings, queue).connect()
+    WorkerHooks(process, queue).connect()
     celery_argv = ["worker", f"--loglevel={settings.log_level.upper()}", "--pool=prefork",
                    f"--concurrency={args.concurrency or settings.worker_concurrency}",
                    "--prefetch-multiplier=1", "-O", "fair", "-Q", settings.queue]
@@ -112,5 +112,5 @@ def run_worker(argv: list[str]) -> int:
 def answers_ping() -> bool:
     """Whether the worker of this host answers a Celery ping through the broker (the container's
     health check: `python -m worker --ping`)."""
-    queue = TrainingQueue(get_settings())
+    queue = TrainingQueue(Settings())
     return bool(queue.celery.control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=10))

@@ -14,24 +14,59 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from service import task_state
-from service.db import session_scope
+from service.db import Database
 from service.quotas import folder_bytes
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskStatus
 from service.queue import TrainingQueue
-from service.settings import get_settings
+from service.settings import Settings
 from service.storage import Storage
 
 log = logging.getLogger("upt.worker")
 PROGRESS_EVERY_S = 1.0
 _backbone = None
 _backbone_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerProcess:
+    """The settings this worker started with and the database built from them, used by all its tasks
+    (Celery calls a task by name, so they are the process's, set once at start)."""
+
+    settings: Settings
+    database: Database
+
+
+_process: WorkerProcess | None = None
+
+
+def start_process(settings: Settings) -> WorkerProcess:
+    """Called once when the worker starts (worker.process.run_worker), before Celery forks its pool."""
+    global _process
+    _process = WorkerProcess(settings, Database.from_settings(settings))
+    return _process
+
+
+def current_process() -> WorkerProcess:
+    if _process is None:
+        raise RuntimeError("the worker process was not started with worker.tasks.start_process(settings)")
+    return _process
+
+
+def get_settings() -> Settings:
+    return current_process().settings
+
+
+def session_scope():
+    """A session on the worker's database that commits on success and rolls back on error."""
+    return current_process().database.scope()
 
 
 def get_backbone():

@@ -6,10 +6,10 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import BatcherDep, InstantDep, MetricsDep, ServingDep, StorageDep
+from service.api.deps import (BatcherDep, InstantDep, MetricsDep, ServingDep, SessionDep, SettingsDep, StorageDep,
+                              TenantDep)
 from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
-from service.auth import SessionDep, SettingsDep, TenantDep
 from service.errors import Problem, invalid
 from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus

@@ -27,8 +27,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.api.tasks import tenant_task
-from service.auth import SessionDep, SettingsDep, TenantDep, current_tenant, hash_key, presented_key
-from service.db import get_sessionmaker
+from service.api.deps import DatabaseDep, SessionDep, SettingsDep, TenantDep, current_tenant, presented_key
+from service.auth import hash_key
+from service.db import Database
 from service.errors import Problem, invalid
 from service.models import FINAL_STATUSES, ApiKey, Task, TaskEvent, Tenant
 from service.schemas import EventOut, EventPage, StreamTokenOut, TaskOut
@@ -106,7 +107,7 @@ def make_stream_token(task_id: str, request: Request, tenant: TenantDep, session
                              "description": "JSON history, or with `Accept: text/event-stream` a live stream."},
                        204: {"description": "Stream only: the task ended and the client has seen everything."}})
 async def task_events(task_id: str, request: Request, tenant: Annotated[Tenant, Depends(stream_tenant)],
-                      session: SessionDep, last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+                      session: SessionDep, database: DatabaseDep, last_event_id: Annotated[str | None, Header(max_length=40)] = None,
                       after: Annotated[str | None, Query(max_length=40, description="as Last-Event-ID")] = None):
     """Epoch history (JSON). With `Accept: text/event-stream`: `epoch`, `progress` and `end` events, live."""
     task = await run_in_threadpool(tenant_task, session, tenant, task_id)
@@ -117,7 +118,7 @@ async def task_events(task_id: str, request: Request, tenant: Annotated[Tenant, 
     session.close()  # hand the connection back: the stream reads with short sessions of its own
     if cursor.ended:  # a finished task's stream has nothing more to say, ever
         return Response(status_code=204)
-    return StreamingResponse(_stream(task.id, tenant_id, cursor), media_type="text/event-stream",
+    return StreamingResponse(_stream(database, task.id, tenant_id, cursor), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -131,10 +132,10 @@ def _sse(kind: str, data: str, cursor: Cursor) -> str:
     return f"event: {kind}\nid: {cursor}\ndata: {data}\n\n"
 
 
-def _changes(task_id: str, tenant_id: int, cursor: Cursor) -> tuple[list[str], Cursor, str | None] | None:
+def _changes(database: Database, task_id: str, tenant_id: int, cursor: Cursor) -> tuple[list[str], Cursor, str | None] | None:
     """Events since `cursor`, the cursor after them, and the final status if the task has ended;
     None if the task is gone. An unchanged task costs one query of two columns."""
-    with get_sessionmaker()() as session:
+    with database.session() as session:
         seen = session.execute(select(Task.version, Task.status)
                                .where(Task.id == task_id, Task.tenant_id == tenant_id)).first()
         if seen is None:
@@ -156,12 +157,12 @@ def _changes(task_id: str, tenant_id: int, cursor: Cursor) -> tuple[list[str], C
         return chunks, cursor, task.status if task.status in FINAL_STATUSES else None
 
 
-async def _stream(task_id: str, tenant_id: int, cursor: Cursor) -> AsyncIterator[str]:
+async def _stream(database: Database, task_id: str, tenant_id: int, cursor: Cursor) -> AsyncIterator[str]:
     yield f"retry: {RECONNECT_MS}\n\n"
     quiet_since = time.monotonic()
     while True:
         try:
-            changes = await run_in_threadpool(_changes, task_id, tenant_id, cursor)
+            changes = await run_in_threadpool(_changes, database, task_id, tenant_id, cursor)
         except SQLAlchemyError as error:  # the client reconnects with its Last-Event-ID
             log.warning("event stream of task %s closed: database error %s", task_id, type(error).__name__)
             return

@@ -7,8 +7,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service.api.deps import MetricsDep, QueueDep, ServingDep
-from service.auth import get_sessionmaker
+from service.api.deps import DatabaseDep, MetricsDep, QueueDep, ServingDep
+from service.db import Database
 from service.errors import without_paths
 from service.schemas import CheckOut, ReadyOut
 
@@ -21,9 +21,9 @@ def livez() -> dict:
     return {"status": "ok"}
 
 
-def _database() -> tuple[bool, str]:
+def _reachable(database: Database) -> tuple[bool, str]:
     try:
-        with get_sessionmaker()() as session:
+        with database.session() as session:
             session.execute(text("SELECT 1"))
         return True, "reachable"
     except Exception as error:
@@ -31,11 +31,11 @@ def _database() -> tuple[bool, str]:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
-async def readyz(serving: ServingDep, queue: QueueDep) -> JSONResponse:
+async def readyz(serving: ServingDep, database: DatabaseDep, queue: QueueDep) -> JSONResponse:
     """Database reachable, broker reachable, backbone loadable (and the image encoder that serves it):
     200 when all hold, else 503."""
     checks = {
-        "database": await run_in_threadpool(_database),
+        "database": await run_in_threadpool(_reachable, database),
         "broker": await run_in_threadpool(queue.reachable),
         "backbone": await run_in_threadpool(serving.backbone_status),
     }

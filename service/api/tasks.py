@@ -14,9 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
-from service.api.deps import InstantDep, QueueDep, ServingDep, StorageDep
+from service.api.deps import InstantDep, QueueDep, ServingDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.api.forms import TASK_FORM
-from service.auth import SessionDep, SettingsDep, TenantDep
 from service.db import db_now
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key

@@ -13,24 +13,28 @@ import psycopg
 import pytest
 import redis
 
-from service import db
+from service.db import Database
 from service.migrate import upgrade
-from service.settings import get_settings
+from service.settings import Settings
 from svc_helpers import ALLOWED_ORIGIN, PG_ADMIN, REDIS_DB, Stack, base_env
 
 
 @pytest.fixture
-def sqlite_database(tmp_path, monkeypatch):
-    """In-process settings on a migrated SQLite database of this test's own (no servers)."""
-    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    settings = get_settings()
+def sqlite_database(tmp_path) -> Settings:
+    """In-process settings on a migrated SQLite database of this test's own (no servers). The one way
+    a test chooses settings: build them and pass them (`create_app(settings)`, `Database.from_settings`),
+    or `.model_copy(update=...)` these; nothing is read from a process-wide cache."""
+    settings = Settings(data_dir=tmp_path)
     upgrade(settings)
-    yield settings
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    return settings
+
+
+@pytest.fixture
+def sqlite_sessions(sqlite_database):
+    """Sessions on that database, for a test that writes or reads rows beside the code it tests."""
+    database = Database.from_settings(sqlite_database)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +84,19 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def start_worker_process(monkeypatch):
+    """`start(settings)`: what `upt worker` does at start (worker.tasks.start_process), for a test that
+    calls the worker's functions in this process; undone after the test."""
+    import worker.tasks as worker_tasks
+
+    monkeypatch.setattr(worker_tasks, "_process", None)
+
+    def start(settings: Settings) -> None:
+        worker_tasks.start_process(settings)
+
+    yield start
+    if worker_tasks._process is not None:
+        worker_tasks._process.database.dispose()

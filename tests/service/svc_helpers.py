@@ -144,6 +144,14 @@ def base_env(data_dir: Path, tiny_checkpoint: Path, **overrides) -> dict:
     return env
 
 
+def settings_of(env: dict):
+    """The settings a process started with `env` builds, for code run in the test's own process."""
+    from service.settings import Settings
+
+    return Settings(**{name.removeprefix("UPT_").lower(): value for name, value in env.items()
+                       if name.startswith("UPT_")})
+
+
 class Stack:
     """PostgreSQL + Redis + an API process; workers are started by the tests that need them."""
 

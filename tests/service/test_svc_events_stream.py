@@ -117,24 +117,19 @@ def test_eventsource_tokens_follow_keys_and_tenants(stack):
     assert status(f"/tasks/{mine}/events?token={spare_token}") == 401
 
 
-def test_an_expired_token_is_refused(sqlite_database, monkeypatch):
+def test_an_expired_token_is_refused(sqlite_database, sqlite_sessions):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
     from service.auth import create_key, get_or_create_tenant
-    from service.db import session_scope
     from service.models import Task
-    from service.settings import get_settings
 
-    monkeypatch.setenv("UPT_STREAM_TOKEN_TTL_S", "1")
-    monkeypatch.setenv("UPT_PRELOAD_BACKBONE", "false")
-    get_settings.cache_clear()
-
-    with session_scope() as session:
+    with sqlite_sessions.scope() as session:
         key = create_key(session, "acme")
         session.add(Task(id="c" * 32, tenant_id=get_or_create_tenant(session, "acme").id, method="coop", config={},
                          class_names=["a", "b"], num_images=2, model="m", pretrained="p", status="succeeded"))
-    with TestClient(create_app(get_settings())) as client:
+    settings = sqlite_database.model_copy(update={"stream_token_ttl_s": 1.0, "preload_backbone": False})
+    with TestClient(create_app(settings)) as client:
         url = client.post("/tasks/" + "c" * 32 + "/events/token", headers={"Authorization": f"Bearer {key}"}).json()["url"]
         assert client.get(url, headers=STREAM).status_code == 200  # finished: the whole history, then the end
         time.sleep(2.1)

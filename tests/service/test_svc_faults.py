@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from faults import Tmpfs, own_postgres
-from svc_helpers import CLASSES, REDIS_DB, Proc, RecordingQueue, Stack, base_env, free_port, images, wait_http
+from svc_helpers import (CLASSES, REDIS_DB, Proc, RecordingQueue, Stack, base_env, free_port, images, settings_of,
+                         wait_http)
 
 NO_SPACE = "no space left on the storage volume"
 
@@ -123,38 +124,30 @@ def test_a_full_disk_is_a_507_and_the_request_leaves_nothing(full_volume, tmp_pa
 
 
 @pytest.fixture
-def worker_on_full_volume(full_volume, tmp_path, tiny_checkpoint, monkeypatch):
+def worker_on_full_volume(full_volume, tmp_path, tiny_checkpoint, monkeypatch, start_worker_process):
     """The worker's training function in this process, its storage on the small volume."""
-    from service import db
     from service.migrate import upgrade
-    from service.settings import get_settings
     import worker.tasks as worker_tasks
 
-    for name, value in base_env(full_volume.mountpoint, tiny_checkpoint,
-                                UPT_DATABASE_URL=f"sqlite:///{tmp_path / 'upt.sqlite'}", UPT_MAX_ATTEMPTS=3,
-                                UPT_DISK_FULL_RETRY_S=7, UPT_DISK_FULL_RETRY_MAX_S=10).items():
-        if name.startswith("UPT_"):
-            monkeypatch.setenv(name, value)
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    upgrade(get_settings())
+    settings = settings_of(base_env(full_volume.mountpoint, tiny_checkpoint,
+                                    UPT_DATABASE_URL=f"sqlite:///{tmp_path / 'upt.sqlite'}", UPT_MAX_ATTEMPTS=3,
+                                    UPT_DISK_FULL_RETRY_S=7, UPT_DISK_FULL_RETRY_MAX_S=10))
+    upgrade(settings)
+    start_worker_process(settings)
     monkeypatch.setattr(worker_tasks, "_backbone", None)
-    yield full_volume, RecordingQueue()
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    return full_volume, RecordingQueue()
 
 
 def queued_task(epochs: int = 2) -> str:
-    from service import db
+    """A queued task, written with the database and storage of the worker started in this process."""
     from service.models import Task, Tenant, utcnow
-    from service.settings import get_settings
     from service.storage import Storage
     from upt.training import TrainConfig
+    from worker.tasks import get_settings, session_scope
 
     config = TrainConfig.of(method="coop", shots=2, epochs=epochs, batch_size=4)
     config.class_names = CLASSES[:2]
-    with db.session_scope() as session:
+    with session_scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
         session.add(tenant)
         session.flush()
@@ -172,10 +165,10 @@ def queued_task(epochs: int = 2) -> str:
 
 
 def row(task_id: str):
-    from service import db
     from service.models import Task
+    from worker.tasks import session_scope
 
-    with db.session_scope() as session:
+    with session_scope() as session:
         return session.get(Task, task_id)
 
 

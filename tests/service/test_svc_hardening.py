@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from sqlalchemy import inspect
 
-from service import db
+from service.db import Database
 from service.models import Task, Tenant, utcnow
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.storage import Storage
 from service.uploads import ParsedForm, UploadedFile
 from svc_helpers import CLASSES, images, task_form
@@ -215,16 +215,18 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
     assert live["most"] == 1, f"{live['most']} decoded uploads were held at once"
 
 
-def test_list_query_has_a_tenant_created_at_index(sqlite_database):
-    engine = db.get_engine()
+def test_list_query_has_a_tenant_created_at_index(sqlite_sessions):
+    engine = sqlite_sessions.engine
     indexes = [ix["column_names"] for ix in inspect(engine).get_indexes("tasks")]
     assert ["tenant_id", "created_at", "id"] in indexes, indexes
 
 
-def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(sqlite_database, tmp_path):
+def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(sqlite_database, sqlite_sessions,
+                                                                   start_worker_process, tmp_path):
     from worker.tasks import Lease, _succeed
 
-    with db.session_scope() as session:
+    start_worker_process(sqlite_database)
+    with sqlite_sessions.scope() as session:
         tenant = Tenant(name="t")
         session.add(tenant)
         session.flush()
@@ -246,7 +248,7 @@ def test_a_worker_that_lost_its_lease_does_not_replace_the_artifact(sqlite_datab
 
     assert (final / "adapter_config.json").read_text() == "from the worker holding the lease"
     assert not partial.exists()
-    with db.session_scope() as session:
+    with sqlite_sessions.scope() as session:
         row = session.get(Task, task_id)
         assert row.status == "running" and row.lease == "current"
 
@@ -286,17 +288,16 @@ def test_text_fields_of_a_multipart_form_have_a_total_limit(tmp_path):
 
 
 @pytest.mark.service
-def test_a_diverging_training_records_its_epochs_on_postgresql(stack, monkeypatch):
+def test_a_diverging_training_records_its_epochs_on_postgresql(stack, start_worker_process):
     """A NaN loss (lr far too large) was refused by PostgreSQL's json type: the task failed with an
     internal DataError instead of recording its epochs (SQLite accepted it)."""
     from upt.training import EpochReport
     from worker.tasks import Lease, _callbacks
 
-    monkeypatch.setenv("UPT_DATABASE_URL", stack.env["UPT_DATABASE_URL"])
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    start_worker_process(Settings(database_url=stack.env["UPT_DATABASE_URL"]))
+    database = Database(stack.env["UPT_DATABASE_URL"])
     try:
-        with db.session_scope() as session:
+        with database.scope() as session:
             tenant = session.query(Tenant).filter_by(name="acme").one()
             task = Task(tenant_id=tenant.id, status="running", method="coop", config={"method": "coop"},
                         class_names=["a", "b"], num_images=2, model="m", pretrained="p", attempts=1,
@@ -313,9 +314,7 @@ def test_a_diverging_training_records_its_epochs_on_postgresql(stack, monkeypatc
         assert [(e["epoch"], e["data"]["loss"], e["data"]["eta_s"]) for e in events] == [(1, None, None)]
         assert client.delete(f"/tasks/{task_id}").status_code == 204
     finally:
-        db.get_engine().dispose()
-        for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-            cached.cache_clear()
+        database.dispose()
 
 
 @pytest.mark.service

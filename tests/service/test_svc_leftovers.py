@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.models import TaskStatus, utcnow
-from svc_helpers import CLASSES, ROOT, RecordingQueue, base_env, images, skew_host_clock, task_form
+from svc_helpers import CLASSES, ROOT, RecordingQueue, base_env, images, settings_of, skew_host_clock, task_form
 
 TaskStatusNames = [s.value for s in TaskStatus]
 
@@ -24,8 +24,8 @@ def test_the_filesystem_broker_writes_nothing_in_the_working_directory(tmp_path,
     env = base_env(tmp_path / "data", tiny_checkpoint)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    send = ("from service.queue import TrainingQueue; from service.settings import get_settings; "
-            "assert TrainingQueue(get_settings()).enqueue('0' * 32)")
+    send = ("from service.queue import TrainingQueue; from service.settings import Settings; "
+            "assert TrainingQueue(Settings()).enqueue('0' * 32)")
     done = subprocess.run([sys.executable, "-c", send],
                           env={**env, "PYTHONPATH": str(ROOT)}, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -49,37 +49,29 @@ def test_no_server_path_in_readyz_or_task_json(stack):
 
 
 @pytest.fixture
-def worker_here(tmp_path, tiny_checkpoint, monkeypatch):
+def worker_here(tmp_path, tiny_checkpoint, monkeypatch, start_worker_process):
     """The worker's training function in this process, on a SQLite database and storage of the test's own."""
-    from service import db
     from service.migrate import upgrade
-    from service.settings import get_settings
     import worker.tasks as worker_tasks
 
-    for name, value in base_env(tmp_path / "data", tiny_checkpoint,
-                                UPT_DATABASE_URL=f"sqlite:///{tmp_path / 'upt.sqlite'}").items():
-        if name.startswith("UPT_"):
-            monkeypatch.setenv(name, value)
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    upgrade(get_settings())
+    settings = settings_of(base_env(tmp_path / "data", tiny_checkpoint,
+                                    UPT_DATABASE_URL=f"sqlite:///{tmp_path / 'upt.sqlite'}"))
+    upgrade(settings)
+    start_worker_process(settings)
     monkeypatch.setattr(worker_tasks, "_backbone", None)
-    yield get_settings()
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    return settings
 
 
 def add_queued_task(with_images: bool = True, **values) -> str:
-    from service import db
+    """A queued task, written with the database and storage of the worker started in this process."""
     from service.models import Task, Tenant, utcnow
-    from service.settings import get_settings
     from service.storage import Storage
     from upt.training import TrainConfig
+    from worker.tasks import get_settings, session_scope
 
     config = TrainConfig.of(method="coop", shots=1, epochs=1, batch_size=2)
     config.class_names = CLASSES[:2]
-    with db.session_scope() as session:
+    with session_scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
         session.add(tenant)
         session.flush()
@@ -102,10 +94,10 @@ def add_queued_task(with_images: bool = True, **values) -> str:
 
 
 def task_row(task_id: str):
-    from service import db
     from service.models import Task
+    from worker.tasks import session_scope
 
-    with db.session_scope() as session:
+    with session_scope() as session:
         return session.get(Task, task_id)
 
 
@@ -152,10 +144,10 @@ def test_a_worker_refuses_a_task_made_for_another_backbone_and_says_so(worker_he
 
 
 def task_events(task_id: str):
-    from service import db
     from service.models import TaskEvent
+    from worker.tasks import session_scope
 
-    with db.session_scope() as session:
+    with session_scope() as session:
         return list(session.query(TaskEvent).filter_by(task_id=task_id).order_by(TaskEvent.id))
 
 
@@ -165,10 +157,12 @@ def _age(folder: Path, seconds: float) -> None:
         os.utime(path, (then, then))
 
 
-def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_database):
+def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_database, sqlite_sessions,
+                                                                         start_worker_process):
     from service import recovery
     from service.storage import Storage
 
+    start_worker_process(sqlite_database)  # add_queued_task writes through it
     settings = sqlite_database.model_copy(update={"orphan_grace_s": 600})
     storage = Storage.from_settings(settings)
     row_task = add_queued_task(with_images=True)
@@ -182,7 +176,7 @@ def test_scratch_and_row_less_task_folders_of_killed_requests_are_swept(sqlite_d
     for name in ("old-scratch", "orphan"):
         _age(folders[name], 3600)
     _age(storage.task_dir(row_task), 3600)  # old, but its task exists
-    recovery.sweep(settings, RecordingQueue())
+    recovery.sweep(settings, sqlite_sessions, RecordingQueue())
     assert not folders["old-scratch"].exists() and not folders["orphan"].exists()
     assert folders["new-scratch"].exists() and folders["young-orphan"].exists()
     assert storage.data_dir(row_task).is_dir()
@@ -198,19 +192,18 @@ def test_heartbeats_are_judged_by_the_database_clock_not_each_hosts(worker_here,
         task = worker_tasks.claim(task_id)
         worker_tasks.Lease(task_id, task.lease, 1.0).beat()
     skew_host_clock(monkeypatch, 600)  # a sweeper's, early
-    assert recovery.recover_dead_workers(worker_here, RecordingQueue()) == []
+    assert recovery.recover_dead_workers(worker_here, worker_tasks.current_process().database, RecordingQueue()) == []
     row = task_row(task_id)
     assert row.status == "running" and row.lease == task.lease
 
 
-def test_metrics_scrape_reads_an_aggregate_not_every_succeeded_task(sqlite_database, monkeypatch):
+def test_metrics_scrape_reads_an_aggregate_not_every_succeeded_task(sqlite_sessions, monkeypatch):
     from sqlalchemy.orm import Session
 
-    from service import db
     from service.prometheus import Metrics
     from service.models import Task, Tenant
 
-    with db.session_scope() as session:
+    with sqlite_sessions.scope() as session:
         tenant = Tenant(name="m")
         session.add(tenant)
         session.flush()
@@ -228,7 +221,7 @@ def test_metrics_scrape_reads_an_aggregate_not_every_succeeded_task(sqlite_datab
         return frozen()
 
     monkeypatch.setattr(Session, "execute", counting)
-    text = Metrics().render().body.decode()
+    text = Metrics(sqlite_sessions).render().body.decode()
     assert max(fetched) <= len(TaskStatusNames), fetched  # one row per status, one for the histogram
     assert metric(text, 'upt_training_duration_seconds_bucket{le="30"}') == 200
     assert metric(text, 'upt_training_duration_seconds_bucket{le="120"}') == 300

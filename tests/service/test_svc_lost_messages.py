@@ -13,27 +13,32 @@ from datetime import timedelta
 import pytest
 import redis as redis_lib
 
-from service import db, recovery
+from service import recovery
+from service.db import Database, db_now
 from service.models import Task, Tenant
 from svc_helpers import REDIS_DB, RecordingQueue, task_form
 
 pytestmark = pytest.mark.service
 
 
+sessions: Database = None  # type: ignore[assignment]  # this test's database, set by the `queue` fixture
+
+
 @pytest.fixture
-def queue(sqlite_database):
+def queue(sqlite_sessions, monkeypatch):
+    monkeypatch.setitem(globals(), "sessions", sqlite_sessions)
     return RecordingQueue()  # records what recovery sends instead of publishing it
 
 
 def queued_for_long(settings) -> str:
     """A queued task whose message was sent longer ago than UPT_REQUEUE_AFTER_S."""
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
         session.add(tenant)
         session.flush()
         task = Task(tenant_id=tenant.id, status="queued", method="coop", config={"method": "coop"},
                     class_names=["a", "b"], num_images=2, model="upt-tiny", pretrained="x",
-                    enqueued_at=db.db_now(session) - timedelta(seconds=settings.requeue_after_s + 5))
+                    enqueued_at=db_now(session) - timedelta(seconds=settings.requeue_after_s + 5))
         session.add(task)
         session.flush()
         return task.id
@@ -85,7 +90,7 @@ def test_a_message_waiting_in_redis_is_not_sent_again_and_a_lost_one_is(redis_br
     send(settings, lost)
     client.delete(settings.queue)  # Redis restarted empty...
     send(settings, waiting)  # ...and one of them was sent again since
-    assert recovery.requeue_lost_messages(settings, queue) == [lost]
+    assert recovery.requeue_lost_messages(settings, sessions, queue) == [lost]
     assert queue.sent == [lost]
     assert client.llen(settings.queue) == 1  # no duplicate for the waiting one
 
@@ -96,15 +101,15 @@ def test_a_message_a_worker_has_just_taken_is_not_sent_again_one_taken_long_ago_
     send(settings, task_id)
     take_as_a_worker(settings)
     assert client.llen(settings.queue) == 0 and client.hlen("unacked") >= 1
-    assert recovery.requeue_lost_messages(settings, queue) == []  # the worker is about to claim it
+    assert recovery.requeue_lost_messages(settings, sessions, queue) == []  # the worker is about to claim it
     # The worker died before claiming: its delivery is older than UPT_REQUEUE_AFTER_S.
     long_ago = time.time() - settings.requeue_after_s - 5
     for tag, _ in client.zrange("unacked_index", 0, -1, withscores=True):
         client.zadd("unacked_index", {tag: long_ago})
-    with db.session_scope() as session:  # and the row's last look is that old too
+    with sessions.scope() as session:  # and the row's last look is that old too
         session.query(Task).filter_by(id=task_id).update(
-            {"enqueued_at": db.db_now(session) - timedelta(seconds=settings.requeue_after_s + 5)})
-    assert recovery.requeue_lost_messages(settings, queue) == [task_id]
+            {"enqueued_at": db_now(session) - timedelta(seconds=settings.requeue_after_s + 5)})
+    assert recovery.requeue_lost_messages(settings, sessions, queue) == [task_id]
 
 
 def test_the_filesystem_broker_of_local_mode_is_looked_into(sqlite_database, queue):
@@ -112,7 +117,7 @@ def test_the_filesystem_broker_of_local_mode_is_looked_into(sqlite_database, que
     assert settings.resolved_broker_url.startswith("filesystem")
     waiting, lost = queued_for_long(settings), queued_for_long(settings)
     send(settings, waiting)
-    assert recovery.requeue_lost_messages(settings, queue) == [lost]
+    assert recovery.requeue_lost_messages(settings, sessions, queue) == [lost]
     assert len(list(settings.broker_folder.glob(f"*.{settings.queue}.msg"))) == 1
 
 

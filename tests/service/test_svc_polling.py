@@ -87,15 +87,14 @@ class Statements:
             self.seen.append(statement)
 
 
-def test_a_304_reads_neither_events_nor_metrics_and_heartbeats_keep_the_tag(sqlite_database):
+def test_a_304_reads_neither_events_nor_metrics_and_heartbeats_keep_the_tag(sqlite_database, sqlite_sessions):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
     from service.auth import create_key, get_or_create_tenant
-    from service.db import get_engine, session_scope
     from service.models import Task, TaskEvent, liveness_only, utcnow
 
-    with session_scope() as session:
+    with sqlite_sessions.scope() as session:
         key = create_key(session, "acme")
         tenant = get_or_create_tenant(session, "acme")
         session.add(Task(id="a" * 32, tenant_id=tenant.id, method="coop", config={}, class_names=["a", "b"],
@@ -104,17 +103,17 @@ def test_a_304_reads_neither_events_nor_metrics_and_heartbeats_keep_the_tag(sqli
     headers = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(sqlite_database.model_copy(update={"preload_backbone": False}))) as client:
         etag = client.get("/tasks/" + "a" * 32, headers=headers).headers["etag"]
-        with Statements(get_engine()) as statements:
+        with Statements(client.app.state.database.engine) as statements:
             answer = client.get("/tasks/" + "a" * 32, headers=dict(headers, **{"If-None-Match": etag}))
         assert answer.status_code == 304
         selects = [s for s in statements.seen if s.lstrip().upper().startswith("SELECT")]
         assert len(selects) == 2, selects  # the key's tenant, the task's version
         assert not any("task_events" in s or "metrics" in s or "config" in s for s in selects), selects
 
-        with session_scope() as session:  # a heartbeat changes nothing a client sees
+        with sqlite_sessions.scope() as session:  # a heartbeat changes nothing a client sees
             session.execute(update(Task).values(heartbeat_at=utcnow(), **liveness_only()))
         assert client.get("/tasks/" + "a" * 32, headers=dict(headers, **{"If-None-Match": etag})).status_code == 304
-        with session_scope() as session:  # progress does
+        with sqlite_sessions.scope() as session:  # progress does
             session.execute(update(Task).values(progress=0.5, heartbeat_at=utcnow()))
         moved = client.get("/tasks/" + "a" * 32, headers=dict(headers, **{"If-None-Match": etag}))
         assert moved.status_code == 200 and moved.headers["etag"] != etag and moved.json()["progress"] == 0.5

@@ -11,21 +11,26 @@ from datetime import timedelta
 
 import pytest
 
-from service import db, recovery, task_state
+from service import recovery, task_state
+from service.db import Database
 from service.models import Task, Tenant, utcnow
 from service.settings import Settings
 from svc_helpers import RecordingQueue
 
 
+sessions: Database = None  # type: ignore[assignment]  # this test's database, set by the `database` fixture
+
+
 @pytest.fixture
-def database(sqlite_database):
+def database(sqlite_database, sqlite_sessions, monkeypatch):
+    monkeypatch.setitem(globals(), "sessions", sqlite_sessions)
     return sqlite_database, RecordingQueue()  # records instead of publishing
 
 
 def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s: float = 0,
              worker: str | None = None) -> str:
     now = utcnow()
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         tenant = session.query(Tenant).filter_by(name="t").one_or_none() or Tenant(name="t")
         session.add(tenant)
         session.flush()
@@ -39,7 +44,7 @@ def add_task(status: str, attempts: int, heartbeat_age_s: float, enqueued_age_s:
 
 
 def status_of(task_id: str) -> Task:
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         return session.get(Task, task_id)
 
 
@@ -49,7 +54,7 @@ def test_dead_worker_is_retried_then_failed_never_left_running(database):
     retry = add_task("running", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
     spent = add_task("running", attempts=settings.max_attempts, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
     orphan = add_task("cancelling", attempts=1, heartbeat_age_s=settings.heartbeat_timeout_s + 5)
-    recovery.recover_dead_workers(settings, queue)
+    recovery.recover_dead_workers(settings, sessions, queue)
     assert status_of(fresh).status == "running"  # still heart-beating: left alone
     assert status_of(retry).status == "queued" and status_of(retry).lease is None
     failed = status_of(spent)
@@ -62,8 +67,8 @@ def test_lost_messages_are_sent_again_once_per_period(database):
     settings, queue = database
     recent = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=1)
     lost = add_task("queued", attempts=0, heartbeat_age_s=0, enqueued_age_s=settings.requeue_after_s + 5)
-    recovery.requeue_lost_messages(settings, queue)
-    recovery.requeue_lost_messages(settings, queue)  # a second sweeper right after: nothing more to send
+    recovery.requeue_lost_messages(settings, sessions, queue)
+    recovery.requeue_lost_messages(settings, sessions, queue)  # a second sweeper right after: nothing more to send
     assert queue.sent == [lost]
     assert recent not in queue.sent
 
@@ -86,7 +91,7 @@ def test_a_gone_worker_process_on_this_host_is_not_waited_for(database):
     gone = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{finished.pid}")
     alive = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"{host}:{os.getpid()}")
     elsewhere = add_task("running", attempts=1, heartbeat_age_s=0, worker=f"other-{host}:{finished.pid}")
-    recovery.recover_dead_workers(settings, queue)
+    recovery.recover_dead_workers(settings, sessions, queue)
     assert status_of(gone).status == "queued" and queue.sent == [gone]
     assert status_of(alive).status == status_of(elsewhere).status == "running"
 
@@ -99,11 +104,11 @@ def test_a_worker_that_beats_during_the_sweep_keeps_its_task(database, monkeypat
     decide = task_state._after_worker_loss
 
     def beat_meanwhile(task, settings, now):
-        with db.session_scope() as session:  # the worker's heartbeat thread, on another connection
+        with sessions.scope() as session:  # the worker's heartbeat thread, on another connection
             session.query(Task).filter_by(id=task.id).update({"heartbeat_at": utcnow()})
         return decide(task, settings, now)
 
     monkeypatch.setattr(task_state, "_after_worker_loss", beat_meanwhile)
-    recovery.recover_dead_workers(settings, queue)
+    recovery.recover_dead_workers(settings, sessions, queue)
     assert status_of(task_id).status == "running" and status_of(task_id).lease == "l"
     assert queue.sent == []

@@ -29,3 +29,30 @@ def test_keys_follow_the_bind_address():
         Settings(host="0.0.0.0", require_api_keys=False).check()
     production = Settings(database_url="postgresql+psycopg://u@db/upt", broker_url="redis://r:6379/0")
     assert not production.should_auto_migrate and not production.is_sqlite
+
+
+def test_two_apps_in_one_process_each_see_the_settings_they_were_created_with(tmp_path):
+    """Every request dependency reads its app's settings and database (app.state), not a process-wide
+    cache: before, both apps answered with the settings of the first `get_settings()` of the process."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import create_key
+    from service.db import Database
+    from service.migrate import upgrade
+
+    strict = Settings(data_dir=tmp_path / "strict", require_api_keys=True, preload_backbone=False)
+    open_ = Settings(data_dir=tmp_path / "open", require_api_keys=False, preload_backbone=False)
+    for settings in (strict, open_):
+        upgrade(settings)
+    database = Database.from_settings(strict)
+    with database.scope() as session:
+        key = create_key(session, "acme")  # a key of the strict app's database only
+    database.dispose()
+    bearer = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(strict)) as strict_client, TestClient(create_app(open_)) as open_client:
+        assert strict_client.get("/tasks").status_code == 401  # keys required by its settings
+        assert strict_client.get("/tasks", headers=bearer).status_code == 200  # found in its database
+        assert open_client.get("/tasks").status_code == 200  # tenant `local`: no key needed
+        assert open_client.get("/tasks", headers=bearer).status_code == 401  # not in its database
+        assert strict_client.app.state.settings is strict and open_client.app.state.settings is open_

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 
-from service import db, task_state
+from service import task_state
+from service.db import Database, db_now
 from service.migrate import upgrade
 from service.models import ACTIVE_STATUSES, Task, TaskEvent, Tenant
-from service.settings import get_settings
+from service.settings import Settings
 from svc_helpers import PG_ADMIN, ROOT, images, skew_host_clock
 
 pytestmark = pytest.mark.service
@@ -36,26 +37,26 @@ def state_database_url():
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+sessions: Database = None  # type: ignore[assignment]  # this test's database, set by the `settings` fixture
+
+
 @pytest.fixture
 def settings(state_database_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("UPT_DATABASE_URL", state_database_url)
-    monkeypatch.setenv("UPT_DATA_DIR", str(tmp_path))
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
-    upgrade(get_settings())
-    yield get_settings()
-    db.get_engine().dispose()
-    for cached in (get_settings, db.get_engine, db.get_sessionmaker):
-        cached.cache_clear()
+    settings = Settings(database_url=state_database_url, data_dir=tmp_path)
+    upgrade(settings)
+    database = Database.from_settings(settings)
+    monkeypatch.setitem(globals(), "sessions", database)
+    yield settings
+    database.dispose()
 
 
 def new_task(status: str = "queued", **values) -> str:
     """A row as a test wants it (tests may write rows; the service may not, see the last test)."""
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         tenant = session.query(Tenant).filter_by(name="state").one_or_none() or Tenant(name="state")
         session.add(tenant)
         session.flush()
-        now = db.db_now(session)
+        now = db_now(session)
         values = {"enqueued_at": now, "lease": "held" if status in ACTIVE_STATUSES else None,
                   "heartbeat_at": now if status in ACTIVE_STATUSES else None} | values
         task = Task(tenant_id=tenant.id, status=status, method="coop", config={"method": "coop"},
@@ -67,7 +68,7 @@ def new_task(status: str = "queued", **values) -> str:
 
 def row(task_id: str) -> Task:
     """The row as it is now; asserts the lease rule on the way."""
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         task = session.get(Task, task_id)
     if task is not None:
         assert (task.lease is not None) == (task.status in ACTIVE_STATUSES), (task.status, task.lease)
@@ -75,17 +76,17 @@ def row(task_id: str) -> Task:
 
 
 def events(task_id: str, kind: str) -> list[TaskEvent]:
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         return list(session.query(TaskEvent).filter_by(task_id=task_id, kind=kind).order_by(TaskEvent.epoch))
 
 
 def db_time():
-    with db.session_scope() as session:
-        return db.db_now(session)
+    with sessions.scope() as session:
+        return db_now(session)
 
 
 def claimed(task_id: str, worker: str = "w1") -> str:
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         task = task_state.claim(session, task_id, worker)
     assert task is not None
     return task.lease
@@ -97,7 +98,7 @@ def report(epoch: int = 1, loss: float = 0.5) -> SimpleNamespace:
 
 def run(transition, *args):
     """One transition in a transaction of its own, as its callers run it."""
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         return transition(session, *args)
 
 
@@ -105,7 +106,7 @@ def run(transition, *args):
 
 def test_a_new_task_is_queued_at_the_database_time(settings):
     before = db_time()
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         tenant = Tenant(name=f"new-{uuid.uuid4().hex[:6]}")
         session.add(tenant)
         session.flush()
@@ -115,26 +116,30 @@ def test_a_new_task_is_queued_at_the_database_time(settings):
     assert task.status == "queued" and before <= task.enqueued_at <= db_time()
 
 
-def test_post_tasks_writes_enqueued_at_by_the_database_clock_not_the_api_hosts(settings, tmp_path, monkeypatch):
+def test_post_tasks_writes_enqueued_at_by_the_database_clock_not_the_api_hosts(settings, tmp_path, monkeypatch,
+                                                                              tiny_checkpoint):
     """The sweeper judges `enqueued_at` by the database's clock: an API host an hour late made every
     message of its tasks look lost at once (an hour early: lost messages never re-sent)."""
     from service.api.tasks import _create
     from service.storage import Storage
     from service.task_input import parse_checked_task_form
     from service.uploads import ParsedForm, UploadedFile
+    from upt.backbone import load_backbone
 
     chosen = images("train", 2)
     form = ParsedForm(fields={"class_names": sorted({c for c, _ in chosen}), "labels": [c for c, _ in chosen],
                               "method": ["coop"], "epochs": ["1"]},
                       files=[UploadedFile("files", path.name, path, path.stat().st_size) for _, path in chosen])
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         tenant = Tenant(name=f"clock-{uuid.uuid4().hex[:6]}")
         session.add(tenant)
     skew_host_clock(monkeypatch, -3600)
     before = db_time()
-    with db.get_sessionmaker()() as session:
+    backbone = load_backbone("upt-tiny", str(tiny_checkpoint), "cpu")
+    with sessions.session() as session:
         spec = parse_checked_task_form(form, settings)
-        task, replayed = _create(session, session.merge(tenant), settings, Storage(tmp_path / "storage"), spec, None)
+        task, replayed = _create(session, session.merge(tenant), settings, Storage(tmp_path / "storage"), spec, None,
+                                 backbone, None)
     assert not replayed and row(task.id).status == "queued"
     assert before <= row(task.id).enqueued_at <= db_time()
 
@@ -154,7 +159,7 @@ def test_cancel_ends_a_queued_task_and_asks_a_running_one_to_stop(settings):
 
 def test_claim_takes_a_fresh_lease_once_and_only_from_queued(settings):
     task_id = new_task("queued", error="Training paused: no space left")
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         task = task_state.claim(session, task_id, "host:1")
     assert task.status == "running" and task.lease and task.worker == "host:1" and task.attempts == 1
     assert task.error is None and task.started_at == task.heartbeat_at
@@ -171,7 +176,7 @@ def test_of_many_concurrent_claims_exactly_one_wins(settings):
     won = []
 
     def claim(worker: str) -> None:
-        with db.session_scope() as session:
+        with sessions.scope() as session:
             start.wait()
             if task_state.claim(session, task_id, worker) is not None:
                 won.append(worker)
@@ -302,7 +307,7 @@ def test_retry_later_queues_the_task_in_the_future_by_the_database_clock(setting
     task = row(task_id)
     assert task.status == "queued" and task.error == "Training paused: no space left."
     assert before + timedelta(seconds=60) <= task.enqueued_at <= db_time() + timedelta(seconds=60)
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         again = task_state.claim(session, task_id, "w2")
     assert again.attempts == 2 and again.error is None
 
@@ -329,7 +334,7 @@ def test_hand_back_requeues_untrained_and_says_why(settings):
     assert [(e.epoch, e.data) for e in events(task_id, "handback")] == [
         (1, {"worker": "host:1", "reason": "serves another backbone"}),
         (2, {"worker": "host:2", "reason": "serves another backbone"})]
-    with db.session_scope() as session:
+    with sessions.scope() as session:
         assert task_state.hand_backs(session, task_id) == 2
     # A task that had trained before keeps its first start and its earlier attempt.
     trained = new_task("queued")
