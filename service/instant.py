@@ -35,6 +35,9 @@ from service.models import Task
 from service.serving_cache import ServingCache
 from service.settings import Settings
 from service.storage import Storage
+from upt.auto import config_from_dict
+from upt.errors import UptError
+from upt.training import TrainConfig, train
 
 log = logging.getLogger("upt.instant")
 BUILDING, READY, FAILED = "building", "ready", "failed"
@@ -48,9 +51,6 @@ def instant_key(task_id: str) -> str:
 
 def instant_config(task: Task, settings: Settings):
     """The task's own split (shots, seed) and templates, with the training-free method."""
-    from upt.auto import config_from_dict
-    from upt.training import TrainConfig
-
     own = config_from_dict(task.config)
     own = getattr(own, "base", own)  # method=auto: the options its candidates share
     return TrainConfig.of(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
@@ -121,9 +121,6 @@ class InstantStages:
             self._train_and_publish(task_id, config, class_count)
 
     def _train_and_publish(self, task_id: str, config, class_count: int) -> None:
-        from upt.errors import UptError
-        from upt.training import train
-
         try:
             backbone = self.serving.backbone()
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later

@@ -19,6 +19,10 @@ from typing import Any
 
 from service.errors import Problem, shown_weights, without_paths
 from service.settings import Settings
+from upt.backbone import load_backbone
+from upt.errors import ArtifactError, BackboneMismatchError, ConfigError, UptError
+from upt.predict import Predictor
+from upt.serving import TorchImageEncoder, build_image_encoder, calibration_images
 
 log = logging.getLogger("upt.service")
 FAILURE_TTL_S = 30.0
@@ -94,9 +98,6 @@ class ServingCache:
             return self._loading
 
     def _load(self) -> None:
-        from upt.backbone import load_backbone
-        from upt.errors import UptError
-
         try:
             backbone = load_backbone(self.settings.model, self.settings.pretrained, self.settings.device)
             self._encoder = self._build_encoder(backbone)  # compiled once here, never per request
@@ -110,9 +111,6 @@ class ServingCache:
         self._backbone = backbone
 
     def _build_encoder(self, backbone):
-        from upt.errors import ConfigError
-        from upt.serving import build_image_encoder, calibration_images
-
         calibration = None
         if self.settings.serve_precision == "int8":
             if self.settings.serve_calibration_dir is None:
@@ -129,8 +127,6 @@ class ServingCache:
     def image_encoder(self, backbone):
         """The image encoder that serves `backbone` (the micro-batcher's encoder for every pass)."""
         if self._encoder is None or backbone is not self._backbone:
-            from upt.serving import TorchImageEncoder
-
             return TorchImageEncoder(backbone)
         return self._encoder
 
@@ -174,9 +170,6 @@ class ServingCache:
         )
 
     def tuned_predictor(self, task_id: str, artifact_dir: Path):
-        from upt.errors import ArtifactError, BackboneMismatchError
-        from upt.predict import Predictor
-
         backbone = self.backbone()
 
         def build():
@@ -192,8 +185,6 @@ class ServingCache:
         return self.tuned.get_or_create(task_id, build)
 
     def zero_shot_predictor(self, class_names: list[str]):
-        from upt.predict import Predictor
-
         backbone = self.backbone()
         return self.zero_shot.get_or_create(tuple(class_names), lambda: Predictor.zero_shot(backbone, class_names))
 
