@@ -159,3 +159,31 @@ class IdempotencyLock(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TaskCandidate(Base):
+    """method=auto: one candidate method of a task, trained by a job of its own (the `upt.train_candidate`
+    message) that any free worker can take. It has its own status, lease and heartbeat, so
+    candidates train on several workers at once and a dead worker loses only its candidate. The
+    transitions are service.task_state's."""
+
+    __tablename__ = "task_candidates"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # in the task's candidate list
+    method: Mapped[str] = mapped_column(String(32))
+    # queued | running | succeeded | failed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.queued.value)
+    lease: Mapped[str | None] = mapped_column(String(32))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Its share of the task's progress: `fraction` of its own `epochs` (0 for a training-free method).
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    # Once succeeded: its leaderboard row (upt.auto.LeaderboardRow).
+    row: Mapped[dict[str, Any] | None] = mapped_column(JSON)

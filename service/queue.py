@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery
+from celery import Celery, group
 
 from service.settings import Settings
 
 log = logging.getLogger("upt.service")
 TRAIN_TASK = "upt.train"
+CANDIDATE_TASK = "upt.train_candidate"  # method=auto: one candidate of a task
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=settings.queue,
-        task_routes={TRAIN_TASK: {"queue": settings.queue}},
+        task_routes={TRAIN_TASK: {"queue": settings.queue}, CANDIDATE_TASK: {"queue": settings.queue}},
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(settings.task_time_limit_s - 60, 1),
         broker_transport_options=transport_options,
@@ -77,6 +78,22 @@ class TrainingQueue:
             return True
         except Exception:  # broker down: the database still holds the task, so nothing is lost
             log.warning("could not enqueue task %s now; it will be re-sent", task_id, exc_info=True)
+            return False
+
+    def enqueue_candidates(self, task_id: str, methods: list[str], countdown: float | None = None) -> bool:
+        """method=auto: one message per candidate, sent as a Celery group, so that any free worker takes
+        the next candidate and N workers train N candidates at once. No chord: the job that finishes the
+        last candidate is decided in the database (service.task_state.take_auto_finish), so no result
+        backend is needed and a redelivered message cannot finish the task twice. On failure the rows
+        stay as they are and recovery sends what is still queued again."""
+        try:
+            ensure_broker_folder(self.settings)
+            group(self.celery.signature(CANDIDATE_TASK, args=[task_id, method], countdown=countdown)
+                  for method in methods).apply_async()
+            return True
+        except Exception:  # broker down: the database still holds the candidates, so nothing is lost
+            log.warning("could not enqueue the candidates of task %s now; they will be re-sent", task_id,
+                        exc_info=True)
             return False
 
     def reachable(self) -> tuple[bool, str]:

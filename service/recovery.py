@@ -31,7 +31,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from service.db import Database, db_now
 from service.errors import database_outage
 from service import task_state
-from service.models import Task, TaskStatus, as_utc
+from service.models import Task, TaskCandidate, TaskStatus, as_utc
 from service.queue import TrainingQueue
 from service.queued_messages import task_ids_in_broker
 from service.settings import Settings
@@ -98,6 +98,54 @@ def recover_dead_workers(settings: Settings, database: Database, queue: Training
     return requeued
 
 
+def recover_candidates(settings: Settings, database: Database, queue: TrainingQueue) -> list[tuple[str, str]]:
+    """method=auto, while its candidates train (the task `running` without a lease): a candidate whose
+    worker is gone goes back to the queue, a queued candidate whose message is older than
+    UPT_REQUEUE_AFTER_S and not in the broker is re-sent, and a task whose every candidate succeeded but that nobody
+    finished (the last candidate's worker died between the two commits) gets one message to finish
+    it. Returns the (task, candidate) messages sent."""
+    send: list[tuple[str, str]] = []
+    stale: list[TaskCandidate] = []
+    with database.scope() as session:
+        now = db_now(session)
+        beat_cutoff = now - timedelta(seconds=settings.heartbeat_timeout_s)
+        queue_cutoff = now - timedelta(seconds=settings.requeue_after_s)
+        rows = session.execute(select(TaskCandidate, Task.heartbeat_at).join(Task, Task.id == TaskCandidate.task_id)
+                               .where(Task.status == TaskStatus.running.value, Task.lease.is_(None))
+                               .order_by(TaskCandidate.task_id, TaskCandidate.position)).all()
+        by_task: dict[str, list] = {}
+        for candidate, task_beat in rows:
+            by_task.setdefault(candidate.task_id, []).append((candidate, task_beat))
+        for task_id, found in by_task.items():
+            if all(c.status == TaskStatus.succeeded.value for c, _ in found):
+                if found[0][1] is None or as_utc(found[0][1]) < beat_cutoff:
+                    send.append((task_id, found[-1][0].method))
+                continue
+            for candidate, _ in found:
+                if candidate.status == TaskStatus.running.value and (
+                        candidate.heartbeat_at is None or as_utc(candidate.heartbeat_at) < beat_cutoff
+                        or dead_on_this_host(candidate.worker)):
+                    status = task_state.after_candidate_loss(session, candidate, settings)
+                    if status is not None:
+                        log.warning("task %s: candidate %s lost its worker (attempt %d): now %s", task_id,
+                                    candidate.method, candidate.attempts, status)
+                    if status == TaskStatus.queued.value:
+                        send.append((task_id, candidate.method))
+                elif candidate.status == TaskStatus.queued.value and candidate.enqueued_at is not None \
+                        and as_utc(candidate.enqueued_at) < queue_cutoff:
+                    stale.append(candidate)
+        # As for a queued task: re-sent only when no message of its task waits in the broker (messages
+        # name the task, not the candidate; a lost one is re-sent once the others were taken).
+        waiting = task_ids_in_broker(settings) if stale else set()
+        for candidate in stale:
+            if task_state.renew_candidate_enqueued(session, candidate) and (
+                    waiting is None or candidate.task_id not in waiting):
+                send.append((candidate.task_id, candidate.method))
+    for task_id, method in send:
+        queue.enqueue_candidates(task_id, [method])
+    return send
+
+
 def _newest_mtime(folder: Path) -> float:
     """The latest change anywhere under `folder` (a request still writing into it keeps it young)."""
     newest = folder.stat().st_mtime
@@ -140,6 +188,7 @@ def sweep_storage(settings: Settings, database: Database) -> list[Path]:
 
 def sweep(settings: Settings, database: Database, queue: TrainingQueue, storage_too: bool = True) -> None:
     recover_dead_workers(settings, database, queue)
+    recover_candidates(settings, database, queue)
     requeue_lost_messages(settings, database, queue)
     if storage_too:
         sweep_storage(settings, database)

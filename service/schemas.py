@@ -85,8 +85,9 @@ class TaskPage(BaseModel):
 
 
 class EventOut(BaseModel):
-    """`epoch`: one training epoch (method=auto: numbered across candidates, with `data.candidate`);
-    `candidate`: method=auto finished a candidate (`epoch` is its index, `data` its leaderboard row);
+    """`epoch`: one training epoch (method=auto: numbered across candidates, with `data.candidate` and
+    `data.worker`, the worker that trained it); `candidate`: method=auto finished a candidate (`epoch` is
+    its index, `attempt` the candidate's, `data` its leaderboard row and `worker`);
     `handback`: a worker serving another backbone handed the task back untrained (`epoch` numbers the
     hand-backs, `data` says which worker and why)."""
 

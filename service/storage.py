@@ -5,8 +5,9 @@
                         stored before had folders named by class: see `task_class_folders`)
     storage/tasks/<task id>/checkpoint/last.pt          the latest epoch checkpoint (a retry resumes from it;
                         the checkpoint folder is removed when the task succeeds or is cancelled)
-    storage/tasks/<task id>/checkpoint/candidates/      method=auto: <method>.checkpoint/ and the finished
-                        candidates' <method>.partial/ artifacts
+    storage/tasks/<task id>/checkpoint/candidates/      method=auto, one set per candidate (each trained by a
+                        job of its own): <method>.checkpoint/, <method>.partial-<lease>/ while it trains,
+                        and <method>/, the finished candidate's artifact, renamed into place
     storage/tasks/<task id>/artifact/                   adapter_config.json + prompts.safetensors; written
                         as artifact.partial-<lease>/ and renamed into place when the task succeeds
     storage/tasks/<task id>/instant/                    the training-free stage's artifact (same format),

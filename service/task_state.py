@@ -13,8 +13,6 @@ Transitions (function: from -> to; who calls it)
     heartbeat          running|cancelling, unchanged     worker's lease thread; answers whether to stop
     record_progress    running|cancelling, unchanged     worker, a few times a second within an epoch
     record_epoch       running|cancelling, unchanged     worker, at each epoch's end, with its event row
-    record_metrics     running|cancelling, unchanged     worker (method=auto says which candidate runs)
-    record_candidate   running|cancelling, unchanged     worker (method=auto finished a candidate)
     succeed            running|cancelling -> succeeded   worker; it publishes the artifact before committing
     fail               running|cancelling -> failed      worker
     confirm_cancel     running|cancelling -> cancelled   worker, having stopped for a cancel
@@ -26,7 +24,32 @@ Transitions (function: from -> to; who calls it)
     after_worker_loss  running -> queued | failed,       recovery, when the heartbeat is older than
                        cancelling -> cancelled           UPT_HEARTBEAT_TIMEOUT_S or the worker's process is gone
 
-The lease rule. A row has a lease exactly while it is `running` or `cancelling`: `claim` writes a new
+method=auto. The task stays one row; each of its candidates is a `task_candidates` row with a status,
+lease and heartbeat of its own, trained by its own job (an `upt.train_candidate` message) on any free worker.
+While candidates train, the task row is `running` with NO lease (the leases are the candidates'); the
+task's heartbeat is the latest of its candidates' (cancelling -> cancelled by recovery still works when
+every candidate worker is gone), and recovery leaves a lease-less auto task alone (`after_worker_loss`)
+and judges its candidates one by one (`after_candidate_loss`). A candidate goes
+queued -> running -> succeeded, or back to queued (its worker lost, a full disk, another backbone), or
+failed (which fails the task) or cancelled. The job that finishes the LAST candidate takes the task's
+lease with `take_auto_finish` (a compare-and-set: exactly one job can win, a redelivered message finds
+nothing) and ends the task with `succeed`/`fail` as any single-method training does.
+    add_queued            also adds the candidates, queued
+    claim_candidate       candidate queued -> running (task queued -> running); fresh candidate lease
+    candidate_heartbeat   candidate running, unchanged; answers the task's status (cancelling: stop)
+    record_candidate_progress  candidate running: its fraction (and an epoch event); the task's
+                          progress, epoch and ETA are recomputed over all candidates
+    finish_candidate      candidate running -> succeeded, with its leaderboard row and a `candidate` event
+    release_candidate     candidate running -> queued      worker (full disk, another backbone): re-sent later
+    stop_candidate        candidate running -> cancelled   worker, having stopped for a cancel
+    confirm_auto_cancel   task cancelling -> cancelled     once no candidate runs (lease-less task)
+    fail_candidate        candidate -> failed, task running|cancelling -> failed
+    take_auto_finish      task running|queued (no lease) -> running with a lease, once every candidate succeeded
+    after_candidate_loss  candidate running -> queued | failed (and the task failed), by recovery
+    renew_candidate_enqueued  candidate queued, unchanged: recovery re-sent its message
+
+The lease rule. A row has a lease exactly while it is `running` or `cancelling` (but for a method=auto
+task while its candidates train: they hold leases of their own, see below): `claim` writes a new
 one, and every transition out of those two states clears it. Every write by a worker names the lease
 it was given (`WHERE lease = :lease`), so once recovery has handed the task to another worker, or the
 row has ended or was deleted, nothing the first worker still does reaches the row; it learns so from
@@ -54,7 +77,7 @@ from sqlalchemy import ColumnElement, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from service.db import db_now
-from service.models import ACTIVE_STATUSES, Task, TaskEvent, TaskStatus, liveness_only
+from service.models import ACTIVE_STATUSES, Task, TaskCandidate, TaskEvent, TaskStatus, liveness_only, new_task_id
 from service.settings import Settings
 
 QUEUED, RUNNING, CANCELLING = TaskStatus.queued.value, TaskStatus.running.value, TaskStatus.cancelling.value
@@ -91,7 +114,22 @@ def add_queued(session: Session, task: Task) -> Task:
     task.status = QUEUED
     task.enqueued_at = db_now(session)
     session.add(task)
+    if task.method == AUTO:
+        _add_candidates(session, task)
     return task
+
+
+def _add_candidates(session: Session, task: Task) -> None:
+    """method=auto: one queued row per candidate, with its epochs (its share of the task's progress)."""
+    from upt.auto import config_from_dict
+
+    task.id = task.id or new_task_id()
+    configs = config_from_dict(task.config).configs()
+    task.epochs = sum(config.total_epochs for config in configs)
+    for position, config in enumerate(configs):
+        session.add(TaskCandidate(task_id=task.id, position=position, method=config.method, status=QUEUED,
+                                  attempts=0, epochs=config.total_epochs, epoch=0, fraction=0.0,
+                                  enqueued_at=task.enqueued_at))
 
 
 def cancel(session: Session, task_id: str) -> bool:
@@ -100,7 +138,10 @@ def cancel(session: Session, task_id: str) -> bool:
     already cancelling): a worker finishing at this instant is not overwritten."""
     if _set(session, Task.id == task_id, Task.status == QUEUED, status=CANCELLED, finished_at=db_now(session)):
         return True
-    return _set(session, Task.id == task_id, Task.status == RUNNING, status=CANCELLING)
+    if not _set(session, Task.id == task_id, Task.status == RUNNING, status=CANCELLING):
+        return False
+    confirm_auto_cancel(session, task_id)  # method=auto with no candidate training right now: ends at once
+    return True
 
 
 # --- the worker -------------------------------------------------------------------------------------
@@ -143,22 +184,6 @@ def record_epoch(session: Session, task_id: str, lease: str, attempt: int, repor
     if not record_progress(session, task_id, lease, report):
         return False
     _put_event(session, task_id, "epoch", int(report.epoch), attempt, data)
-    return True
-
-
-def record_metrics(session: Session, task_id: str, lease: str, metrics: dict[str, Any]) -> bool:
-    """The metrics shown while training (method=auto: the candidates and which one runs)."""
-    return _set(session, *_held(task_id, lease), metrics=jsonable(metrics))
-
-
-def record_candidate(session: Session, task_id: str, lease: str, index: int, attempt: int | None,
-                     data: dict[str, Any]) -> bool:
-    """method=auto finished candidate `index`. A result reused from an earlier attempt (attempt None)
-    keeps the event of the attempt that made it."""
-    if not _set(session, *_held(task_id, lease), heartbeat_at=db_now(session), **liveness_only()):
-        return False
-    if attempt is not None or _event(session, task_id, "candidate", index) is None:
-        _put_event(session, task_id, "candidate", index, attempt or 1, data)
     return True
 
 
@@ -228,6 +253,8 @@ def after_worker_loss(session: Session, seen: Task, settings: Settings) -> str |
     (training resumes from its last epoch checkpoint), or fails once tried UPT_MAX_ATTEMPTS times.
     Returns the new status, or None if the row changed since it was read (the worker beat, ended, or
     the task was cancelled): then it is left alone."""
+    if seen.method == AUTO and seen.lease is None and seen.status == RUNNING:
+        return None  # its candidates hold the leases: after_candidate_loss judges them one by one
     values = _after_worker_loss(seen, settings, db_now(session))
     lease = Task.lease.is_(None) if seen.lease is None else Task.lease == seen.lease
     beat = Task.heartbeat_at.is_(None) if seen.heartbeat_at is None else Task.heartbeat_at == seen.heartbeat_at
@@ -236,7 +263,7 @@ def after_worker_loss(session: Session, seen: Task, settings: Settings) -> str |
     return values["status"]
 
 
-def _after_worker_loss(seen: Task, settings: Settings, now: datetime) -> dict[str, Any]:
+def _after_worker_loss(seen: Task, settings: Settings, now: datetime) -> dict[str, Any] | None:
     if seen.status == CANCELLING:
         return {"status": CANCELLED, "lease": None, "finished_at": now}
     if seen.attempts >= settings.max_attempts:
@@ -245,6 +272,229 @@ def _after_worker_loss(seen: Task, settings: Settings, now: datetime) -> dict[st
                          f"{settings.heartbeat_timeout_s:.0f}s); giving up after UPT_MAX_ATTEMPTS="
                          f"{settings.max_attempts}."}
     return {"status": QUEUED, "lease": None, "enqueued_at": now}
+
+
+# --- method=auto's candidates --------------------------------------------------------------------
+
+AUTO = "auto"
+
+
+def _candidate(task_id: str, method: str) -> tuple[ColumnElement[bool], ...]:
+    return TaskCandidate.task_id == task_id, TaskCandidate.method == method
+
+
+def _candidate_held(task_id: str, method: str, lease: str) -> tuple[ColumnElement[bool], ...]:
+    return *_candidate(task_id, method), TaskCandidate.lease == lease, TaskCandidate.status == RUNNING
+
+
+def _set_candidate(session: Session, *where: ColumnElement[bool], **values: Any) -> bool:
+    return bool(session.execute(update(TaskCandidate).where(*where).values(**values)).rowcount)
+
+
+def _lock_task(session: Session, task_id: str) -> Task | None:
+    """The task row, locked until the commit: candidate transitions of one task (on several workers)
+    recompute the task's progress one after another, each from every candidate's committed state."""
+    return session.scalar(select(Task).where(Task.id == task_id).with_for_update()
+                          .execution_options(populate_existing=True))
+
+
+def candidates(session: Session, task_id: str) -> list[TaskCandidate]:
+    return list(session.scalars(select(TaskCandidate).where(TaskCandidate.task_id == task_id)
+                                .order_by(TaskCandidate.position).execution_options(populate_existing=True)))
+
+
+def claim_candidate(session: Session, task_id: str, method: str, worker: str) -> TaskCandidate | None:
+    """Candidate queued -> running with a fresh lease, attempts + 1; the task, if still queued, becomes
+    running (its first candidate started). None if the candidate is not queued (trained, taken by
+    another worker) or the task is not queued/running (cancelled, failed, deleted, being finished)."""
+    now = db_now(session)
+    _set(session, Task.id == task_id, Task.status == QUEUED, Task.lease.is_(None), status=RUNNING, worker=None,
+         heartbeat_at=now, started_at=func.coalesce(Task.started_at, now), error=None)
+    task = _lock_task(session, task_id)
+    if task is None or task.status != RUNNING or task.lease is not None:
+        return None
+    if not _set_candidate(session, *_candidate(task_id, method), TaskCandidate.status == QUEUED,
+                          status=RUNNING, lease=new_lease(), worker=worker, attempts=TaskCandidate.attempts + 1,
+                          heartbeat_at=now, started_at=func.coalesce(TaskCandidate.started_at, now)):
+        return None
+    _show_candidates(session, task, now)
+    return session.scalar(select(TaskCandidate).where(*_candidate(task_id, method))
+                          .execution_options(populate_existing=True))
+
+
+def candidate_heartbeat(session: Session, task_id: str, method: str, lease: str) -> str | None:
+    """The candidate's worker is alive (the task's heartbeat too, version unchanged). Returns the task's
+    status (`cancelling`: stop), or None once the candidate's lease is lost or the task ended."""
+    now = db_now(session)
+    if not _set_candidate(session, *_candidate_held(task_id, method, lease), heartbeat_at=now):
+        return None
+    return session.execute(update(Task).where(Task.id == task_id, Task.status.in_(_HELD))
+                           .values(heartbeat_at=now, **liveness_only()).returning(Task.status)).scalar()
+
+
+def record_candidate_progress(session: Session, task_id: str, method: str, lease: str, report: Progress,
+                              fraction: float, epoch: int | None = None, event: dict | None = None) -> bool:
+    """A candidate's progress (`fraction` of its own training; `epoch`: its epochs completed), and with
+    `event` (its data) its epoch's event. The task's progress is the share of all candidates' epochs
+    done, its ETA the time so far scaled to the rest: candidates training at once on several workers
+    count together. The event is numbered by the task's epochs done after it, under the task row's
+    lock: numbers grow in the order epochs are written, whichever candidate wrote them, so the event
+    stream's cursor (the last number sent) skips none while candidates train at once."""
+    now = db_now(session)
+    values: dict[str, Any] = {"fraction": fraction, "heartbeat_at": now}
+    if epoch is not None:
+        values["epoch"] = epoch
+    if not _set_candidate(session, *_candidate_held(task_id, method, lease), **values):
+        return False
+    task = _lock_task(session, task_id)
+    if task is None or task.status not in _HELD:
+        return False
+    number = _show_candidates(session, task, now, loss=report.loss, accuracy=report.accuracy)
+    if event is not None:
+        attempt = session.scalar(select(TaskCandidate.attempts).where(*_candidate(task_id, method)))
+        _put_event(session, task_id, "epoch", number, attempt or 1, event | {"epoch": number})
+    return True
+
+
+def finish_candidate(session: Session, task_id: str, method: str, lease: str, row: dict[str, Any]) -> bool:
+    """Candidate running -> succeeded with its leaderboard row, and its `candidate` event (numbered by its
+    position, `attempt` the candidate's). The caller moves the candidate's artifact into place before
+    it commits (the UPDATE holds the candidate's row until then, as `succeed` does the task's)."""
+    now = db_now(session)
+    found = session.scalar(select(TaskCandidate).where(*_candidate_held(task_id, method, lease)))
+    if found is None or not _set_candidate(session, *_candidate_held(task_id, method, lease), status=SUCCEEDED,
+                                           lease=None, fraction=1.0, epoch=found.epochs, row=jsonable(row),
+                                           finished_at=now, heartbeat_at=now):
+        return False
+    task = _lock_task(session, task_id)
+    if task is None or task.status not in _HELD:
+        return False
+    _show_candidates(session, task, now)
+    _put_event(session, task_id, "candidate", found.position, found.attempts, row | {"worker": found.worker})
+    return True
+
+
+def release_candidate(session: Session, task_id: str, method: str, lease: str, delay_s: float, reason: str,
+                      counted: bool = True) -> bool:
+    """Candidate running -> queued, to be claimed again in `delay_s` (a full disk; with counted=False
+    another backbone's worker handing it back untrained). The task keeps running; `error` says why
+    the candidate waits. False if the lease is lost or the task is cancelling (then stop_candidate)."""
+    now = db_now(session)
+    task = _lock_task(session, task_id)
+    if task is None or task.status != RUNNING:
+        return False
+    attempts = TaskCandidate.attempts if counted else TaskCandidate.attempts - 1
+    if not _set_candidate(session, *_candidate_held(task_id, method, lease), status=QUEUED, lease=None,
+                          attempts=attempts, enqueued_at=now + timedelta(seconds=delay_s)):
+        return False
+    _show_candidates(session, task, now, error=reason)
+    return True
+
+
+def stop_candidate(session: Session, task_id: str, method: str, lease: str) -> bool:
+    """Candidate running -> cancelled: its worker stopped for the task's cancel."""
+    now = db_now(session)
+    if not _set_candidate(session, *_candidate_held(task_id, method, lease), status=CANCELLED, lease=None,
+                          finished_at=now):
+        return False
+    task = _lock_task(session, task_id)
+    if task is not None and task.status in _HELD:
+        _show_candidates(session, task, now)
+    return True
+
+
+def confirm_auto_cancel(session: Session, task_id: str) -> bool:
+    """A cancelling auto task -> cancelled once none of its candidates runs. Called after the caller's
+    stop_candidate committed, in a transaction of its own: of several candidates stopping at once,
+    the last to commit sees every other one stopped."""
+    still = select(TaskCandidate.position).where(TaskCandidate.task_id == task_id, TaskCandidate.status == RUNNING)
+    return _set(session, Task.id == task_id, Task.status == CANCELLING, Task.lease.is_(None), ~still.exists(),
+                status=CANCELLED, finished_at=db_now(session), eta_s=None)
+
+
+def fail_candidate(session: Session, task_id: str, method: str, lease: str, error: str) -> bool:
+    """A candidate failed: so does the task (its other candidates' workers stop at their next
+    heartbeat). False if the candidate's lease is lost or the task already ended."""
+    now = db_now(session)
+    if not _set_candidate(session, *_candidate_held(task_id, method, lease), status=FAILED, lease=None,
+                          finished_at=now):
+        return False
+    return _set(session, Task.id == task_id, Task.status.in_(_HELD), Task.lease.is_(None), status=FAILED,
+                error=error, finished_at=now, eta_s=None)
+
+
+def take_auto_finish(session: Session, task_id: str, worker: str) -> str | None:
+    """Every candidate succeeded: the task takes a lease (-> running), for the caller to pick the winner
+    and `succeed`. Called after the caller's finish_candidate committed, in a transaction of its own,
+    so of two candidates finishing at once the later commit sees both done; the lease makes it one
+    winner only. None if a candidate is not done, the task has a lease already, or it ended."""
+    open_ = select(TaskCandidate.position).where(TaskCandidate.task_id == task_id, TaskCandidate.status != SUCCEEDED)
+    lease, now = new_lease(), db_now(session)
+    if not _set(session, Task.id == task_id, Task.method == AUTO, Task.status.in_((QUEUED, RUNNING)),
+                Task.lease.is_(None), ~open_.exists(), status=RUNNING, lease=lease, worker=worker, heartbeat_at=now):
+        return None
+    return lease
+
+
+def after_candidate_loss(session: Session, seen: TaskCandidate, settings: Settings) -> str | None:
+    """The worker of candidate `seen` (as recovery read it: running, its heartbeat too old) is presumed
+    dead: the candidate goes back to the queue (it resumes from its epoch checkpoint), or, tried
+    UPT_MAX_ATTEMPTS times, fails with the task. Returns the candidate's new status, or None if it
+    changed since it was read (its worker beat, finished) or the task is not running."""
+    now = db_now(session)
+    beat = TaskCandidate.heartbeat_at.is_(None) if seen.heartbeat_at is None \
+        else TaskCandidate.heartbeat_at == seen.heartbeat_at
+    task = _lock_task(session, seen.task_id)
+    if task is None or task.status != RUNNING or task.lease is not None:
+        return None
+    where = (*_candidate_held(seen.task_id, seen.method, seen.lease or ""), beat)
+    if seen.attempts >= settings.max_attempts:
+        if not _set_candidate(session, *where, status=FAILED, lease=None, finished_at=now):
+            return None
+        _set(session, Task.id == seen.task_id, Task.status == RUNNING, Task.lease.is_(None), status=FAILED,
+             finished_at=now, eta_s=None,
+             error=f"The worker training candidate {seen.method} stopped responding {seen.attempts} times (no "
+                   f"heartbeat for {settings.heartbeat_timeout_s:.0f}s); giving up after UPT_MAX_ATTEMPTS="
+                   f"{settings.max_attempts}.")
+        return FAILED
+    if not _set_candidate(session, *where, status=QUEUED, lease=None, enqueued_at=now):
+        return None
+    _show_candidates(session, task, now)
+    return QUEUED
+
+
+def renew_candidate_enqueued(session: Session, seen: TaskCandidate) -> bool:
+    """A queued candidate's message was re-sent by recovery: looked at again UPT_REQUEUE_AFTER_S from now."""
+    same = TaskCandidate.enqueued_at.is_(None) if seen.enqueued_at is None \
+        else TaskCandidate.enqueued_at == seen.enqueued_at
+    return _set_candidate(session, *_candidate(seen.task_id, seen.method), TaskCandidate.status == QUEUED, same,
+                          enqueued_at=db_now(session))
+
+
+def _show_candidates(session: Session, task: Task, now: datetime, **values: Any) -> int:
+    """The locked task row from its candidates: progress over all their epochs (a training-free
+    candidate counts as one step when none has epochs), epochs done, an ETA, which candidates run on
+    which worker and the finished ones' leaderboard rows (`metrics.auto`), attempts = the most any
+    candidate took."""
+    rows = candidates(session, task.id)
+    weights = [row.epochs for row in rows] if any(row.epochs for row in rows) else [1] * len(rows)
+    done = sum(row.fraction * weight for row, weight in zip(rows, weights))
+    progress = min(done / max(sum(weights), 1), 1.0)
+    started = task.started_at or now
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=now.tzinfo)
+    elapsed = max((now - started).total_seconds(), 0.0)
+    running = [row for row in rows if row.status == RUNNING]
+    auto = {"candidates": [row.method for row in rows],
+            "running": [row.method for row in running],
+            "queued": [row.method for row in rows if row.status == QUEUED],
+            "workers": {row.method: row.worker for row in rows if row.worker},
+            "finished": [row.row for row in rows if row.status == SUCCEEDED]}
+    epochs_done = sum(row.epoch for row in rows)
+    _set(session, Task.id == task.id, progress=progress, epoch=epochs_done,
+         epochs=sum(row.epochs for row in rows), eta_s=elapsed / progress * (1 - progress) if progress > 0 else None,
+         attempts=max(row.attempts for row in rows), metrics=jsonable({"auto": auto}), **values)
+    return epochs_done
 
 
 # --- helpers ----------------------------------------------------------------------------------------

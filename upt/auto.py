@@ -6,7 +6,7 @@ winner is the best validation accuracy; ties go to fewer trainable parameters, t
 candidate. Its artifact is written with the leaderboard in `adapter_config.json` under `auto`.
 
 The pieces (`candidate_config`, `leaderboard_row`, `pick_winner`, `record_choice`) are separate so the
-service can train the candidates as separate jobs and choose the same way.
+service can train the candidates as separate jobs, on several workers at once, and choose the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .methods.config import METHODS
 from .methods.registry import REGISTRY, registry_as_dicts, train_options
 from .options import OptionSpec
-from .training import SGD_OPTIONS, EpochReport, StepReport, TrainCallbacks, TrainConfig, TrainResult, train
+from .training import SGD_OPTIONS, TrainCallbacks, TrainConfig, TrainResult, train
 
 AUTO = "auto"
 DEFAULT_CANDIDATES: tuple[str, ...] = ("tip-adapter-f", "coop", "vpt-deep", "upt")
@@ -233,57 +233,3 @@ def _finished_candidate(folder: Path, config: TrainConfig) -> tuple[TrainResult,
         return None  # another run's: trained again
     row = LeaderboardRow(**recorded["auto_candidate"])
     return TrainResult(folder, recorded["metrics"], config), row
-
-
-@dataclass
-class CandidateStepReport(StepReport):
-    candidate: str = ""
-
-
-@dataclass
-class CandidateEpochReport(EpochReport):
-    candidate: str = ""
-    candidate_epoch: int = 0
-
-
-class AutoProgress:
-    """Progress of all candidates together: epochs numbered across candidates (the first candidate's
-    epochs, then the next one's), one progress fraction and one ETA, and the candidate in each report."""
-
-    def __init__(self, config: AutoConfig, inner: TrainCallbacks) -> None:
-        self.inner = inner
-        self.epochs = {c.method: c.total_epochs for c in config.configs()}
-        self.offsets, total = {}, 0
-        for method in config.candidates:
-            self.offsets[method] = total
-            total += self.epochs[method]
-        self.total = max(total, 1)
-        self.started = time.monotonic()
-
-    def for_candidate(self, method: str) -> TrainCallbacks:
-        return _CandidateCallbacks(self, method)
-
-    def _overall(self, method: str, fraction: float) -> tuple[float, float | None]:
-        progress = (self.offsets[method] + fraction * self.epochs[method]) / self.total
-        elapsed = time.monotonic() - self.started
-        return progress, (elapsed / progress * (1 - progress) if progress > 0 else None)
-
-
-class _CandidateCallbacks(TrainCallbacks):
-    def __init__(self, progress: AutoProgress, method: str) -> None:
-        self.progress, self.method = progress, method
-
-    def on_step(self, report: StepReport) -> None:
-        overall, eta = self.progress._overall(self.method, report.progress)
-        self.progress.inner.on_step(CandidateStepReport(
-            self.progress.offsets[self.method] + report.epoch, self.progress.total, report.step,
-            report.steps_per_epoch, report.loss, report.accuracy, overall, eta, candidate=self.method))
-
-    def on_epoch_end(self, report: EpochReport) -> None:
-        overall, eta = self.progress._overall(self.method, report.progress)
-        self.progress.inner.on_epoch_end(CandidateEpochReport(
-            self.progress.offsets[self.method] + report.epoch, self.progress.total, report.loss, report.accuracy,
-            report.lr, report.elapsed_s, eta, overall, candidate=self.method, candidate_epoch=report.epoch))
-
-    def should_stop(self) -> bool:
-        return self.progress.inner.should_stop()

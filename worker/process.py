@@ -21,10 +21,10 @@ import time
 from celery import signals
 
 from service.commands import EMBEDDED_PARENT_ENV, configure_logging
-from service.queue import TRAIN_TASK, TrainingQueue, ensure_broker_folder
+from service.queue import CANDIDATE_TASK, TRAIN_TASK, TrainingQueue, ensure_broker_folder
 from service.recovery import Sweeper
 from service.settings import Settings
-from worker.tasks import WorkerProcess, get_backbone, run_task, start_process
+from worker.tasks import WorkerProcess, get_backbone, run_candidate, run_task, start_process
 
 log = logging.getLogger("upt.worker")
 
@@ -37,6 +37,10 @@ def build_queue(settings: Settings) -> TrainingQueue:
     @queue.celery.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, shared=False)
     def train_task(task_id: str) -> None:
         run_task(task_id, queue)
+
+    @queue.celery.task(name=CANDIDATE_TASK, acks_late=True, reject_on_worker_lost=True, shared=False)
+    def train_candidate(task_id: str, method: str) -> None:
+        run_candidate(task_id, method, queue)
 
     return queue
 

@@ -116,15 +116,29 @@ class Lease:
 
     def beat(self) -> None:
         with session_scope() as session:
-            status = task_state.heartbeat(session, self.task_id, self.lease)
+            status = self._heartbeat(session)
         if status is None:
             self.stop_reason = "lost"  # deleted, ended, or handed to another worker
         elif status == TaskStatus.cancelling.value:
             self.stop_reason = "cancel"
 
+    def _heartbeat(self, session) -> str | None:
+        return task_state.heartbeat(session, self.task_id, self.lease)
+
     def lost(self) -> None:
         """A write under this lease lost: the task is no longer this worker's."""
         self.stop_reason = "lost"
+
+
+class CandidateLease(Lease):
+    """Heartbeats for a claimed candidate of a method=auto task (its own lease, not the task's)."""
+
+    def __init__(self, task_id: str, method: str, lease: str, attempts: int, interval_s: float) -> None:
+        super().__init__(task_id, lease, interval_s)
+        self.method, self.attempts = method, attempts
+
+    def _heartbeat(self, session) -> str | None:
+        return task_state.candidate_heartbeat(session, self.task_id, self.method, self.lease)
 
 
 def _callbacks(lease: Lease, attempt: int):
@@ -158,9 +172,14 @@ def _callbacks(lease: Lease, attempt: int):
 def run_task(task_id: str, queue: TrainingQueue) -> None:
     """Train one task (the Celery task registered by worker.process); `queue` sends it again when it
     must be retried later (a full disk, another backbone's task)."""
-    from upt.auto import AutoConfig, config_from_dict
-    from upt.training import train
+    from upt.auto import AUTO
+    from upt.training import TrainConfig, train
 
+    with session_scope() as session:
+        method = session.scalar(select(Task.method).where(Task.id == task_id))
+    if method == AUTO:
+        resume_auto(task_id, queue)
+        return
     task = claim(task_id)
     if task is None:
         log.info("task %s is not queued (already taken, finished, cancelled or deleted); skipping", task_id)
@@ -171,16 +190,13 @@ def run_task(task_id: str, queue: TrainingQueue) -> None:
     with Lease(task_id, task.lease, settings.heartbeat_interval_s) as lease:
         partial = storage.task_dir(task_id) / f"artifact.partial-{lease.lease}"
         try:
-            config = config_from_dict(task.config)
+            config = TrainConfig.from_dict(task.config)
             backbone = get_backbone()
             _check_backbone(task, backbone, settings)
             class_folders = storage.task_class_folders(task_id, len(task.class_names))
-            if isinstance(config, AutoConfig):
-                metrics = _train_auto(task_id, task.attempts, lease, storage, config, partial, class_folders)
-            else:
-                metrics = train(backbone, storage.data_dir(task_id), config, partial,
-                                callbacks=_callbacks(lease, task.attempts),
-                                checkpoint_dir=storage.checkpoint_dir(task_id), class_folders=class_folders).metrics
+            metrics = train(backbone, storage.data_dir(task_id), config, partial,
+                            callbacks=_callbacks(lease, task.attempts),
+                            checkpoint_dir=storage.checkpoint_dir(task_id), class_folders=class_folders).metrics
             _succeed(task_id, lease, storage, partial, metrics)
         except BaseException as error:  # noqa: BLE001 - every outcome must be written to the row
             shutil.rmtree(partial, ignore_errors=True)
@@ -226,37 +242,211 @@ def _after_wrong_backbone(task_id: str, error: WrongBackbone, settings) -> tuple
     return HAND_BACK_DELAY_S, f"{error} It handed the task back, untrained, for a worker that serves {error.wanted}."
 
 
-def _train_auto(task_id: str, attempt: int, lease: Lease, storage: Storage, config, partial: Path,
-                class_folders: list[str] | None) -> dict:
-    """method=auto: the candidates one after another in this job, on one split (same seed and shots).
+# --- method=auto: one job per candidate -------------------------------------------------------------
+# Candidates train as separate Celery jobs (upt.train_candidate, sent as a group by POST /tasks), so
+# that any free worker takes the next one and N workers train N candidates at once. They share one
+# split: the seed and shots are in the task's stored config and the split is a function of those and
+# the images. Each job claims its candidate in the database, trains it into its own folder and records
+# its leaderboard row; the job that finishes the last one (a compare-and-set in the database, not a
+# chord: no result backend, and a redelivered message cannot finish the task twice) picks the winner
+# with upt.auto.pick_winner and publishes the winner's artifact.
 
-    Candidates finished by an earlier attempt are kept (their artifacts live beside the epoch
-    checkpoints) and an interrupted one resumes from its checkpoint, so a worker killed half-way still
-    ends with every candidate trained once. The row's `metrics.auto` says which candidate runs."""
-    from upt.auto import AutoProgress, train_auto
+def resume_auto(task_id: str, queue: TrainingQueue) -> None:
+    """A plain training message for an auto task (recovery re-sending a queued one): send the messages
+    of its queued candidates again, and finish it if every candidate is done."""
+    with session_scope() as session:
+        queued = [c.method for c in task_state.candidates(session, task_id) if c.status == TaskStatus.queued.value]
+    if queued:
+        queue.enqueue_candidates(task_id, queued)
+    finish_auto_if_done(task_id, queue)
 
-    progress = AutoProgress(config, _callbacks(lease, attempt))
-    finished: list[dict] = []
 
-    def announce(running: str | None) -> None:
-        state = {"candidates": list(config.candidates), "running": running, "finished": finished}
+def run_candidate(task_id: str, method: str, queue: TrainingQueue) -> None:
+    """Train one candidate of a method=auto task (the Celery task registered by worker.process);
+    `queue` sends it again when it must wait (a full disk, another backbone's worker)."""
+    from upt.artifact import annotate_artifact
+    from upt.auto import candidate_config, config_from_dict, leaderboard_row
+    from upt.training import train
+
+    with session_scope() as session:
+        claimed = task_state.claim_candidate(session, task_id, method, worker_name())
+        task = session.get(Task, task_id) if claimed is not None else None
+    if claimed is None or task is None:
+        log.info("candidate %s of task %s is not queued (trained, taken, or the task ended); skipping", method, task_id)
+        finish_auto_if_done(task_id, queue)  # the one that finished the last candidate may have died before
+        return
+    settings = get_settings()
+    storage = Storage.from_settings(settings)
+    work = storage.checkpoint_dir(task_id) / "candidates"
+    log.info("training candidate %s of task %s (attempt %d)", method, task_id, claimed.attempts)
+    with CandidateLease(task_id, method, claimed.lease, claimed.attempts, settings.heartbeat_interval_s) as lease:
+        partial = work / f"{method}.partial-{lease.lease}"
+        try:
+            auto = config_from_dict(task.config)
+            backbone = get_backbone()
+            _check_backbone(task, backbone, settings)
+            class_folders = storage.task_class_folders(task_id, len(task.class_names))
+            started = time.monotonic()
+            result = train(backbone, storage.data_dir(task_id), candidate_config(auto.base, method), partial,
+                           callbacks=_candidate_callbacks(lease, auto), checkpoint_dir=work / f"{method}.checkpoint",
+                           class_folders=class_folders)
+            row = leaderboard_row(method, result.metrics, time.monotonic() - started).as_dict()
+            annotate_artifact(partial, {"auto_candidate": row})
+            finished = _finish_candidate(lease, storage, work, partial, row)
+        except BaseException as error:  # noqa: BLE001 - every outcome must be written to the rows
+            shutil.rmtree(partial, ignore_errors=True)
+            _record_candidate_failure(lease, storage, error, queue)
+            if not isinstance(error, Exception):
+                raise
+            return
+    if finished:
+        finish_auto_if_done(task_id, queue)
+
+
+def _candidate_callbacks(lease: CandidateLease, auto):
+    """A candidate's progress to its row (the task's is recomputed over all candidates), its epochs as
+    events numbered across candidates in the order they are written (see
+    task_state.record_candidate_progress), each naming the candidate, its own epoch and the worker."""
+    from upt.training import TrainCallbacks
+
+    total = sum(c.total_epochs for c in auto.configs())
+    worker = worker_name()
+
+    class CandidateCallbacks(TrainCallbacks):
+        last_write = 0.0
+
+        def on_step(self, report) -> None:
+            if time.monotonic() - self.last_write < PROGRESS_EVERY_S:
+                return
+            self.last_write = time.monotonic()
+            with session_scope() as session:
+                task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease, report,
+                                                     report.progress)
+
+        def on_epoch_end(self, report) -> None:
+            self.last_write = time.monotonic()
+            data = report.as_dict() | {"epochs": total, "candidate": lease.method, "candidate_epoch": report.epoch,
+                                       "worker": worker}
+            with session_scope() as session:
+                if not task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease,
+                                                            report, report.progress, report.epoch, data):
+                    lease.lost()
+
+        def should_stop(self) -> bool:
+            return lease.stop_reason is not None
+
+    return CandidateCallbacks()
+
+
+def _finish_candidate(lease: CandidateLease, storage: Storage, work: Path, partial: Path, row: dict) -> bool:
+    final = work / lease.method
+    with session_scope() as session:
+        # As in _succeed: the folder is moved into place inside the transaction that marks the candidate.
+        done = task_state.finish_candidate(session, lease.task_id, lease.method, lease.lease, row)
+        if done:
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+    if done:
+        shutil.rmtree(work / f"{lease.method}.checkpoint", ignore_errors=True)
+        log.info("task %s: candidate %s trained", lease.task_id, lease.method)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        _forget_if_deleted(lease.task_id, storage)
+    return done
+
+
+def finish_auto_if_done(task_id: str, queue: TrainingQueue) -> None:
+    """If every candidate succeeded and no other job has, take the task's lease, pick the winner
+    (upt.auto.pick_winner over the leaderboard rows, in candidate order) and publish its artifact
+    with the choice recorded in it, as the CLI's `--method auto` does."""
+    from upt.artifact import load_artifact
+    from upt.auto import LeaderboardRow, pick_winner, record_choice
+    from upt.errors import ConfigError
+
+    with session_scope() as session:
+        lease_id = task_state.take_auto_finish(session, task_id, worker_name())
+    if lease_id is None:
+        return
+    settings = get_settings()
+    storage = Storage.from_settings(settings)
+    with Lease(task_id, lease_id, settings.heartbeat_interval_s) as lease:
+        partial = storage.task_dir(task_id) / f"artifact.partial-{lease_id}"
+        try:
+            with session_scope() as session:
+                board = [LeaderboardRow(**c.row) for c in task_state.candidates(session, task_id)]
+            if len({row.val_count for row in board}) != 1:  # a guard on the one split, not expected to fire
+                raise ConfigError("The candidates were validated on different images; they cannot be compared.")
+            winner = pick_winner(board)
+            source = storage.checkpoint_dir(task_id) / "candidates" / winner.method
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            choice = record_choice(partial, board, winner)
+            metrics = load_artifact(source).config["metrics"] | {"auto": choice}
+            log.info("task %s: %s won of %d candidates", task_id, winner.method, len(board))
+            _succeed(task_id, lease, storage, partial, metrics)
+        except BaseException as error:  # noqa: BLE001
+            shutil.rmtree(partial, ignore_errors=True)
+            _record_failure(task_id, lease, storage, error, queue)
+            if not isinstance(error, Exception):
+                raise
+
+
+def _record_candidate_failure(lease: CandidateLease, storage: Storage, error: BaseException,
+                              queue: TrainingQueue) -> None:
+    """A candidate's outcome other than success: stopped for a cancel (the last one to stop ends the
+    task cancelled), back to the queue after a full disk or on a worker of another backbone (at most
+    UPT_MAX_ATTEMPTS tries), or failed, which fails the task."""
+    from upt.errors import TrainingCancelled, UptError
+
+    task_id, method = lease.task_id, lease.method
+    if isinstance(error, TrainingCancelled) and lease.stop_reason == "lost":
+        _forget_if_deleted(task_id, storage)
+        return
+    if not isinstance(error, Exception):  # worker shutdown: recovery gives the candidate to another worker
+        return
+    settings = get_settings()
+    if isinstance(error, TrainingCancelled):
+        _stop_candidate(lease, storage)
+        return
+    retry = isinstance(error, WrongBackbone) or is_disk_full(error)
+    if retry and lease.attempts < settings.max_attempts:
+        delay = HAND_BACK_DELAY_S if isinstance(error, WrongBackbone) else min(
+            settings.disk_full_retry_s * 2 ** (lease.attempts - 1), settings.disk_full_retry_max_s)
+        reason = NO_SPACE if not isinstance(error, WrongBackbone) else str(error)
         with session_scope() as session:
-            task_state.record_metrics(session, task_id, lease.lease, {"auto": state})
+            released = task_state.release_candidate(
+                session, task_id, method, lease.lease, delay,
+                f"Candidate {method} waits {delay:.0f}s (try {lease.attempts} of {settings.max_attempts}): {reason}")
+        if released:
+            log.warning("task %s: candidate %s: %s; retrying in %.0fs", task_id, method, reason, delay)
+            queue.enqueue_candidates(task_id, [method], countdown=delay)
+        else:
+            _stop_candidate(lease, storage)  # a cancel asked meanwhile wins over the retry
+        return
+    if isinstance(error, WrongBackbone) or is_disk_full(error):
+        message = f"{NO_SPACE if is_disk_full(error) else error} (tried {lease.attempts} times, UPT_MAX_ATTEMPTS=" \
+                  f"{settings.max_attempts})."
+    elif isinstance(error, SoftTimeLimitExceeded):
+        message = f"Training ran past the time limit (UPT_TASK_TIME_LIMIT_S={settings.task_time_limit_s})."
+    elif isinstance(error, UptError):
+        message = without_paths(str(error))
+    else:
+        log.exception("task %s: candidate %s failed unexpectedly", task_id, method)
+        message = without_paths(f"Internal error in the worker: {type(error).__name__}: {error}")
+    with session_scope() as session:
+        failed = task_state.fail_candidate(session, task_id, method, lease.lease, f"Candidate {method}: {message}")
+    if not failed:
+        _forget_if_deleted(task_id, storage)
 
-    def callbacks_for(method: str):
-        announce(method)
-        return progress.for_candidate(method)
 
-    def on_candidate(index: int, row, reused: bool) -> None:
-        finished.append(row.as_dict())
-        with session_scope() as session:
-            task_state.record_candidate(session, task_id, lease.lease, index, attempt if not reused else None,
-                                        row.as_dict())
-
-    result = train_auto(get_backbone(), storage.data_dir(task_id), config.base, config.candidates, partial,
-                        storage.checkpoint_dir(task_id) / "candidates", callbacks_for,
-                        class_folders=class_folders, resume=True, on_candidate=on_candidate)
-    return result.winner.metrics | {"auto": result.choice}
+def _stop_candidate(lease: CandidateLease, storage: Storage) -> None:
+    with session_scope() as session:
+        task_state.stop_candidate(session, lease.task_id, lease.method, lease.lease)
+    with session_scope() as session:  # a transaction of its own: see task_state.confirm_auto_cancel
+        cancelled = task_state.confirm_auto_cancel(session, lease.task_id)
+    if cancelled:
+        storage.delete_checkpoints(lease.task_id)
+        log.info("task %s cancelled", lease.task_id)
 
 
 def _succeed(task_id: str, lease: Lease, storage: Storage, partial: Path, metrics: dict) -> None:

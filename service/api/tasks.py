@@ -102,7 +102,10 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
         # Both only after the row is committed. The instant stage is built here, in the API process,
         # not by a worker, so a full queue cannot delay a task's first answer (see service.instant).
         instant.schedule(task.id)
-        await run_in_threadpool(queue.enqueue, task.id)
+        if task.method == task_state.AUTO:  # a message per candidate, for any free worker
+            await run_in_threadpool(queue.enqueue_candidates, task.id, list(task.config["candidates"]))
+        else:
+            await run_in_threadpool(queue.enqueue, task.id)
     return accepted(task, replayed)
 
 

@@ -240,25 +240,9 @@ def test_progress_from_a_stale_lease_loses_and_writes_no_event(settings):
     before = row(task_id)
     assert not run(task_state.record_progress, task_id, old, report(3))
     assert not run(task_state.record_epoch, task_id, old, 1, report(3), {"epoch": 3})
-    assert not run(task_state.record_metrics, task_id, old, {"auto": {}})
-    assert not run(task_state.record_candidate, task_id, old, 0, 1, {"method": "coop"})
     after = row(task_id)
     assert (after.version, after.progress, after.metrics) == (before.version, before.progress, before.metrics)
-    assert events(task_id, "epoch") == [] and events(task_id, "candidate") == []
-
-
-def test_auto_metrics_and_candidates(settings):
-    task_id = new_task("queued")
-    lease = claimed(task_id)
-    assert run(task_state.record_metrics, task_id, lease, {"auto": {"running": "coop", "score": float("inf")}})
-    assert row(task_id).metrics == {"auto": {"running": "coop", "score": None}}
-    version = row(task_id).version
-    assert run(task_state.record_candidate, task_id, lease, 0, None, {"method": "coop"})  # reused, first seen
-    assert run(task_state.record_candidate, task_id, lease, 0, None, {"method": "other"})  # reused: kept
-    assert [(e.attempt, e.data["method"]) for e in events(task_id, "candidate")] == [(1, "coop")]
-    assert run(task_state.record_candidate, task_id, lease, 0, 2, {"method": "coop", "again": True})
-    assert [(e.attempt, e.data.get("again")) for e in events(task_id, "candidate")] == [(2, True)]
-    assert row(task_id).version == version
+    assert events(task_id, "epoch") == []
 
 
 # --- the worker's endings ---------------------------------------------------------------------------------

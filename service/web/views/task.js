@@ -126,12 +126,12 @@ export function taskView(root, { id }) {
     if (!st) return;
     const i = st.instant || {}, tu = st.tuned || {};
     const acc = (v) => (v === null || v === undefined ? "" : `, ${pct(v, 0)} on validation`);
-    const running = task.metrics?.auto?.running;
+    const running = [].concat(task.metrics?.auto?.running || []).map(methodName).join(", "); // auto: candidates training now
     const instantText = {
       ready: `Answers now: training-free${acc(i.val_accuracy)}`,
       failed: `Training-free stage failed: ${i.error || "unknown error"}`,
     }[i.state] || "Preparing a training-free answer…";
-    const name = methodName(tu.method) + (running ? ` (now ${methodName(running)})` : "");
+    const name = methodName(tu.method) + (running ? ` (now ${running})` : "");
     const tunedText = {
       queued: `${name}: waiting for a worker`,
       training: `Training ${name}: epoch ${task.epoch ?? 0}/${task.epochs ?? "?"}`,
