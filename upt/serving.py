@@ -96,7 +96,7 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
     if runtime == "openvino":
         chosen = precision if precision != "auto" else ("bf16" if cpu_has_amx() else "fp32")
         if chosen == "int8" and not nncf_available():
-            chosen, note = "fp32", "int8 needs NNCF (pip install nncf): serving exact fp32"
+            chosen, note = "fp32", "int8 needs NNCF (pip install 'upt[int8]'): serving exact fp32"
         try:
             return OpenVinoImageEncoder(backbone, chosen, cache_dir, calibration=calibration), note
         except Exception as error:  # a model the converter cannot take still serves, in PyTorch

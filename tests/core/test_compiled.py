@@ -96,7 +96,7 @@ def test_runtime_selection_and_fallback(tiny, encoders, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def int8(pretrained_tiny, tmp_path_factory):
-    pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, in the service and test extras)")
+    pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, the int8 extra: pip install 'upt[service,int8]')")
     cache = tmp_path_factory.mktemp("int8")
     calibration = calibration_images(pretrained_tiny, FASHION / "train")  # 64 real images, none tested on
     encoder, note = build_image_encoder(pretrained_tiny, "openvino", "int8", cache, calibration)

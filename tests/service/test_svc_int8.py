@@ -12,7 +12,7 @@ import pytest
 from svc_helpers import CLASSES, FIXTURES, Proc, base_env, free_port, images, wait_http
 
 pytest.importorskip("openvino")
-pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, in the service and test extras)")
+pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, the int8 extra: pip install 'upt[service,int8]')")
 
 
 def _readyz(tmp_path, tiny_checkpoint, name: str, **overrides) -> tuple[dict, str, Proc]:
