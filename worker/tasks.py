@@ -14,11 +14,14 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service import task_state
 from service.db import Database
@@ -141,12 +144,14 @@ class CandidateLease(Lease):
         return task_state.candidate_heartbeat(session, self.task_id, self.method, self.lease)
 
 
-def _callbacks(lease: Lease, attempt: int):
+def _lease_callbacks(lease: Lease, record_progress: Callable[[Session, Any], object],
+                     record_epoch: Callable[[Session, Any], bool]):
+    """Training callbacks that report under `lease`: progress throttled to one write per
+    PROGRESS_EVERY_S, every epoch's end (a write that loses means the lease is gone), and cancellation
+    between steps. `record_progress` and `record_epoch` make the task_state call of the row they report to."""
     from upt.training import TrainCallbacks
 
-    class DatabaseCallbacks(TrainCallbacks):
-        """Progress to the task row (throttled), one event per epoch, cancellation between steps."""
-
+    class LeaseCallbacks(TrainCallbacks):
         last_write = 0.0
 
         def on_step(self, report) -> None:
@@ -154,19 +159,27 @@ def _callbacks(lease: Lease, attempt: int):
                 return
             self.last_write = time.monotonic()
             with session_scope() as session:
-                task_state.record_progress(session, lease.task_id, lease.lease, report)
+                record_progress(session, report)
 
         def on_epoch_end(self, report) -> None:
             self.last_write = time.monotonic()
             with session_scope() as session:
-                if not task_state.record_epoch(session, lease.task_id, lease.lease, attempt, report,
-                                               report.as_dict()):
+                if not record_epoch(session, report):
                     lease.lost()
 
         def should_stop(self) -> bool:
             return lease.stop_reason is not None
 
-    return DatabaseCallbacks()
+    return LeaseCallbacks()
+
+
+def _callbacks(lease: Lease, attempt: int):
+    """Progress to the task row, one event per epoch."""
+    return _lease_callbacks(
+        lease,
+        lambda session, report: task_state.record_progress(session, lease.task_id, lease.lease, report),
+        lambda session, report: task_state.record_epoch(session, lease.task_id, lease.lease, attempt, report,
+                                                        report.as_dict()))
 
 
 def run_task(task_id: str, queue: TrainingQueue) -> None:
@@ -307,35 +320,19 @@ def _candidate_callbacks(lease: CandidateLease, auto):
     """A candidate's progress to its row (the task's is recomputed over all candidates), its epochs as
     events numbered across candidates in the order they are written (see
     task_state.record_candidate_progress), each naming the candidate, its own epoch and the worker."""
-    from upt.training import TrainCallbacks
-
     total = sum(c.total_epochs for c in auto.configs())
     worker = worker_name()
 
-    class CandidateCallbacks(TrainCallbacks):
-        last_write = 0.0
+    def record_progress(session: Session, report) -> None:
+        task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease, report, report.progress)
 
-        def on_step(self, report) -> None:
-            if time.monotonic() - self.last_write < PROGRESS_EVERY_S:
-                return
-            self.last_write = time.monotonic()
-            with session_scope() as session:
-                task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease, report,
-                                                     report.progress)
+    def record_epoch(session: Session, report) -> bool:
+        data = report.as_dict() | {"epochs": total, "candidate": lease.method, "candidate_epoch": report.epoch,
+                                   "worker": worker}
+        return task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease,
+                                                    report, report.progress, report.epoch, data)
 
-        def on_epoch_end(self, report) -> None:
-            self.last_write = time.monotonic()
-            data = report.as_dict() | {"epochs": total, "candidate": lease.method, "candidate_epoch": report.epoch,
-                                       "worker": worker}
-            with session_scope() as session:
-                if not task_state.record_candidate_progress(session, lease.task_id, lease.method, lease.lease,
-                                                            report, report.progress, report.epoch, data):
-                    lease.lost()
-
-        def should_stop(self) -> bool:
-            return lease.stop_reason is not None
-
-    return CandidateCallbacks()
+    return _lease_callbacks(lease, record_progress, record_epoch)
 
 
 def _finish_candidate(lease: CandidateLease, storage: Storage, work: Path, partial: Path, row: dict) -> bool:
