@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 import zipfile
 from pathlib import Path
 
@@ -106,6 +108,22 @@ def wait_http(base_url: str, proc: Proc, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"server did not answer within {timeout}s:\n{proc.tail()}")
+
+
+@contextmanager
+def api_without_weights(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[str]:
+    """An API (no worker) told to serve ViT-B-16 from a weights file that does not exist; yields its URL."""
+    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_MODEL="ViT-B-16",
+                   UPT_PRETRAINED=str(tmp_path / "no-such-weights.safetensors"))
+    port = free_port()
+    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
+                  tmp_path / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, server)
+        yield url
+    finally:
+        server.stop()
 
 
 def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 120) -> dict:

@@ -9,18 +9,11 @@ import time
 
 import httpx
 
-from svc_helpers import CLASSES, ROOT, Proc, base_env, free_port, images, task_form, wait_http
+from svc_helpers import CLASSES, ROOT, api_without_weights, base_env, images, task_form
 
 
 def test_missing_weights_are_reported_not_crashed_on(tmp_path, tiny_checkpoint):
-    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_MODEL="ViT-B-16",
-                   UPT_PRETRAINED=str(tmp_path / "no-such-weights.safetensors"))
-    port = free_port()
-    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
-                  tmp_path / "serve.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url, server)
+    with api_without_weights(tmp_path, tiny_checkpoint) as url:
         deadline = time.monotonic() + 30
         while True:
             ready = httpx.get(f"{url}/readyz", timeout=30)
@@ -41,8 +34,6 @@ def test_missing_weights_are_reported_not_crashed_on(tmp_path, tiny_checkpoint):
             assert problem["title"] == "Backbone unavailable"
             assert "UPT_MODEL" in problem["detail"] and "no-such-weights" in problem["detail"]
         assert httpx.get(f"{url}/tasks").json()["items"] == []  # nothing was stored
-    finally:
-        server.stop()
 
 
 def test_keys_cannot_be_switched_off_off_loopback(tmp_path, tiny_checkpoint):

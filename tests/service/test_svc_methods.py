@@ -4,7 +4,6 @@ not by the loaded weights."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 
 from upt.auto import method_listing
 
-from svc_helpers import Proc, base_env, free_port, task_form, wait_http
+from svc_helpers import api_without_weights, task_form
 
 
 def field_of(response: httpx.Response) -> str:
@@ -49,14 +48,7 @@ def test_a_refused_option_is_named_by_its_field(stack, method, options, field):
 
 def test_depth_is_checked_against_the_architecture_without_the_weights(tmp_path, tiny_checkpoint):
     """A service whose weights cannot be loaded still judges `depth` by ViT-B-16's config (12 layers)."""
-    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_MODEL="ViT-B-16",
-                   UPT_PRETRAINED=str(tmp_path / "no-such-weights.safetensors"))
-    port = free_port()
-    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
-                  tmp_path / "serve.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url, server)
+    with api_without_weights(tmp_path, tiny_checkpoint) as url:
         for method, depth, field in (("upt", 13, "depth"), ("vpt-deep", 13, "depth"), ("coop", 13, "depth")):
             data, files = task_form(per_class=1, method=method, depth=depth)
             started = time.monotonic()
@@ -65,5 +57,3 @@ def test_depth_is_checked_against_the_architecture_without_the_weights(tmp_path,
             assert time.monotonic() - started < 30
         data, files = task_form(per_class=1, method="upt", depth=12)  # fits: then the weights are needed
         assert httpx.post(f"{url}/tasks", data=data, files=files, timeout=60).status_code == 503
-    finally:
-        server.stop()
