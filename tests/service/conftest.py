@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import uuid
 
-import psycopg
 import pytest
 import redis
 
 from service.db import Database
 from service.migrate import upgrade
 from service.settings import Settings
-from svc_helpers import ALLOWED_ORIGIN, PG_ADMIN, REDIS_DB, Stack, base_env
+from svc_helpers import ALLOWED_ORIGIN, REDIS_DB, Stack, base_env, scratch_database
 
 
 @pytest.fixture
@@ -39,12 +38,8 @@ def sqlite_sessions(sqlite_database):
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    name = f"upt_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("upt_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import psycopg
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fashion_mnist"
@@ -27,6 +28,19 @@ REDIS_DB = int(os.environ.get("UPT_TEST_REDIS_DB", "11"))
 # The one origin the stack's CORS allow-list (UPT_CORS_ORIGINS) names: a team's dashboard elsewhere.
 ALLOWED_ORIGIN = "https://labels.example.com"
 CLASSES = sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir())
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own on the shared server (never the shared ones), dropped after; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -17,7 +15,7 @@ import service.models  # noqa: F401  (registers the tables on Base.metadata)
 from service.db import Base, make_engine
 from service.migrate import upgrade
 from service.settings import Settings
-from svc_helpers import PG_ADMIN, ROOT
+from svc_helpers import ROOT, scratch_database
 
 
 def schema_diff(url: str) -> list:
@@ -31,11 +29,7 @@ def schema_diff(url: str) -> list:
 
 @pytest.mark.service
 def test_postgres_migrations_match_models():
-    name = f"upt_schema_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with scratch_database("upt_schema") as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")} | {"UPT_DATABASE_URL": url}
         alembic = subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT,
                                  env=env, capture_output=True, text=True, timeout=120)  # the README's command
@@ -43,9 +37,6 @@ def test_postgres_migrations_match_models():
         assert schema_diff(url) == []
         upgrade(Settings(database_url=url))  # `upt migrate` afterwards: idempotent, changes nothing
         assert schema_diff(url) == []
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_sqlite_migrations_match_models(tmp_path):

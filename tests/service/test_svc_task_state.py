@@ -13,7 +13,6 @@ import uuid
 from datetime import timedelta
 from types import SimpleNamespace
 
-import psycopg
 import pytest
 
 from service import task_state
@@ -21,7 +20,7 @@ from service.db import Database, db_now
 from service.migrate import upgrade
 from service.models import ACTIVE_STATUSES, Task, TaskEvent, Tenant
 from service.settings import Settings
-from svc_helpers import PG_ADMIN, ROOT, images, skew_host_clock
+from svc_helpers import ROOT, images, scratch_database, skew_host_clock
 
 pytestmark = pytest.mark.service
 
@@ -29,12 +28,8 @@ pytestmark = pytest.mark.service
 @pytest.fixture(scope="module")
 def state_database_url():
     """A PostgreSQL database of this module's own: no API sweeper of the shared stack touches its rows."""
-    name = f"upt_state_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("upt_state") as url:
+        yield url
 
 
 sessions: Database = None  # type: ignore[assignment]  # this test's database, set by the `settings` fixture
