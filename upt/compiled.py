@@ -24,7 +24,9 @@ import hashlib
 import importlib.util
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,25 +176,13 @@ class OpenVinoImageEncoder:
         return full.numpy(), replace.numpy()
 
     def _model(self, ov, folder: Path | None, kind: str):
-        model = self._fp32_model(ov, folder, kind)
         if self.calibration is None:
-            return model
-        path = None if folder is None else folder / f"{kind}-int8-{_calibration_key(self.calibration)}.xml"
-        if path is not None and path.is_file():
-            return ov.Core().read_model(path)
-        model = self._quantize(model, kind)
-        if path is not None:
-            _save(ov, model, path)
-        return model
+            return self._fp32_model(ov, folder, kind)
+        return _cached(ov, folder, f"{kind}-int8-{_calibration_key(self.calibration)}.xml",
+                       lambda: self._quantize(self._fp32_model(ov, folder, kind), kind))
 
     def _fp32_model(self, ov, folder: Path | None, kind: str):
-        path = None if folder is None else folder / f"{kind}.xml"
-        if path is not None and path.is_file():
-            return ov.Core().read_model(path)
-        model = self._convert(ov, kind)
-        if path is not None:
-            _save(ov, model, path)
-        return model
+        return _cached(ov, folder, f"{kind}.xml", lambda: self._convert(ov, kind))
 
     def _quantize(self, model, kind: str):
         """The fp32 graph with int8 products, their ranges taken from the calibration images (one
@@ -232,6 +222,17 @@ class OpenVinoImageEncoder:
                 _PromptedImageTower(clip).eval(), example_input=(images, prompts, replace),
                 input=[ov.PartialShape([-1, 3, size, size]), ov.PartialShape([-1, self.layers, -1, width]),
                        ov.PartialShape([self.layers])])
+
+
+def _cached(ov, folder: Path | None, name: str, build: Callable[[], Any]):
+    """The graph saved as `folder/name`, or `build()`'s, saved there for the next start (no folder: not kept)."""
+    path = None if folder is None else folder / name
+    if path is not None and path.is_file():
+        return ov.Core().read_model(path)
+    model = build()
+    if path is not None:
+        _save(ov, model, path)
+    return model
 
 
 def _save(ov, model, path: Path) -> None:
