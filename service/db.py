@@ -26,12 +26,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, max_connections: int = 15, pool_timeout_s: float = 30.0) -> Engine:
+    """An engine whose pool holds at most `max_connections` (SQLAlchemy's default of 5 kept open plus
+    10 on demand) and makes a caller wait at most `pool_timeout_s` for one (then sqlalchemy's
+    TimeoutError, which the API answers with a 503)."""
+    pool = {"pool_size": min(5, max_connections), "max_overflow": max_connections - min(5, max_connections),
+            "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 class Database:
@@ -39,16 +44,17 @@ class Database:
     API keeps its own on `app.state.database`, a worker and each CLI command build theirs at start.
     Two of them (two apps in one test process) never share an engine."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_connections: int = 15, pool_timeout_s: float = 30.0) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, max_connections, pool_timeout_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Database":
         if settings.is_sqlite:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings.resolved_database_url)
+        return cls(settings.resolved_database_url, settings.database_max_connections,
+                   settings.database_pool_timeout_s)
 
     def session(self) -> Session:
         """A session the caller closes (`with database.session() as session:`); nothing is committed."""
@@ -70,6 +76,16 @@ class Database:
     def dispose(self, close: bool = True) -> None:
         """Drop the pooled connections (close=False in a forked child: the parent still owns them)."""
         self.engine.dispose(close=close)
+
+
+def release_connection(session: Session) -> None:
+    """End `session`'s read transaction, so that its pooled connection goes back to the pool now; the
+    session stays usable, and what it loaded stays loaded (expire_on_commit=False).
+
+    A request calls this before it waits on anything but the database (an upload's body, an encoder
+    pass, the backbone's load): sixteen classify requests each holding a connection through a
+    30-second encoder pass emptied the pool of fifteen, and the sixteenth failed."""
+    session.commit()
 
 
 def db_now(session: Session) -> datetime:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("upt.service")
@@ -110,6 +111,11 @@ def disk_full() -> Problem:
                    "kept; retry once space was freed.", type="insufficient-storage")
 
 
+def database_busy() -> Problem:
+    return Problem(503, "Database busy", "Every database connection of this API process is in use; retry in a "
+                   "few seconds.", type="database-busy", headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def database_unavailable() -> Problem:
     return Problem(503, "Database unavailable", "The database cannot be reached right now; retry in a few "
                    "seconds.", type="database-unavailable",
@@ -179,6 +185,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return problem_response(disk_full(), request)
         database_outage.failed(exc)
         return problem_response(database_unavailable(), request)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # No connection came free within UPT_DATABASE_POOL_TIMEOUT_S: this process has more requests at
+        # the database than UPT_DATABASE_MAX_CONNECTIONS. Overload, not a bug: 503 and retry.
+        log.warning("%s %s: no free database connection: %s", request.method, request.url.path,
+                    (str(exc).splitlines() or [""])[0])
+        return problem_response(database_busy(), request)
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     queue: str = "upt"
+    # Pooled database connections per process (PostgreSQL's max_connections must cover every process),
+    # and how long a request waits for a free one before a 503 says the database is busy.
+    database_max_connections: int = Field(15, ge=1)
+    database_pool_timeout_s: float = Field(30.0, gt=0)
 
     # HTTP
     host: str = "127.0.0.1"

@@ -10,6 +10,7 @@ from service.api.deps import (BatcherDep, InstantDep, MetricsDep, ServingDep, Se
                               TenantDep)
 from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
+from service.db import release_connection
 from service.errors import Problem, invalid
 from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus
@@ -76,6 +77,7 @@ def _classify(form, tenant, session, settings, serving, storage, metrics, batche
         raise invalid("stage", f"with a `task_id`, one of {', '.join(STAGES)}.")
     if task_id:
         task = tenant_task(session, tenant, task_id)
+        release_connection(session)  # the rest (artifact, encoder pass) can take seconds under load
         predictor, stage = _task_predictor(task, stage, serving, storage, instant)
     else:
         predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"

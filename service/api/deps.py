@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.auth import LOCAL_TENANT, get_or_create_tenant, tenant_of_key
 from service.batching import MicroBatcher
-from service.db import Database
+from service.db import Database, release_connection
 from service.errors import Problem
 from service.instant import InstantStages
 from service.models import Tenant
@@ -94,9 +94,11 @@ def current_tenant(request: Request, session: SessionDep, settings: SettingsDep)
                           "(create one with `upt keys create --tenant NAME`).",
                           headers={"WWW-Authenticate": "Bearer"})
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
-        session.commit()
-        return tenant
-    tenant = tenant_of_key(session, key)
+    else:
+        tenant = tenant_of_key(session, key)
+    # Before the route reads a body or waits on the encoder: a request streaming a slow upload must
+    # not hold one of the pool's few connections while it does.
+    release_connection(session)
     if tenant is None:
         raise Problem(401, "Unauthorized", "This API key is unknown or revoked.",
                       headers={"WWW-Authenticate": "Bearer"})

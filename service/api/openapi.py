@@ -38,7 +38,7 @@ WHY = {
     422: "Invalid input; `errors` names each field",
     429: "The tenant's quota of queued and running tasks is used up (Retry-After)",
     431: "Request headers too large (UPT_MAX_HEADER_BYTES)",
-    503: "The database or the backbone is unavailable for now (Retry-After where known)",
+    503: "The database is unavailable or busy, or the backbone is not loaded yet (Retry-After where known)",
     507: "No space left on the storage volume, or the tenant's storage quota",
 }
 

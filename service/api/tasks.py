@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
 from service.api.deps import InstantDep, QueueDep, ServingDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.api.forms import TASK_FORM
-from service.db import db_now
+from service.db import db_now, release_connection
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
@@ -81,6 +81,7 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
             if locked:
                 await run_in_threadpool(_unlock_key, session, tenant, idempotency_key)
             raise
+    await run_in_threadpool(release_connection, session)  # the body can take minutes to arrive
     scratch = scratch_dir(storage.root / "tmp")
     try:
         # The body is read even for a replay: only its fingerprint tells a retry from another request.
