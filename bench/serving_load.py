@@ -1,14 +1,15 @@
 """/classify as users see it: N concurrent HTTP clients against a real `upt serve`.
 
 One run, so that the ratios compare like with like on a shared machine:
-- raw PyTorch fp32 `encode_image` throughput at batch 32, measured in this process while the
-  service is idle (the yardstick);
+- raw PyTorch fp32 `encode_image` throughput at batch 32, measured in this process before each
+  configuration while no server runs (the yardstick of that configuration's ratios);
 - for each serving configuration (`--configs`, e.g. the default `auto`, exact `fp32`, or the opt-in
   `openvino:int8`, calibrated on the fixture's training images): a fresh
   `upt serve --no-worker` on its own SQLite database, then N clients posting one image per request
   over 1, 10 and 100 distinct tasks of mixed methods (zero-shot class lists, CoOp, VPT-shallow,
   VPT-deep, UPT artifacts), printing images/s (and its ratio to raw), p50/p99 latency, and encoder
-  passes per image (from /metrics: upt_classify_encoder_batch_size _count / _sum);
+  passes per image (from /metrics: upt_classify_encoder_batch_size _count / _sum), and how many
+  cores the server and the clients (this process) kept busy: on one machine they share the CPU;
 - a cold zero-shot miss for 100 classes and a tuned-artifact miss, each against a hit.
 
 The backbone is ViT-B-16 with random weights (the only weights here; cost does not depend on values).
@@ -146,7 +147,14 @@ def classify(client: httpx.Client, url: str, task: dict, image: tuple[str, bytes
     return elapsed
 
 
-def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: int, seconds: float) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process `pid` has used, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: int, seconds: float,
+         server_pid: int) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -168,6 +176,8 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
                 k += 1
 
     passes0, images0 = encoder_counts(url)
+    # Where the machine's cores went: the clients run in this process and share the CPU with the server.
+    clients_cpu0, server_cpu0 = time.process_time(), process_cpu_s(server_pid)
     start = time.perf_counter()
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -175,6 +185,8 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    clients_cores = (time.process_time() - clients_cpu0) / wall
+    server_cores = (process_cpu_s(server_pid) - server_cpu0) / wall
     passes1, images1 = encoder_counts(url)
     if errors:
         raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
@@ -185,6 +197,9 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
         "passes_per_image": (passes1 - passes0) / max(1.0, images1 - images0),
         "requests": len(latencies),
+        "server_cores": server_cores,
+        "clients_cores": clients_cores,
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -230,14 +245,22 @@ def main() -> None:
             if on_cuda:
                 torch.cuda.synchronize()
 
-        raw_s = median_seconds(raw_pass, args.repeats)
-        raw = 32 / raw_s
+        def yardstick() -> float:
+            """Raw throughput, measured again before each configuration while no server runs: on a
+            shared or virtual machine it drifts by 10 % or more over the minutes a run takes."""
+            raw_s = median_seconds(raw_pass, args.repeats)
+            print(f"raw PyTorch {'fp16' if on_cuda else 'fp32'} encode_image, batch 32: {32 / raw_s:.2f} images/s "
+                  f"({1000 * raw_s:.0f} ms per batch; load average {os.getloadavg()[0]:.1f})")
+            sys.stdout.flush()
+            return 32 / raw_s
+
         print(f"# {args.model} (random weights), {args.clients} clients, 1 image per request, {machine()}")
-        print(f"raw PyTorch {'fp16' if on_cuda else 'fp32'} encode_image, batch 32: {raw:.2f} images/s "
-              f"({1000 * raw_s:.0f} ms per batch)")
-        sys.stdout.flush()
+        yardsticks = []
         for config in args.configs.split(","):
             runtime, precision = config.split(":")
+            print(f"\n## UPT_SERVE_RUNTIME={runtime} UPT_SERVE_PRECISION={precision}")
+            raw = yardstick()
+            yardsticks.append(raw)
             data_dir = tmp / f"data-{runtime}-{precision}"
             pool = max(max(task_counts), len(METHODS))  # every method at least once: one task is a UPT one
             tasks = make_tasks(backbone, data_dir, pool + 2)
@@ -252,8 +275,7 @@ def main() -> None:
                 start = time.perf_counter()
                 ready = server.wait_ready()
                 serving = ready["checks"].get("image_encoder", {}).get("detail", "?")
-                print(f"\n## UPT_SERVE_RUNTIME={runtime} UPT_SERVE_PRECISION={precision}: served by {serving} "
-                      f"(ready after {time.perf_counter() - start:.0f} s)")
+                print(f"served by {serving} (ready after {time.perf_counter() - start:.0f} s)")
                 warm(server.url, tasks[:len(METHODS)], images[0], 1)  # the process's first requests: imports etc.
                 spare = tasks[pool:]  # never used under load: cold misses
                 tuned = next(t for t in spare if "task_id" in t["data"])
@@ -267,19 +289,21 @@ def main() -> None:
                 for count in task_counts:
                     chosen = tasks[:count] if count > 1 else [t for t in tasks if t["method"] == "upt"][:1]
                     warm(server.url, chosen, images[0], args.clients)  # this phase measures serving, not misses
-                    result = load(server.url, chosen, images, args.clients, args.seconds)
+                    result = load(server.url, chosen, images, args.clients, args.seconds, server.process.pid)
                     methods = sorted({t["method"] for t in chosen})
                     print(f"{count:3d} task(s) [{', '.join(methods)}]: {result['images_per_s']:.2f} images/s "
                           f"= {result['images_per_s'] / raw:.2f}x raw batch-32, p50 {result['p50_ms']:.0f} ms, "
                           f"p99 {result['p99_ms']:.0f} ms, {result['passes_per_image']:.3f} encoder passes per "
-                          f"image ({result['requests']} requests)")
+                          f"image ({result['requests']} requests); cores busy: server {result['server_cores']:.2f}, "
+                          f"clients {result['clients_cores']:.2f} of {os.cpu_count()} (load average "
+                          f"{result['load_average']:.1f})")
                     sys.stdout.flush()
             except Exception:
                 print(f"--- the tail of the server's log ---\n{server.log.read_text()[-6000:]}")
                 raise
             finally:
                 server.stop()
-        print(json.dumps({"raw_images_per_s": raw}))
+        print(json.dumps({"raw_images_per_s": yardsticks}))
 
 
 if __name__ == "__main__":
