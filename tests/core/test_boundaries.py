@@ -87,3 +87,11 @@ def test_the_queue_knows_the_training_task_by_name_only():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('worker', 'upt', 'torch')))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_worker_parent_process_imports_no_torch():
+    """Celery's parent process imports the worker's modules and only supervises the forked pool
+    processes: without torch it stays at ~70 MB instead of ~750 MB (worker/tasks.py says why)."""
+    probe = "import sys, worker.process\nprint(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
