@@ -6,7 +6,9 @@ at which layers they replace the previous layer's outputs (1 up to the task's de
 VPT-shallow, VPT-deep and UPT tasks of any depth run through the same graph. Unprompted requests
 (zero-shot, CoOp) use a second graph without prompt inputs. Both are converted once and saved as
 OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256 and the library version), so a
-restart reads them instead of tracing the model again; compiling happens once, at load.
+restart reads them instead of tracing the model again; compiling happens once, at load. The folder
+only saves time: a damaged file is converted again and replaced, and where nothing can be written (a
+full or read-only volume) the compiled encoder serves all the same and `cache_problems` says why.
 
 Precision: "fp32" is exact to float rounding (features equal to ~1e-6); "bf16"/"fp16" run the
 matrix products in 16 bits where the CPU supports it (bench/encoder_runtimes.py prints the top-1
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import shutil
 import threading
 import warnings
 from collections.abc import Callable
@@ -137,15 +141,14 @@ class OpenVinoImageEncoder:
         self.precision = precision
         self.calibration = calibration if precision == "int8" else None
         self.layers = backbone.vision_layers
-        core = ov.Core()
+        # Why the cache folder could not be used: served all the same, compiled again at the next start.
+        self.cache_problems: list[str] = []
         config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         folder = None if cache_dir is None else Path(cache_dir) / _cache_key(backbone)
-        if folder is not None:  # compiled blobs too, so a restart imports instead of compiling again
-            core.set_property({"CACHE_DIR": str(folder / "blobs")})
-        self._plain = core.compile_model(self._model(ov, folder, "plain"), "CPU", config)
-        self._prompted = core.compile_model(self._model(ov, folder, "prompted"), "CPU", config)
+        self._plain = self._compile(ov, self._model(ov, folder, "plain"), config, folder)
+        self._prompted = self._compile(ov, self._model(ov, folder, "prompted"), config, folder)
         self._lock = threading.Lock()  # one inference at a time per compiled model (the batcher's thread)
 
     def describe(self) -> str:
@@ -175,14 +178,43 @@ class OpenVinoImageEncoder:
         replace[:depth] = 1.0
         return full.numpy(), replace.numpy()
 
+    def _compile(self, ov, model, config: dict, folder: Path | None):
+        """The compiled model, its blob kept under `folder` so that a restart imports it instead of
+        compiling again; where the blob cannot be written (a full or read-only volume), compiled
+        without it."""
+        if folder is not None:
+            try:
+                return ov.Core().compile_model(model, "CPU", {**config, "CACHE_DIR": str(folder / "blobs")})
+            except Exception as error:
+                self.cache_problems.append(f"compiled blob not cached ({_reason(error, folder)})")
+        return ov.Core().compile_model(model, "CPU", config)
+
     def _model(self, ov, folder: Path | None, kind: str):
         if self.calibration is None:
             return self._fp32_model(ov, folder, kind)
-        return _cached(ov, folder, f"{kind}-int8-{_calibration_key(self.calibration)}.xml",
-                       lambda: self._quantize(self._fp32_model(ov, folder, kind), kind))
+        return self._cached(ov, folder, f"{kind}-int8-{_calibration_key(self.calibration)}.xml",
+                            lambda: self._quantize(self._fp32_model(ov, folder, kind), kind))
 
     def _fp32_model(self, ov, folder: Path | None, kind: str):
-        return _cached(ov, folder, f"{kind}.xml", lambda: self._convert(ov, kind))
+        return self._cached(ov, folder, f"{kind}.xml", lambda: self._convert(ov, kind))
+
+    def _cached(self, ov, folder: Path | None, name: str, build: Callable[[], Any]):
+        """The graph saved as `folder/name`, or `build()`'s, saved there for the next start (no folder:
+        not kept). A file that cannot be read is built again and replaced; a graph that cannot be
+        saved is served all the same: the folder only saves the next start some time."""
+        path = None if folder is None else folder / name
+        if path is not None and path.is_file():
+            try:
+                return ov.Core().read_model(path)
+            except Exception as error:
+                self.cache_problems.append(f"{name} unreadable ({type(error).__name__}), converted again")
+        model = build()
+        if path is not None:
+            try:
+                _save(ov, model, path)
+            except Exception as error:
+                self.cache_problems.append(f"{name} not cached ({_reason(error, folder)})")
+        return model
 
     def _quantize(self, model, kind: str):
         """The fp32 graph with int8 products, their ranges taken from the calibration images (one
@@ -224,23 +256,34 @@ class OpenVinoImageEncoder:
                        ov.PartialShape([self.layers])])
 
 
-def _cached(ov, folder: Path | None, name: str, build: Callable[[], Any]):
-    """The graph saved as `folder/name`, or `build()`'s, saved there for the next start (no folder: not kept)."""
-    path = None if folder is None else folder / name
-    if path is not None and path.is_file():
-        return ov.Core().read_model(path)
-    model = build()
-    if path is not None:
-        _save(ov, model, path)
-    return model
-
-
 def _save(ov, model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.xml")
-    ov.save_model(model, tmp, compress_to_fp16=False)
-    tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    tmp.replace(path)  # the .xml last: a model on disk is complete
+    try:
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+        tmp.replace(path)  # the .xml last: a model on disk is complete
+    finally:  # a failed save leaves no half-written files behind
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """Why writing under `folder` failed, in words: OpenVINO reports a full disk as an iostream error."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return os.strerror(error.errno).lower()
+    try:
+        if shutil.disk_usage(_existing(folder)).free < 1024 * 1024:
+            return "no space left on the device"
+    except OSError:
+        pass
+    return f"{type(error).__name__}: {error}"
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _calibration_key(calibration: torch.Tensor) -> str:

@@ -98,7 +98,8 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
         if chosen == "int8" and not nncf_available():
             chosen, note = "fp32", "int8 needs NNCF (pip install 'upt[int8]'): serving exact fp32"
         try:
-            return OpenVinoImageEncoder(backbone, chosen, cache_dir, calibration=calibration), note
+            encoder = OpenVinoImageEncoder(backbone, chosen, cache_dir, calibration=calibration)
+            return encoder, "; ".join(filter(None, [note, *encoder.cache_problems]))
         except Exception as error:  # a model the converter cannot take still serves, in PyTorch
             note = f"OpenVINO failed ({type(error).__name__}: {error})"
     chosen = precision if precision not in ("auto", "int8") else ("fp16" if on_cuda else "fp32")

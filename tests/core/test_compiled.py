@@ -45,6 +45,16 @@ def test_openvino_fp32_features_equal_pytorch(tiny, encoders):
             torch.testing.assert_close(openvino(images, per_sample), pytorch(images, per_sample), atol=2e-6, rtol=0)
 
 
+def test_a_damaged_cached_graph_is_converted_again_and_replaced(tiny, tmp_path):
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    (next(tmp_path.iterdir()) / "plain.xml").write_text("<net version=")  # cut short, as by a crash
+    encoder = compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    assert encoder.cache_problems == ["plain.xml unreadable (RuntimeError), converted again"]
+    images = _images(tiny, 2)
+    torch.testing.assert_close(encoder(images, None), TorchImageEncoder(tiny)(images, None), atol=2e-6, rtol=0)
+    assert compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path).cache_problems == []  # the file was replaced
+
+
 def test_the_compiled_model_is_cached_on_disk_and_read_back(tiny, encoders, monkeypatch):
     _, pytorch, cache = encoders
     saved = sorted(p.name for p in next(cache.iterdir()).iterdir())

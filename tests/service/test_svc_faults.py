@@ -198,3 +198,26 @@ def test_training_on_a_full_disk_says_so_and_retries_with_back_off(worker_on_ful
     task = row(other)
     assert task.status == "failed" and NO_SPACE in task.error and "UPT_MAX_ATTEMPTS" in task.error
     assert task.finished_at is not None
+
+
+@pytest.mark.service
+def test_a_full_compiled_folder_still_serves_the_compiled_encoder(tmp_path, tiny_checkpoint):
+    """The compiled graphs cannot be cached on a full volume: the API serves OpenVINO all the same
+    (before: it fell back to PyTorch fp32, several times slower, on an "iostream error"), says why in
+    /readyz's detail, and leaves no half-written file."""
+    from service.serving_cache import ServingCache
+    from service.settings import Settings
+
+    volume = Tmpfs(tmp_path / "compiled", 1024 * 1024)  # the API's compiled folder (UPT_DATA_DIR/compiled)
+    try:
+        volume.fill(leave_bytes=0)
+        settings = Settings(model="upt-tiny", pretrained=str(tiny_checkpoint), device="cpu", data_dir=tmp_path,
+                            serve_runtime="openvino", serve_precision="fp32")
+        serving = ServingCache(settings)
+        serving.start_loading().join(300)
+        ready, detail = serving.encoder_status()
+        assert ready and detail.startswith("openvino fp32 on cpu"), detail
+        assert "not cached (no space left on the device)" in detail, detail
+        assert volume.files() == []
+    finally:
+        volume.unmount()
