@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from service.settings import Settings
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -86,6 +90,29 @@ def release_connection(session: Session) -> None:
     pass, the backbone's load): sixteen classify requests each holding a connection through a
     30-second encoder pass emptied the pool of fifteen, and the sixteenth failed."""
     session.commit()
+
+
+def is_conflict(error: BaseException) -> bool:
+    """A deadlock or serialization failure (SQLSTATE class 40): PostgreSQL rolled this transaction back
+    so that a concurrent one could go on, and running it again is the documented remedy."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("40")
+
+
+def commit_retrying_conflicts(session: Session, work: Callable[[], T], attempts: int = 3) -> T:
+    """`work()` (writes on `session`) and commit; run again from the start when PostgreSQL picked this
+    transaction as a deadlock's victim. Deleting a task locks its row, then (ON DELETE CASCADE) its
+    candidates' and events' rows: the opposite order from a worker writing an epoch of the task."""
+    for attempt in range(1, attempts + 1):
+        try:
+            result = work()
+            session.commit()
+            return result
+        except DBAPIError as error:
+            session.rollback()
+            if attempt == attempts or not is_conflict(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 def db_now(session: Session) -> datetime:

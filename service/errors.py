@@ -16,6 +16,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db import is_conflict
+
 log = logging.getLogger("upt.service")
 
 # Relative URI references (RFC 9457 allows them): they resolve against wherever the API is served.
@@ -183,6 +185,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # ours with a name and a Retry-After, not a 500. The pool pre-pings, so it recovers by itself.
         if is_disk_full(exc):
             return problem_response(disk_full(), request)
+        if is_conflict(exc):  # a deadlock lost even after retries: the database is busy, not down
+            return problem_response(database_busy(), request)
         database_outage.failed(exc)
         return problem_response(database_unavailable(), request)
 

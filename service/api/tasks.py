@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.api.conditional import json_response, list_etag, matches, not_modified, poll_headers, task_etag
 from service.api.deps import InstantDep, QueueDep, ServingDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.api.forms import TASK_FORM
-from service.db import db_now, release_connection
+from service.db import commit_retrying_conflicts, db_now, release_connection
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
@@ -266,9 +266,7 @@ def cancel_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut
 def delete_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep,
                 serving: ServingDep) -> Response:
     """Removes the row, its history, its uploads and its artifact. A running training stops."""
-    task = tenant_task(session, tenant, task_id)
-    session.delete(task)
-    session.commit()
+    commit_retrying_conflicts(session, lambda: session.delete(tenant_task(session, tenant, task_id)))
     storage.delete_task(task_id)
     serving.tuned.discard(task_id)
     serving.tuned.discard(instant_key(task_id))
