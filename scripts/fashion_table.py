@@ -86,7 +86,8 @@ def run_set(folder: str, methods: tuple[str, ...]) -> dict:
         for seed in SEEDS:
             rows, held_out = [], {}
             for method in methods:
-                config = candidate_config(TrainConfig.of(method, seed=seed, **OPTIONS), method)
+                # OPTIONS go to the methods that use them, as auto passes its options to its candidates.
+                config = candidate_config(TrainConfig.holding(method, seed=seed, **OPTIONS), method)
                 began = time.perf_counter()
                 result = train(backbone, data / "train", config, Path(tmp) / f"{method}-{seed}")
                 rows.append(leaderboard_row(method, result.metrics, time.perf_counter() - began))

@@ -48,3 +48,15 @@ def fashion_train() -> Path:
 @pytest.fixture(scope="session")
 def fashion_test() -> Path:
     return FASHION / "test"
+
+
+@pytest.fixture(scope="session")
+def option_values() -> dict:
+    """A valid value of every option a user sets (`upt train` flags, `POST /tasks` fields), in the
+    registry's order; every method that takes depth accepts 1, and upt-tiny's towers have more."""
+    from upt.methods.registry import train_options
+
+    values = {"shots": 1, "seed": 3, "epochs": 1, "n_ctx": 2, "depth": 1, "ctx_init": "a photo of a", "lr": 0.01,
+              "batch_size": 4, "augment_views": 2}
+    assert set(values) == {option.name for option in train_options()}  # a new option needs a value here
+    return {option.name: values[option.name] for option in train_options()}

@@ -23,7 +23,7 @@ from .backbone import Backbone
 from .datasets import DataSource
 from .errors import ConfigError
 from .methods.config import METHODS
-from .methods.registry import REGISTRY, registry_as_dicts, train_options
+from .methods.registry import REGISTRY, refuse_unused, registry_as_dicts, train_options
 from .options import OptionSpec
 from .training import SGD_OPTIONS, TrainCallbacks, TrainConfig, TrainResult, train
 
@@ -38,11 +38,31 @@ AUTO_DESCRIPTION = ("Trains the candidates (Tip-Adapter-F, CoOp, VPT deep and UP
 
 
 def method_listing() -> list[dict[str, Any]]:
-    """Every method as `upt methods --json` and `GET /methods` list it: auto first, then the registry's."""
+    """Every method as `upt methods --json` and `GET /methods` list it: auto first, then the registry's.
+    Auto's options are those it takes with its default candidates (`auto_options`)."""
     auto = {"name": AUTO, "title": AUTO_TITLE, "description": AUTO_DESCRIPTION, "learns": [], "conditional": False,
             "uses_cache": False, "default_depth": None,
-            "options": [CANDIDATES.as_dict()] + [option.as_dict() for option in train_options()]}
+            "options": [option.as_dict() for option in auto_options(DEFAULT_CANDIDATES)]}
     return [auto] + registry_as_dicts()
+
+
+def _passed_on(method: str) -> set[str]:
+    """The options a candidate takes from auto's shared ones: those it uses, except that a method with
+    its own recipe (the cache methods) keeps that recipe's epochs (see CANDIDATES' help)."""
+    spec = REGISTRY[method]
+    return {option.name for option in spec.options} - ({"epochs"} if spec.recipe is not None else set())
+
+
+def auto_options(candidates: tuple[str, ...]) -> list[OptionSpec]:
+    """What method=auto takes with these candidates: `candidates`, and every option that at least one
+    candidate is passed (`_passed_on`), as the general spec, in the registry's order.
+
+    At least one, not every one: one command line or form serves all the candidates, and an option
+    that one of them uses changes that candidate's result, hence possibly the winner, so it matters
+    and is accepted; each candidate receives only the options it uses (`candidate_config`). An
+    option that no candidate uses could change nothing and is refused, as for a single method."""
+    used = set().union(*(_passed_on(method) for method in candidates))
+    return [CANDIDATES] + [option for option in train_options() if option.name in used]
 
 
 def parse_candidates(text: str | None) -> tuple[str, ...]:
@@ -61,22 +81,30 @@ def parse_candidates(text: str | None) -> tuple[str, ...]:
 
 
 def candidate_config(base: TrainConfig, method: str) -> TrainConfig:
-    """`base`'s options for `method`. The SGD options and epochs apply to the prompt methods; the
-    methods with their own recipe (the cache methods) keep it, and take no prompt options, so one
+    """`base`'s options for `method`: those it is passed (`_passed_on`); the others keep the method's
+    own defaults, as do the SGD options of a method with its own recipe (the cache methods), so one
     command line can serve every candidate."""
-    options = base.to_dict()
-    del options["method"]
+    dropped = {option.name for option in train_options()} - _passed_on(method)
     if REGISTRY[method].recipe is not None:
-        defaults = TrainConfig.of(method).to_dict()
-        options |= {name: defaults[name] for name in (*SGD_OPTIONS, "epochs", "n_ctx", "depth", "ctx_init")}
+        dropped |= set(SGD_OPTIONS)
+    options = {name: value for name, value in base.to_dict().items() if name != "method" and name not in dropped}
     return TrainConfig.of(method, **options).validate()
 
 
 def base_config(candidates: tuple[str, ...], **options: Any) -> TrainConfig:
-    """The options shared by `candidates`, held as the first candidate's that learns prompts (every
-    prompt option applies to it; the cache methods drop them in `candidate_config`)."""
-    holder = next((m for m in candidates if REGISTRY[m].recipe is None), candidates[0])
-    return TrainConfig.of(holder, **options)
+    """The options shared by `candidates`; an option that none of them uses is refused
+    (UnusedOptionError, as `TrainConfig.of` refuses one for a single method)."""
+    refuse_unused(f"auto with candidates {', '.join(candidates)}", auto_options(candidates), options)
+    return _shared_config(candidates, options)
+
+
+def _shared_config(candidates: tuple[str, ...], options: dict[str, Any]) -> TrainConfig:
+    """Held as the first candidate's that has no recipe of its own and takes ctx_init, else the first
+    without a recipe: its prompt config then accepts every prompt option (the cache methods refuse
+    them, most prompt methods refuse ctx_init). It may hold an option that only another candidate
+    uses, which `candidate_config` passes on."""
+    holder = min(candidates, key=lambda m: (REGISTRY[m].recipe is not None, not REGISTRY[m].takes("ctx_init")))
+    return TrainConfig.holding(holder, **options)
 
 
 @dataclass
@@ -118,7 +146,7 @@ class AutoConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AutoConfig":
         candidates = tuple(data.get("candidates") or DEFAULT_CANDIDATES)
         options = {key: value for key, value in data.items() if key not in ("candidates", "method")}
-        return cls(base_config(candidates, **options), candidates)
+        return cls(_shared_config(candidates, options), candidates)  # as stored, every option: not judged
 
 
 def config_from_dict(data: dict[str, Any]) -> "TrainConfig | AutoConfig":

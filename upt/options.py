@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 from .errors import ConfigError
 
@@ -96,6 +96,23 @@ class OptionSpec:
         return {"name": self.name, "type": self.type_name, "default": self.default, "minimum": self.minimum,
                 "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum,
                 "exclusive_maximum": self.exclusive_maximum, "help": self.help}
+
+
+class UnusedOptionError(ConfigError):
+    """An option given to a method that does not use it: refused rather than silently ignored (the
+    registry's `refuse_unused`). `field` is that option; `takes` the options the method does use, so a
+    caller can list them in its own spelling (the CLI its flags)."""
+
+    def __init__(self, method: str, option: str, takes: tuple[OptionSpec, ...]):
+        self.method, self.takes = method, tuple(takes)
+        super().__init__(self.describe(lambda spec: spec.name), field=option)
+
+    def describe(self, spell: Callable[[OptionSpec], str]) -> str:
+        """'cocoop does not use this option; its options are n_ctx, ...', each option as `spell` writes it."""
+        return f"{self.method} does not use this option; its options are {', '.join(map(spell, self.takes))}."
+
+    def __reduce__(self):  # pickled across processes with what it lists, not only its message
+        return type(self), (self.method, self.field, self.takes)
 
 
 def _number(value: float | None) -> str:

@@ -31,7 +31,7 @@ from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import PromptConfig, PromptedCLIP
 from .methods.cocoop import ConditionalContext
 from .methods.model import template_classifier
-from .methods.registry import MethodSpec
+from .methods.registry import MethodSpec, method_spec
 from .methods.tip_adapter import (
     CacheModel,
     CacheOptions,
@@ -99,7 +99,18 @@ class TrainConfig(JsonOptions):
 
     @classmethod
     def of(cls, method: str, **options: Any) -> "TrainConfig":
-        """A run of `method` with flat options: the prompt's (n_ctx, depth, ...) and the schedule's."""
+        """A run of `method` with flat options: the prompt's (n_ctx, depth, ...) and the schedule's.
+        An option that `method` does not use (CoCoOp's depth, zero-shot's lr) is refused
+        (UnusedOptionError, a ConfigError naming it), not ignored: `upt train` and `POST /tasks`
+        build their configs here, so this is where both refuse it."""
+        method_spec(method).refuse_unused(options)
+        return cls.holding(method, **options)
+
+    @classmethod
+    def holding(cls, method: str, **options: Any) -> "TrainConfig":
+        """`of` without refusing the options `method` does not use: for the stored form, which holds
+        every option whether used or not, and for auto's shared options (upt.auto.base_config), from
+        which each candidate takes its own."""
         own = {f.name for f in fields(cls)} - {"prompt"}
         unknown = set(options) - own - set(PROMPT_OPTIONS)
         if unknown:
@@ -113,7 +124,9 @@ class TrainConfig(JsonOptions):
         options = dict(data)
         if "method" not in options:
             raise ConfigError("Stored training options name no method.", field="method")
-        return cls.of(options.pop("method"), **options)
+        # It holds every option, used or not (and a row written before unused options were refused
+        # may hold a value its method ignored): read as stored, never refused.
+        return cls.holding(options.pop("method"), **options)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, as stored since the first version: the method and prompt options beside the schedule's."""

@@ -14,6 +14,7 @@ from upt.auto import (
     DEFAULT_CANDIDATES,
     AutoConfig,
     LeaderboardRow,
+    base_config,
     candidate_config,
     config_from_dict,
     parse_candidates,
@@ -50,8 +51,8 @@ def test_candidates_are_checked_and_keep_their_own_recipe():
 
 
 def test_auto_keeps_the_argmax_of_its_leaderboard(tiny, fashion_train, tmp_path):
-    base = TrainConfig.of("coop", shots=4, epochs=2, lr=0.05, batch_size=8, augment_views=2)
     candidates = ("tip-adapter", "coop", "vpt-shallow")
+    base = base_config(candidates, shots=4, epochs=2, lr=0.05, batch_size=8, augment_views=2)
     result = train_auto(tiny, fashion_train, base, candidates, tmp_path / "out", tmp_path / "work")
     board = result.choice["leaderboard"]
     assert [row["method"] for row in board] == list(candidates)
@@ -87,7 +88,7 @@ def test_cli_auto_prints_the_leaderboard_and_writes_the_winner(tiny_checkpoint, 
 
 
 def test_a_resumed_auto_run_keeps_the_candidates_already_trained(tiny, fashion_train, tmp_path):
-    base = TrainConfig.of("coop", shots=2, epochs=1, lr=0.05, batch_size=4, augment_views=1)
+    base = base_config(("tip-adapter", "coop"), shots=2, epochs=1, lr=0.05, batch_size=4, augment_views=1)
     seen = []
     first = train_auto(tiny, fashion_train, base, ("tip-adapter", "coop"), tmp_path / "a", tmp_path / "work",
                        resume=True, on_candidate=lambda i, row, reused: seen.append((row.method, reused)))

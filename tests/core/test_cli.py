@@ -15,7 +15,7 @@ from upt.methods import CACHE_METHODS, METHODS
 # the paper's own recipe (training-free, or 20 AdamW epochs over cached features). The README's table
 # is made on the pretrained tiny CLIP by scripts/fashion_table.py.
 TRAIN_OPTIONS = ["--shots", "16", "--epochs", "100", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
-CACHE_OPTIONS = ["--shots", "16", "--seed", "1"]
+SPLIT_OPTIONS = ["--shots", "16", "--seed", "1"]  # zero-shot and the cache methods: no SGD options (refused)
 # CoCoOp encodes the class prompts once per image: 20 epochs (its paper runs 10) keep it within the timeout.
 COCOOP_OPTIONS = ["--shots", "16", "--epochs", "20", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
 
@@ -23,7 +23,7 @@ COCOOP_OPTIONS = ["--shots", "16", "--epochs", "20", "--lr", "0.05", "--batch-si
 def train_options(method: str) -> list[str]:
     if method == "cocoop":
         return COCOOP_OPTIONS
-    return CACHE_OPTIONS if method in CACHE_METHODS else TRAIN_OPTIONS
+    return SPLIT_OPTIONS if method in CACHE_METHODS or method == "zero-shot" else TRAIN_OPTIONS
 
 
 def upt_cli(*args: str) -> dict:
@@ -89,3 +89,4 @@ def test_errors_are_one_line_and_json(tmp_path):
     assert result.returncode == 2
     assert json.loads(result.stdout)["error"]["type"] == "ArtifactError"
     assert "adapter_config.json is missing" in result.stderr and "Traceback" not in result.stderr
+

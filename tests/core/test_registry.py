@@ -10,13 +10,22 @@ import sys
 
 import pytest
 
-from upt.auto import AUTO, CANDIDATES, method_listing
+from upt.auto import (
+    AUTO,
+    CANDIDATES,
+    DEFAULT_CANDIDATES,
+    AutoConfig,
+    auto_options,
+    base_config,
+    config_from_dict,
+    method_listing,
+)
 from upt.cli import build_parser
 from upt.errors import ConfigError
 from upt.methods import CACHE_METHODS, METHODS, PROMPT_METHODS, REGISTRY, SPECS, PromptConfig, PromptedCLIP
 from upt.methods import cocoop, prompts
 from upt.methods.registry import methods_taking, train_options
-from upt.options import OPTIONS
+from upt.options import AUGMENT_VIEWS, OPTIONS, UnusedOptionError
 from upt.training import TrainConfig
 
 EVERY_METHOD_MODULE = {"coop": prompts.TextContext, "vpt-shallow": prompts.VisualPrompts,
@@ -122,3 +131,52 @@ def test_a_config_error_keeps_its_field_across_processes():
 
     error = pickle.loads(pickle.dumps(ConfigError("depth 9 exceeds the 3 layers", field="depth")))
     assert error.field == "depth" and str(error) == "depth 9 exceeds the 3 layers"
+
+
+def test_every_method_takes_its_own_options_and_refuses_the_others_naming_them(option_values):
+    for spec in SPECS:
+        own = [option.name for option in spec.options]
+        config = TrainConfig.of(spec.name, **{name: option_values[name] for name in own}).validate()
+        assert all(config.to_dict()[name] == option_values[name] for name in own), spec.name
+        for name in set(option_values) - set(own):
+            with pytest.raises(UnusedOptionError) as raised:
+                TrainConfig.of(spec.name, **{name: option_values[name]})
+            assert raised.value.field == name and isinstance(raised.value, ConfigError)
+            assert str(raised.value) == (f"{spec.name} does not use this option; its options are "
+                                         f"{', '.join(own)}.")
+    assert TrainConfig.of("cocoop", depth=None).prompt.depth is None  # None: not given, the method's own
+
+
+def test_the_stored_form_is_read_whole_even_with_an_option_its_method_ignored():
+    stored = TrainConfig.of("cocoop").to_dict() | {"depth": 12}  # a row written before such options were refused
+    assert TrainConfig.from_dict(stored).prompt.depth == 12
+
+
+def test_auto_takes_the_options_one_of_its_candidates_uses_and_passes_each_its_own(option_values):
+    assert [o["name"] for o in method_listing()[0]["options"]] == [CANDIDATES.name, *(o.name for o in train_options())]
+    assert auto_options(DEFAULT_CANDIDATES) == [CANDIDATES, *train_options()]
+    config = AutoConfig(base_config(DEFAULT_CANDIDATES, ctx_init="a photo of a", augment_views=3, lr=0.01),
+                        DEFAULT_CANDIDATES).validate()
+    by_method = {one.method: one for one in config.configs()}
+    assert by_method["coop"].prompt.ctx_init == "a photo of a" and by_method["coop"].lr == 0.01
+    assert by_method["upt"].prompt.ctx_init is None and by_method["vpt-deep"].prompt.ctx_init is None
+    assert by_method["tip-adapter-f"].augment_views == 3 and by_method["tip-adapter-f"].lr == 0.002
+    assert by_method["coop"].augment_views == AUGMENT_VIEWS.default
+    assert config_from_dict(config.to_dict()).to_dict() == config.to_dict()
+    # Tip-Adapter-F keeps its recipe's epochs in auto: with only cache methods, epochs is used by none.
+    for candidates, option in ((("tip-adapter", "zero-shot"), "lr"), (("tip-adapter-f", "tip-adapter"), "epochs"),
+                               (("vpt-deep", "upt"), "ctx_init"), (("coop", "vpt-deep"), "augment_views")):
+        with pytest.raises(UnusedOptionError) as raised:
+            base_config(candidates, **{option: option_values[option]})
+        takes = ", ".join(o.name for o in auto_options(candidates))
+        assert raised.value.field == option and str(raised.value) == (
+            f"auto with candidates {', '.join(candidates)} does not use this option; its options are {takes}.")
+
+
+def test_an_unused_option_error_keeps_its_field_and_listing_across_processes():
+    import pickle
+
+    with pytest.raises(UnusedOptionError) as raised:
+        TrainConfig.of("zero-shot", lr=0.1)
+    error = pickle.loads(pickle.dumps(raised.value))
+    assert (error.field, str(error), error.takes) == ("lr", str(raised.value), REGISTRY["zero-shot"].options)

@@ -141,14 +141,16 @@ def test_tip_adapter_f_starts_from_tip_adapters_cache(tiny, fashion_train, tmp_p
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"lr": 0.05}, "lr apply to the prompt methods"),
-    ({"batch_size": 8}, "batch_size"),
+    ({"lr": 0.05}, "tip-adapter-f does not use this option"),  # UnusedOptionError, the registry's rule
+    ({"batch_size": 8}, "tip-adapter-f does not use this option"),
     ({"augment_views": 0}, "augment_views"),
-    ({"n_ctx": 8}, "learns no prompts"),
+    ({"n_ctx": 8}, "tip-adapter-f does not use this option"),
+    ({"momentum": 0.5}, "momentum apply to the prompt methods"),  # a Python-only SGD option: the recipe's check
 ])
 def test_options_that_do_not_apply_are_refused(options, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as raised:
         TrainConfig.of("tip-adapter-f", **options).validate()
+    assert raised.value.field == next(iter(options))
 
 
 def test_epochs_of_the_cache_methods():

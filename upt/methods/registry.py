@@ -11,7 +11,7 @@ Adding a method = one module with its `nn.Module` (like `cocoop.py`) and one spe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -28,6 +28,7 @@ from ..options import (
     SEED,
     SHOTS,
     OptionSpec,
+    UnusedOptionError,
 )
 from .cocoop import BATCH_SIZE as COCOOP_BATCH_SIZE
 from .cocoop import EPOCHS as COCOOP_EPOCHS
@@ -118,6 +119,10 @@ class MethodSpec:
 
     def takes(self, name: str) -> bool:
         return self.option(name) is not None
+
+    def refuse_unused(self, options: Mapping[str, Any]) -> None:
+        """UnusedOptionError for the first of `options` that is some method's but not this one's."""
+        refuse_unused(self.name, self.options, options)
 
     def as_dict(self) -> dict[str, Any]:
         """What `upt methods --json` and `GET /methods` say about this method."""
@@ -252,5 +257,20 @@ def train_options() -> list[OptionSpec]:
     return [OPTIONS[name] for name in names]
 
 
+def refuse_unused(method: str, takes: Sequence[OptionSpec], options: Mapping[str, Any]) -> None:
+    """The rule for every caller (`TrainConfig.of`, hence `upt train` and `POST /tasks`; auto's shared
+    options): an option that some method takes (a `upt train` flag, a `POST /tasks` field), given to
+    `method` whose options `takes` do not include it, is refused, not silently ignored; a user who
+    sends depth=12 with CoCoOp would believe it mattered. A value of None is not given (it means the
+    method's own default); the options only the Python API sets (momentum, dropout, ...) belong to
+    no method's list and are not judged here."""
+    taken = {option.name for option in takes}
+    settable = {option.name for spec in SPECS for option in spec.options}
+    for name, value in options.items():
+        if value is not None and name in settable and name not in taken:
+            raise UnusedOptionError(method, name, tuple(takes))
+
+
 def methods_taking(option: str) -> list[str]:
     return [spec.name for spec in SPECS if spec.takes(option)]
+

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..backbone import Backbone
 from ..datasets import DataSource, dataset, dataset_folder, expected_path, load_data, resolve_templates
 from ..errors import ConfigError
+from ..methods.registry import method_spec
 from ..predict import Predictor
 from ..training import EpochReport, TrainCallbacks, TrainConfig, train
 from .grid import Run, default_epochs
@@ -29,7 +30,8 @@ CHECKPOINT = "checkpoint"
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Overrides of the paper's training options for every run of a grid (None: the method's default)."""
+    """Overrides of the paper's training options for every run of a grid whose method takes them (None:
+    the method's default)."""
 
     epochs: int | None = None
     batch_size: int | None = None
@@ -124,7 +126,10 @@ def execute(backbone: Backbone, run: Run, sources: dict[str, DataSource], out_di
 
 def run_config(run: Run, source: DataSource, options: RunOptions) -> TrainConfig:
     """The paper's options for one run (the data set's own template, CoOp's epochs), with overrides."""
-    overrides = {key: value for key, value in asdict(options).items() if value is not None}
+    spec = method_spec(run.method)
+    # A grid's override goes to the runs whose method uses it (zero-shot takes no epochs, no lr):
+    # TrainConfig.of refuses an option its method does not use.
+    overrides = {key: value for key, value in asdict(options).items() if value is not None and spec.takes(key)}
     epochs = overrides.pop("epochs", default_epochs(run))
     return TrainConfig.of(run.method, shots=run.shots or 1, seed=run.seed, epochs=epochs,
                           templates=resolve_templates(None, False, source), **overrides).validate()
