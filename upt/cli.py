@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .errors import UptError
 from .methods.registry import SPECS, methods_taking, train_options
 from .auto import CANDIDATES
-from .options import OptionSpec
+from .options import OPTIONS, OptionSpec, UnusedOptionError
 
 COMMANDS_GROUP = "upt.commands"
 DEFAULT_MODEL = os.environ.get("UPT_MODEL", "ViT-B-16")
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
+    except UnusedOptionError as error:  # a flag the method does not use: refused as argparse refuses a bad one
+        args.command_parser.error(f"argument {OPTIONS[error.field].flag}: {error.describe(lambda o: o.flag)}")
     except UptError as error:
         return _fail(args, error)
     except KeyboardInterrupt:
@@ -267,7 +269,7 @@ def _add_train(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _template_options(p)
     _common(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, command_parser=p)
 
 
 def _add_option(parser: argparse.ArgumentParser, option: OptionSpec) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from upt.methods import CACHE_METHODS, METHODS
+from upt.auto import auto_options
+from upt.methods import CACHE_METHODS, METHODS, REGISTRY
 
 # Random tiny weights (zero-shot is chance): each tuned method must learn. The Tip-Adapter methods use
 # the paper's own recipe (training-free, or 20 AdamW epochs over cached features). The README's table
@@ -90,3 +91,25 @@ def test_errors_are_one_line_and_json(tmp_path):
     assert json.loads(result.stdout)["error"]["type"] == "ArtifactError"
     assert "adapter_config.json is missing" in result.stderr and "Traceback" not in result.stderr
 
+
+@pytest.mark.parametrize("method, flags, flag", [
+    ("cocoop", ["--depth", "12"], "--depth"),
+    ("zero-shot", ["--lr", "0.1"], "--lr"),
+    ("zero-shot", ["--epochs", "5"], "--epochs"),
+    ("tip-adapter", ["--n-ctx", "8"], "--n-ctx"),
+    ("auto", ["--candidates", "tip-adapter,zero-shot", "--shots", "2", "--depth", "3"], "--depth"),
+])
+def test_train_refuses_a_flag_its_method_does_not_use(method, flags, flag, fashion_train, tmp_path):
+    """Refused as argparse refuses a bad flag (exit 2), before the backbone loads: these weights do not exist."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "upt", "train", "--data", str(fashion_train), "--method", method,
+                             *flags, "--model", "upt-tiny", "--pretrained", str(tmp_path / "missing.pt"),
+                             "--out", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage: upt train") and result.stdout == "" and not out.exists()
+    auto = method == "auto"
+    takes = [o.flag for o in (auto_options(("tip-adapter", "zero-shot")) if auto else REGISTRY[method].options)]
+    who = "auto with candidates tip-adapter, zero-shot" if auto else method
+    assert flag not in takes
+    assert result.stderr.splitlines()[-1] == (f"upt train: error: argument {flag}: {who} does not use this option; "
+                                              f"its options are {', '.join(takes)}.")
