@@ -56,11 +56,13 @@ def parse_config(form: ParsedForm, settings: Settings) -> TrainConfig | AutoConf
     try:
         options = {option.name: option.parse(raw) for option in train_options()
                    if (raw := form.one(option.name)) is not None}
-        if options.get("epochs") is not None and options["epochs"] > settings.max_epochs:
+        # An option the method does not use is refused here, by the core's rule (TrainConfig.of,
+        # base_config for auto): a 422 naming it, before the epochs' cap can speak about it.
+        config = AutoConfig(base_config(candidates, **options), candidates) if candidates \
+            else TrainConfig.of(method, **options)
+        if config.epochs is not None and config.epochs > settings.max_epochs:
             raise ConfigError(f"at most {settings.max_epochs} (UPT_MAX_EPOCHS).", field="epochs")
-        if candidates:  # every candidate's options checked now, not when the worker reaches it
-            return AutoConfig(base_config(candidates, **options), candidates).validate()
-        return TrainConfig.of(method, **options).validate()
+        return config.validate()  # auto: every candidate's options checked now, not when the worker reaches it
     except ConfigError as error:
         raise invalid(error.field or "config", str(error))
 
