@@ -21,6 +21,9 @@ from upt.auto import method_listing
 
 WEB = Path(__file__).resolve().parents[2] / "service" / "web"
 METHODS = {method["name"] for method in method_listing()}  # GET /methods: the real registry's listing
+# Each method's option fields, as listed; POST /tasks refuses an option the chosen method does not take.
+TAKES = {method["name"]: {option["name"] for option in method["options"]} for method in method_listing()}
+OPTION_FIELDS = set().union(*TAKES.values())
 
 
 def problem(status: int, title: str, detail: str, errors=None):
@@ -112,6 +115,9 @@ def create_app(api_key: str | None = None, epoch_seconds: float = 1.0) -> FastAP
             errors.append({"field": "class_names", "message": "give at least two classes"})
         if len(files) != len(labels):
             errors.append({"field": "labels", "message": "one label per file"})
+        for k in sorted(OPTION_FIELDS & set(form.keys()) - TAKES.get(method, OPTION_FIELDS)):
+            errors.append({"field": k, "message": f"{method} does not use this option; its options are "
+                                                  f"{', '.join(sorted(TAKES[method]))}."})
         for k in ("shots", "epochs", "seed"):
             v = form.get(k)
             if v is not None and (not str(v).isdigit() or (k != "seed" and int(v) < 1) or (k == "epochs" and int(v) > 200)):

@@ -367,6 +367,56 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     page.get_by_text("There is no task nope").wait_for()
 
 
+# Records the name of every field appended to a FormData (the body of POST /tasks), into window.__fields.
+RECORD_FORM_FIELDS = """
+() => {
+  window.__fields = [];
+  const append = FormData.prototype.append;
+  FormData.prototype.append = function (name, ...rest) { window.__fields.push(name); return append.call(this, name, ...rest); };
+}
+"""
+
+
+def test_only_the_chosen_methods_options_are_sent(fake_service, open_page, fixture_images):
+    """The option fields follow the chosen method (GET /methods): one it does not take is hidden and not
+    sent, since POST /tasks refuses it (the fake as the service); what was typed comes back with a method
+    that takes it."""
+    base = fake_service(epoch_seconds=0.2)
+    page, guard = open_page(base)
+
+    def new_task(method: str, epochs: str, more: dict[str, str], then: str) -> list[str]:
+        page.goto(base + "/#/new")
+        page.fill("#class-name", "bag, sneaker")
+        page.press("#class-name", "Enter")
+        for cls in ("bag", "sneaker"):
+            page.locator(f'.class-card[data-class-name="{cls}"] .dz-input').set_input_files(
+                images(fixture_images, "train", cls, 1))
+        page.check(f'input[name=method][value="{method}"]')
+        page.fill("#opt-epochs", epochs)
+        page.locator(".more-options summary").click()
+        for name, value in more.items():
+            page.fill(f"#opt-{name}", value)
+        page.check(f'input[name=method][value="{then}"]')
+        page.evaluate(RECORD_FORM_FIELDS)
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(r"#/tasks/\w+$"))  # the fake refuses an option the method does not take
+        return page.evaluate("window.__fields")
+
+    # CoCoOp takes ctx_init, not depth; VPT deep takes depth and lr, not ctx_init: those typed for it are sent.
+    sent = new_task("cocoop", "3", {"ctx_init": "a photo of a", "lr": "0.01"}, then="vpt-deep")
+    assert set(sent) == {"class_names", "files", "labels", "method", "epochs", "lr"}, sent
+    # Zero-shot takes no epochs and no "More options": hidden, and none of them sent.
+    page.goto(base + "/#/new")
+    page.check('input[name=method][value="zero-shot"]')
+    assert page.locator("#opt-epochs").is_hidden() and page.locator(".more-options").is_hidden()
+    assert page.locator("#opt-shots").is_visible() and page.locator("#opt-seed").is_visible()
+    page.check('input[name=method][value="coop"]')
+    assert page.locator("#opt-epochs").is_visible()
+    sent = new_task("coop", "4", {"depth": "1"}, then="zero-shot")
+    assert set(sent) == {"class_names", "files", "labels", "method"}, sent
+    assert page.evaluate(A11Y_PROBLEMS) == []
+
+
 def test_local_mode_error_and_loading_states(fake_service, open_page, fixture_images):
     """Local mode (no keys): no key dialog. A failing request shows an error with a retry that recovers."""
     base = fake_service(api_key=None, epoch_seconds=0.3)

@@ -6,7 +6,9 @@ import { classesFromFolders, dropZone, loadMethods, RECOMMENDED_METHOD } from ".
 
 // The draft survives navigating away and back (files stay in memory until the page reloads).
 const draft = { mode: "classes", classes: [], archive: null, method: RECOMMENDED_METHOD, shots: "", epochs: "", seed: "", more: {}, idem: null };
-// Always shown; the chosen method's other options (GET /methods) are under "More options".
+// Shown when the chosen method takes them (zero-shot and Tip-Adapter take no epochs); its other options
+// (GET /methods) are under "More options". Only the chosen method's options are sent: POST /tasks
+// refuses one that the method does not use (a 422 naming it).
 const BASIC = ["shots", "epochs", "seed"];
 
 const FIELD_SLOTS = { class_names: "classes", labels: "images", files: "images", archive: "archive", method: "method", shots: "shots", epochs: "epochs", seed: "seed" };
@@ -57,6 +59,8 @@ export function createView(root) {
   const chosen = () => methods.find((m) => m.name === draft.method);
   const optionSpec = (name) => (chosen()?.options || []).find((o) => o.name === name)
     || methods.flatMap((m) => m.options).find((o) => o.name === name);
+  // Until the methods are loaded nothing says otherwise: the basic options are shown and sent.
+  const takes = (name) => !chosen() || chosen().options.some((o) => o.name === name);
   const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1) + ".";
 
   function showMethods() {
@@ -98,8 +102,13 @@ export function createView(root) {
       numField("seed", "Seed", "Fixes the sampling of shots and the initialisation.", { min: "0", step: "1", placeholder: "1" })),
     more);
 
-  /** The chosen method's options beyond BASIC, as GET /methods describes them (type, default, help). */
+  /** The chosen method's options: the BASIC fields it takes (the others hidden, and not sent), and its
+   * options beyond BASIC, as GET /methods describes them (type, default, help). */
   function renderMore() {
+    for (const name of BASIC) {
+      form.querySelector(`#opt-${name}`).closest(".field").hidden = !takes(name);
+      if (!takes(name)) clearError(name);
+    }
     clear(moreGrid);
     for (const name of Object.keys(slots)) if (!FIXED_SLOTS.includes(name)) delete slots[name];
     const extra = (chosen()?.options || []).filter((o) => !BASIC.includes(o.name));
@@ -251,7 +260,7 @@ export function createView(root) {
       for (const c of draft.classes) for (const f of c.files) { fd.append("files", f, f.name); fd.append("labels", c.name); }
     }
     fd.append("method", draft.method);
-    for (const k of BASIC) if (String(draft[k]).trim() !== "") fd.append(k, String(draft[k]).trim());
+    for (const k of BASIC) if (takes(k) && String(draft[k]).trim() !== "") fd.append(k, String(draft[k]).trim());
     for (const o of chosen()?.options || []) {
       const v = String(draft.more[o.name] ?? "").trim();
       if (!BASIC.includes(o.name) && v !== "") fd.append(o.name, v);
@@ -269,7 +278,7 @@ export function createView(root) {
         if (empty.length) errs.push(["images", `Drop at least one image on: ${empty.join(", ")}.`]);
       }
     } else if (!draft.archive) errs.push(["archive", "Choose a zip file."]);
-    for (const k of BASIC) {
+    for (const k of BASIC.filter(takes)) {
       const v = String(draft[k]).trim();
       const minimum = optionSpec(k)?.minimum ?? (k === "seed" ? 0 : 1);
       if (v !== "" && !/^\d+$/.test(v)) errs.push([k, "Enter a whole number."]);
