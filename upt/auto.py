@@ -31,7 +31,8 @@ AUTO = "auto"
 DEFAULT_CANDIDATES: tuple[str, ...] = ("tip-adapter-f", "coop", "vpt-deep", "upt")
 CANDIDATES = OptionSpec("candidates", str, f"auto: comma-separated methods to train (default: "
                         f"{','.join(DEFAULT_CANDIDATES)}); the SGD options and epochs apply to the prompt methods, "
-                        f"Tip-Adapter keeps its own recipe", default=",".join(DEFAULT_CANDIDATES))
+                        f"Tip-Adapter keeps its own recipe; an option that no candidate uses is refused",
+                        default=",".join(DEFAULT_CANDIDATES))
 AUTO_TITLE = "Auto (pick for me)"
 AUTO_DESCRIPTION = ("Trains the candidates (Tip-Adapter-F, CoOp, VPT deep and UPT) on the same images and keeps the "
                     "one that is best on the held-out images.")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UptError
-from .methods.registry import SPECS, methods_taking, train_options
+from .methods.registry import SPECS, takers_text, train_options
 from .auto import CANDIDATES
 from .options import OPTIONS, OptionSpec, UnusedOptionError
 
@@ -274,8 +274,7 @@ def _add_train(sub) -> None:
 
 def _add_option(parser: argparse.ArgumentParser, option: OptionSpec) -> None:
     """A flag from the registry: omitted, it is None and the method's own default applies."""
-    takers = methods_taking(option.name)
-    applies = "" if len(takers) == len(SPECS) else f"; methods: {', '.join(takers)}"
+    applies = f"; {takers}" if (takers := takers_text(option.name)) else ""
     default = "" if option.default is None or "(default" in option.help else f" (default: {option.default})"
     parser.add_argument(option.flag, dest=option.name, type=option.type, default=None,
                         metavar=option.name.upper(), help=f"{option.help}{default}{applies}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from upt.auto import AUTO, CANDIDATES
 from upt.methods import METHODS
-from upt.methods.registry import methods_taking, train_options
+from upt.methods.registry import takers_text, train_options
 
 
 def _multipart(properties: dict, required: list[str], any_of: list[list[str]] | None = None) -> dict:
@@ -24,9 +24,8 @@ _files = {"type": "array", "items": {"type": "string", "format": "binary"}}
 def _option_property(option) -> dict:
     """A training option of `POST /tasks` as the registry states it, with the methods that take it."""
     schema = option.json_schema()
-    takers = methods_taking(option.name)
-    if len(takers) < len(METHODS):
-        schema["description"] += f" (methods: {', '.join(takers)})"
+    if takers := takers_text(option.name):
+        schema["description"] += f" ({takers}; auto takes it when one of its candidates does)"
     return schema
 
 

@@ -60,6 +60,8 @@ def test_the_train_flags_are_the_registry_options():
         action = flags[option.name]
         assert action.option_strings == [option.flag] and action.type is option.type
         assert option.help in action.help
+        takers = methods_taking(option.name)
+        assert (f"methods: {', '.join(takers)}; refused by the others" in action.help) is (len(takers) < len(SPECS))
     assert CANDIDATES.flag in flags[CANDIDATES.name].option_strings
     assert [o.name for o in train_options()] == list(dict.fromkeys(o.name for s in SPECS for o in s.options))
 
@@ -80,9 +82,14 @@ def test_the_api_form_description_is_the_registry():
 
     properties = TASK_FORM["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert properties["method"]["enum"] == [*METHODS, AUTO]
+    listed = {row["name"]: {o["name"] for o in row["options"]} for row in method_listing()}  # GET /methods
     for option in train_options():
         schema = properties[option.name]
         assert schema["type"] == option.type_name and schema["description"].startswith(option.help)
+        takers = [name for name in METHODS if option.name in listed[name]]  # the others refuse it
+        assert (f"(methods: {', '.join(takers)}; refused by the others" in schema["description"]) \
+            is (len(takers) < len(METHODS)), schema["description"]
+        assert option.name in listed[AUTO]  # some default candidate uses each
         assert schema.get("minimum", schema.get("exclusiveMinimum")) == option.minimum
         assert schema.get("maximum", schema.get("exclusiveMaximum")) == option.maximum
     assert properties[CANDIDATES.name]["default"] == CANDIDATES.default

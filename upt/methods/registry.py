@@ -274,3 +274,9 @@ def refuse_unused(method: str, takes: Sequence[OptionSpec], options: Mapping[str
 def methods_taking(option: str) -> list[str]:
     return [spec.name for spec in SPECS if spec.takes(option)]
 
+
+def takers_text(option: str) -> str:
+    """'' when every method takes `option`, else which do and that the others refuse it (the `upt train`
+    help and the OpenAPI description say so)."""
+    takers = methods_taking(option)
+    return "" if len(takers) == len(SPECS) else f"methods: {', '.join(takers)}; refused by the others"
