@@ -102,7 +102,8 @@ class TrainConfig(JsonOptions):
         """A run of `method` with flat options: the prompt's (n_ctx, depth, ...) and the schedule's.
         An option that `method` does not use (CoCoOp's depth, zero-shot's lr) is refused
         (UnusedOptionError, a ConfigError naming it), not ignored: `upt train` and `POST /tasks`
-        build their configs here, so this is where both refuse it."""
+        build a method's config here, so this is where both refuse it (auto's: upt.auto.base_config,
+        by the same rule of the registry)."""
         method_spec(method).refuse_unused(options)
         return cls.holding(method, **options)
 
