@@ -15,7 +15,9 @@ pytestmark = pytest.mark.service
 
 def test_304_on_an_unchanged_task_and_200_with_a_new_etag_after_progress(stack):
     client = stack.client("acme")
-    data, files = task_form(per_class=2, method="coop", shots=2, epochs=3, batch_size=4)
+    # Enough epochs that a poll every 0.2 s sees the training in progress: on an idle machine three
+    # epochs of the tiny model ran between two polls (queued, then succeeded, and nothing between).
+    data, files = task_form(per_class=2, method="coop", shots=2, epochs=40, batch_size=4)
     task = client.post("/tasks", data=data, files=files).json()
     # The API builds the task's instant stage right after creating it, which changes the row (and its
     # ETag) once more: wait for that, so that nothing but a worker can change it below.
