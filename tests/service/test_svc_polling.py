@@ -100,7 +100,8 @@ def test_a_304_reads_neither_events_nor_metrics_and_heartbeats_keep_the_tag(sqli
         key = create_key(session, "acme")
         tenant = get_or_create_tenant(session, "acme")
         session.add(Task(id="a" * 32, tenant_id=tenant.id, method="coop", config={}, class_names=["a", "b"],
-                         num_images=2, model="m", pretrained="p", status="running", metrics={"x": 1}))
+                         num_images=2, model="m", pretrained="p", status="running", metrics={"x": 1},
+                         heartbeat_at=utcnow()))  # alive: else the app's sweeper re-queues it between the GETs
         session.add(TaskEvent(task_id="a" * 32, kind="epoch", epoch=1, data={"epoch": 1}))
     headers = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(sqlite_database.model_copy(update={"preload_backbone": False}))) as client:
