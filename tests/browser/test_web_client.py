@@ -52,6 +52,9 @@ def enter_key(page, key: str) -> None:
     page.fill("#key-input", key)
     page.click("#key-dialog button[value=save]")
     dialog.wait_for(state="hidden")
+    # The key is stored by the dialog's `close` event, which the browser fires in a later task than the
+    # one that hides it: on a fast machine a test read localStorage in between and found nothing.
+    page.locator("#key-button", has_text="✓").wait_for()
 
 
 def add_classes(page, root: Path, shots: int) -> None:
@@ -263,7 +266,9 @@ def test_client_behaviour_on_the_contract(fake_service, open_page, fixture_image
     page.locator("#err-classes").filter(has_text="two classes").wait_for()
     assert page.locator(".form-error").is_visible()
 
-    # Keyboard: Tab from the class name reaches the class's drop zone (a real file input).
+    # Keyboard: Tab from the class name reaches the class's drop zone (a real file input). First the
+    # method cards (GET /methods): inserted while the keyboard walks the form, they could move the focus.
+    page.locator(".method-cards").wait_for(state="attached")
     page.focus("#class-name")
     for _ in range(6):
         page.keyboard.press("Tab")
