@@ -17,6 +17,7 @@ import pytest
 
 from svc_helpers import CLASSES, free_port, images, scratch_database, task_form
 
+pytestmark = pytest.mark.service
 POOL = 2
 
 
@@ -31,7 +32,6 @@ def small_pool_api(tmp_path, tiny_checkpoint):
     from service.db import Database
     from service.migrate import upgrade
     from service.settings import Settings
-    from svc_helpers import wait_http
 
     with scratch_database("upt_pool") as url:
         settings = Settings(model="upt-tiny", pretrained=str(tiny_checkpoint), device="cpu", data_dir=tmp_path,
