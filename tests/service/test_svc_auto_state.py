@@ -89,19 +89,8 @@ def test_a_candidate_is_claimed_once_and_the_task_runs_without_a_lease(settings)
 
 def test_of_many_concurrent_claims_of_one_candidate_exactly_one_wins(settings):
     task_id = new_auto_task()
-    start, won = threading.Barrier(6), []
-
-    def take(worker: str) -> None:
-        with base.sessions.scope() as session:
-            start.wait()
-            if task_state.claim_candidate(session, task_id, "coop", worker) is not None:
-                won.append(worker)
-
-    threads = [threading.Thread(target=take, args=(f"w{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    won = base.concurrent_winners(6, lambda session, worker: task_state.claim_candidate(session, task_id, "coop",
+                                                                                        worker))
     assert len(won) == 1 and candidate(task_id, "coop").worker == won[0] and candidate(task_id, "coop").attempts == 1
 
 

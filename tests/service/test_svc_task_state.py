@@ -91,6 +91,25 @@ def report(epoch: int = 1, loss: float = 0.5) -> SimpleNamespace:
     return SimpleNamespace(progress=epoch / 4, epoch=epoch, epochs=4, loss=loss, accuracy=0.75, eta_s=3.0)
 
 
+def concurrent_winners(count: int, take) -> list[str]:
+    """Workers w0..w{count-1} call `take(session, worker)` at the same instant, each in a transaction of
+    its own; the workers for which it returned something (a lost race returns None)."""
+    start, won = threading.Barrier(count), []
+
+    def one(worker: str) -> None:
+        with sessions.scope() as session:
+            start.wait()
+            if take(session, worker) is not None:
+                won.append(worker)
+
+    threads = [threading.Thread(target=one, args=(f"w{i}",)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
 def run(transition, *args):
     """One transition in a transaction of its own, as its callers run it."""
     with sessions.scope() as session:
@@ -167,20 +186,7 @@ def test_claim_takes_a_fresh_lease_once_and_only_from_queued(settings):
 
 def test_of_many_concurrent_claims_exactly_one_wins(settings):
     task_id = new_task("queued")
-    start = threading.Barrier(8)
-    won = []
-
-    def claim(worker: str) -> None:
-        with sessions.scope() as session:
-            start.wait()
-            if task_state.claim(session, task_id, worker) is not None:
-                won.append(worker)
-
-    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    won = concurrent_winners(8, lambda session, worker: task_state.claim(session, task_id, worker))
     assert len(won) == 1 and row(task_id).worker == won[0] and row(task_id).attempts == 1
 
 
