@@ -49,19 +49,19 @@ def small_pool_api(tmp_path, tiny_checkpoint):
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         try:
+            _wait(lambda: _ready(base), timeout=60, what="the API to be ready")
             yield base, app, {"Authorization": f"Bearer {key}"}
         finally:
             server.should_exit = True
             thread.join(timeout=20)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _wait(condition, timeout: float = 30.0, what: str = "") -> None:
