@@ -1,8 +1,10 @@
 """/classify as users see it: N concurrent HTTP clients against a real `upt serve`.
 
 One run, so that the ratios compare like with like on a shared machine:
-- raw PyTorch fp32 `encode_image` throughput at batch 32, measured in this process before each
-  configuration while no server runs (the yardstick of that configuration's ratios);
+- raw PyTorch fp32 `encode_image` throughput at batch 32, measured in this process right before and
+  right after each load phase (the server idle meanwhile): each phase's ratio is against the mean of
+  the two, since on a shared or virtual machine the yardstick drifts by 10 % within minutes, and both
+  are printed so that the drift during a phase shows;
 - for each serving configuration (`--configs`, e.g. the default `auto`, exact `fp32`, or the opt-in
   `openvino:int8`, calibrated on the fixture's training images): a fresh
   `upt serve --no-worker` on its own SQLite database, then N clients posting one image per request
@@ -245,12 +247,16 @@ def main() -> None:
             if on_cuda:
                 torch.cuda.synchronize()
 
-        def yardstick() -> float:
-            """Raw throughput, measured again before each configuration while no server runs: on a
-            shared or virtual machine it drifts by 10 % or more over the minutes a run takes."""
+        def yardstick(server_pid: int | None = None) -> float:
+            """Raw throughput now, with the server (if any) idle; the server's CPU meanwhile is printed,
+            to show that it was idle."""
+            server_cpu = None if server_pid is None else process_cpu_s(server_pid)
+            start = time.perf_counter()
             raw_s = median_seconds(raw_pass, args.repeats)
+            idle = "" if server_pid is None else \
+                f", idle server {(process_cpu_s(server_pid) - server_cpu) / (time.perf_counter() - start):.2f} cores"
             print(f"raw PyTorch {'fp16' if on_cuda else 'fp32'} encode_image, batch 32: {32 / raw_s:.2f} images/s "
-                  f"({1000 * raw_s:.0f} ms per batch; load average {os.getloadavg()[0]:.1f})")
+                  f"({1000 * raw_s:.0f} ms per batch; load average {os.getloadavg()[0]:.1f}{idle})")
             sys.stdout.flush()
             return 32 / raw_s
 
@@ -259,8 +265,6 @@ def main() -> None:
         for config in args.configs.split(","):
             runtime, precision = config.split(":")
             print(f"\n## UPT_SERVE_RUNTIME={runtime} UPT_SERVE_PRECISION={precision}")
-            raw = yardstick()
-            yardsticks.append(raw)
             data_dir = tmp / f"data-{runtime}-{precision}"
             pool = max(max(task_counts), len(METHODS))  # every method at least once: one task is a UPT one
             tasks = make_tasks(backbone, data_dir, pool + 2)
@@ -286,24 +290,30 @@ def main() -> None:
                 miss, hit = miss_and_hit(server.url, hundred, images[0])
                 print(f"zero-shot miss, 100 classes: {1000 * miss:.0f} ms vs hit {1000 * hit:.0f} ms "
                       f"(miss costs {1000 * (miss - hit):.0f} ms)")
+                before = yardstick(server.process.pid)
                 for count in task_counts:
                     chosen = tasks[:count] if count > 1 else [t for t in tasks if t["method"] == "upt"][:1]
                     warm(server.url, chosen, images[0], args.clients)  # this phase measures serving, not misses
                     result = load(server.url, chosen, images, args.clients, args.seconds, server.process.pid)
+                    after = yardstick(server.process.pid)  # also the next phase's "before"
+                    raw = (before + after) / 2
+                    yardsticks.append(raw)
                     methods = sorted({t["method"] for t in chosen})
                     print(f"{count:3d} task(s) [{', '.join(methods)}]: {result['images_per_s']:.2f} images/s "
-                          f"= {result['images_per_s'] / raw:.2f}x raw batch-32, p50 {result['p50_ms']:.0f} ms, "
+                          f"= {result['images_per_s'] / raw:.2f}x raw batch-32 (mean of {before:.2f} before and "
+                          f"{after:.2f} after), p50 {result['p50_ms']:.0f} ms, "
                           f"p99 {result['p99_ms']:.0f} ms, {result['passes_per_image']:.3f} encoder passes per "
                           f"image ({result['requests']} requests); cores busy: server {result['server_cores']:.2f}, "
                           f"clients {result['clients_cores']:.2f} of {os.cpu_count()} (load average "
                           f"{result['load_average']:.1f})")
                     sys.stdout.flush()
+                    before = after
             except Exception:
                 print(f"--- the tail of the server's log ---\n{server.log.read_text()[-6000:]}")
                 raise
             finally:
                 server.stop()
-        print(json.dumps({"raw_images_per_s": yardsticks}))
+        print(json.dumps({"raw_images_per_s_per_phase": yardsticks}))
 
 
 if __name__ == "__main__":
