@@ -1,4 +1,5 @@
-"""The image encoder compiled with OpenVINO, for serving on CPUs (training always runs in PyTorch).
+"""The image encoder compiled with OpenVINO, for serving on CPUs (training always runs in PyTorch;
+the API's training-free instant stage encodes its cache's views with it, no gradient being needed).
 
 One compiled model per backbone serves every task: the visual prompts are an input of the graph,
 (batch, layers, n, width) with the batch and the prompt count n dynamic, and `replace` (layers,) says
@@ -45,6 +46,9 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 # initialise them, N(0, 0.02²), replacing at the first layer only (shallow) or at every layer (deep),
 # alternately; the layer norm in front of each block's products makes their scale matter little.
 _CALIBRATION_PROMPTS, _CALIBRATION_STD = 4, 0.02
+# What the saved graphs compute, in their folder's name: graphs saved before they gave raw features
+# (they gave normalised ones) must not be read back as these.
+_GRAPH_FORMAT = "raw-features"
 
 
 def openvino_available() -> bool:
@@ -74,7 +78,8 @@ def cpu_has_amx() -> bool:
 
 class _PromptedImageTower(nn.Module):
     """`encoders.encode_image` with per-sample prompts for every layer and a per-layer replace mask,
-    written for tracing (no Python branches on the prompts' values)."""
+    written for tracing (no Python branches on the prompts' values). Raw features: the caller
+    normalises them (Tip-Adapter's cache averages raw features before normalising)."""
 
     def __init__(self, clip) -> None:
         super().__init__()
@@ -111,7 +116,7 @@ class _PromptedImageTower(nn.Module):
         pooled, _ = self.visual._pool(x)
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
-        return F.normalize(pooled, dim=-1)
+        return pooled
 
 
 class _PlainImageTower(_PromptedImageTower):
@@ -123,7 +128,8 @@ class _PlainImageTower(_PromptedImageTower):
 
 
 class OpenVinoImageEncoder:
-    """Normalised image features from the OpenVINO-compiled tower (see the module's docstring).
+    """Image features from the OpenVINO-compiled tower, normalised unless asked for raw ones (see the
+    module's docstring).
 
     `calibration`: preprocessed images (n, 3, size, size), required for int8 and used only for it."""
 
@@ -156,7 +162,7 @@ class OpenVinoImageEncoder:
             return f"openvino int8 on cpu (calibrated on {len(self.calibration)} images)"
         return f"openvino {self.precision} on cpu"
 
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
         images = images.float().contiguous().numpy()
         with self._lock:
             if prompts is None:
@@ -164,7 +170,8 @@ class OpenVinoImageEncoder:
             else:
                 inputs = self._prompt_inputs(prompts, len(images))
                 out = self._prompted([images, *inputs])[0]
-        return torch.from_numpy(out.copy())
+        features = torch.from_numpy(out.copy()).float()
+        return F.normalize(features, dim=-1) if normalize else features
 
     def _prompt_inputs(self, prompts: torch.Tensor, batch: int):
         if prompts.dim() == 3:
@@ -296,4 +303,4 @@ def _calibration_key(calibration: torch.Tensor) -> str:
 def _cache_key(backbone: Backbone) -> str:
     from . import __version__
 
-    return f"{backbone.name}-{backbone.weights_sha256[:16]}-upt{__version__}"
+    return f"{backbone.name}-{backbone.weights_sha256[:16]}-upt{__version__}-{_GRAPH_FORMAT}"

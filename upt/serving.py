@@ -24,14 +24,15 @@ from .predict import Predictor
 
 
 class ImageEncoder(Protocol):
-    """Normalised image features (batch, d) in float32, with visual prompts shared (depth, n, width)
-    or per sample (batch, depth, n, width), or none."""
+    """Image features (batch, d) in float32, with visual prompts shared (depth, n, width) or per
+    sample (batch, depth, n, width), or none; L2-normalised unless `normalize` is False."""
 
     runtime: str
 
     def describe(self) -> str: ...
 
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor: ...
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None,
+                 normalize: bool = True) -> torch.Tensor: ...
 
 
 RUNTIMES = ("auto", "openvino", "pytorch")
@@ -56,11 +57,11 @@ class TorchImageEncoder:
         return f"pytorch {self.precision} on {self.backbone.device}"
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
         if self.precision == "fp32":
-            return encode_image(self.backbone.clip, images, prompts, normalize=True).float()
+            return encode_image(self.backbone.clip, images, prompts, normalize=normalize).float()
         with torch.autocast(self.backbone.device.type, dtype=_AUTOCAST[self.precision]):
-            return encode_image(self.backbone.clip, images, prompts, normalize=True).float()
+            return encode_image(self.backbone.clip, images, prompts, normalize=normalize).float()
 
 
 def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: str = "auto",

@@ -33,6 +33,7 @@ from .methods.cocoop import ConditionalContext
 from .methods.model import template_classifier
 from .methods.registry import MethodSpec, method_spec
 from .methods.tip_adapter import (
+    CacheEncoder,
     CacheModel,
     CacheOptions,
     KeyEpoch,
@@ -258,10 +259,13 @@ def train(
     callbacks: TrainCallbacks | None = None,
     checkpoint_dir: str | Path | None = None,
     class_folders: list[str] | None = None,
+    cache_encoder: CacheEncoder | None = None,
 ) -> TrainResult:
     """Train `config.method` on the few-shot split of `data` (a folder, see `load_data`, or a data
     source already read) and write the artifact to `out_dir`. `class_folders` names the folder of each
-    of `config.class_names` where it is not the name itself."""
+    of `config.class_names` where it is not the name itself. `cache_encoder`, for the cache methods
+    only, encodes the cache's views and the validation images of the α/β search instead of the
+    backbone's PyTorch tower (see `CacheEncoder`); methods with gradients always run the backbone."""
     config.validate()
     callbacks = callbacks or TrainCallbacks()
     source = data if isinstance(data, DataSource) else load_data(data, class_names=config.class_names,
@@ -270,7 +274,9 @@ def train(
         raise DataError(f"{source.name} has no training split: it is an evaluation set.")
     split = few_shot_split(source, config.shots, config.seed)
     if config.spec.uses_cache:
-        return _train_cache_model(backbone, source, split, config, out_dir, callbacks)
+        return _train_cache_model(backbone, source, split, config, out_dir, callbacks, cache_encoder)
+    if cache_encoder is not None:
+        raise ConfigError(f"{config.method} trains through the backbone: it takes no cache encoder.")
     _seed_everything(config.seed, -1)  # prompt initialisation
     model = PromptedCLIP(backbone, source.class_names, config.prompt)
     history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
@@ -289,7 +295,8 @@ def train(
 
 
 def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSplit, config: TrainConfig,
-                       out_dir: str | Path, callbacks: TrainCallbacks) -> TrainResult:
+                       out_dir: str | Path, callbacks: TrainCallbacks,
+                       cache_encoder: CacheEncoder | None = None) -> TrainResult:
     """Tip-Adapter (training-free) or Tip-Adapter-F (keys fine-tuned): see upt/methods/tip_adapter.py.
 
     No epoch checkpoints: the encoder passes dominate and Tip-Adapter-F's epochs over cached features
@@ -301,7 +308,7 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
     started = time.monotonic()
     classifier = template_classifier(backbone, class_names, config.templates)
     labels = torch.tensor([sample.label for sample in split.train], dtype=torch.long)
-    views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop)
+    views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop, cache_encoder)
     keys, values = build_keys(views), one_hot_values(labels, len(class_names)).to(backbone.device)
     history: list[dict[str, Any]] = []
     trainable = 0
@@ -317,7 +324,7 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
         keys = fine_tune_keys(keys, values, views, labels, classifier, backbone.logit_scale, options, config.seed,
                               on_epoch, callbacks.should_stop)
         trainable = keys.numel()
-    val_features, val_labels = validation_features(backbone, split.val)
+    val_features, val_labels = validation_features(backbone, split.val, cache_encoder)
     search = search_alpha_beta(backbone.logit_scale * val_features @ classifier.T, val_features, val_labels,
                                keys, values, options)
     cache = CacheModel(keys, values, search.alpha, search.beta)

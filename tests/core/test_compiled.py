@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from upt import compiled
 from upt.data import read_image_file, scan_image_folder
+from upt.encoders import encode_image
 from upt.errors import DataError
 from upt.predict import Predictor
 from upt.serving import TorchImageEncoder, build_image_encoder, calibration_images
@@ -43,6 +45,25 @@ def test_openvino_fp32_features_equal_pytorch(tiny, encoders):
             torch.testing.assert_close(openvino(images, shared), pytorch(images, shared), atol=2e-6, rtol=0)
             per_sample = torch.randn(5, depth, n, tiny.vision_width) * 0.1
             torch.testing.assert_close(openvino(images, per_sample), pytorch(images, per_sample), atol=2e-6, rtol=0)
+
+
+def test_raw_features_are_the_pytorch_towers_before_normalisation(tiny, encoders):
+    """Tip-Adapter's cache averages raw features over views before normalising, so the instant stage
+    asks the serving encoder for raw ones: the graph gives them, and normalising is the caller's."""
+    openvino, pytorch, _ = encoders
+    images = _images(tiny, 4)
+    raw = openvino(images, None, normalize=False)
+    expected = encode_image(tiny.clip, images, None, normalize=False)
+    torch.testing.assert_close(raw, expected, atol=2e-6 * float(expected.norm(dim=-1).max()), rtol=0)
+    assert float(raw.norm(dim=-1).min()) > 1.5 or float(raw.norm(dim=-1).max()) < 0.5  # not unit-length
+    torch.testing.assert_close(openvino(images, None), F.normalize(raw, dim=-1), atol=1e-7, rtol=0)
+    torch.testing.assert_close(pytorch(images, None, normalize=False), expected, atol=0, rtol=0)
+
+
+def test_graphs_cached_before_they_gave_raw_features_are_not_read(tiny):
+    """The cache folder's name says what its graphs compute: one written when they gave normalised
+    features is another folder, never read as this release's."""
+    assert compiled._cache_key(tiny).endswith("-raw-features")
 
 
 def test_a_damaged_cached_graph_is_converted_again_and_replaced(tiny, tmp_path):

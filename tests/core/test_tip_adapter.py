@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from upt.artifact import load_artifact
 from upt.data import eval_transform, read_image_file, sample_few_shot, scan_image_folder
+from upt.encoders import encode_image
 from upt.errors import ConfigError
 from upt.methods.model import template_classifier
 from upt.methods.tip_adapter import (
@@ -131,6 +132,45 @@ def test_train_writes_a_servable_cache_artifact(tiny, fashion_train, tmp_path, m
     assert len(result.history) == (4 if method == "tip-adapter-f" else 0)
     served = Predictor.from_artifact(tiny, result.artifact_dir).evaluate(split.val)
     assert served["accuracy"] == result.metrics["val_accuracy"] and served["count"] == 16
+
+
+def test_a_cache_encoder_encodes_the_cache_and_nothing_else_changes(tiny, fashion_train, tmp_path):
+    """The API builds a task's instant stage with its serving encoder as the cache encoder: given the
+    backbone's own PyTorch tower, the artifact is the one `train` makes without it, tensor for tensor."""
+    calls = []
+
+    def pytorch_tower(images):
+        calls.append(len(images))
+        return encode_image(tiny.clip, images, None, normalize=False)
+
+    config = TrainConfig.of("tip-adapter", shots=4, augment_views=2)
+    plain = train(tiny, fashion_train, config, tmp_path / "plain")
+    through = train(tiny, fashion_train, config, tmp_path / "through", cache_encoder=pytorch_tower)
+    a, b = load_artifact(plain.artifact_dir).tensors, load_artifact(through.artifact_dir).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert through.metrics["cache"] == plain.metrics["cache"]
+    assert sum(calls) == 2 * 16 + 16  # two views of the 16 shots, then the 16 validation images
+
+
+def test_a_cache_encoder_shifted_by_a_constant_shifts_the_keys(tiny, fashion_train, tmp_path):
+    """The keys come from the cache encoder's raw features (averaged, then normalised), not from the
+    backbone: a cache encoder whose features are doubled gives the same keys, one whose features are
+    shifted gives other keys."""
+    config = TrainConfig.of("tip-adapter", shots=2, augment_views=2)
+    raw = lambda images: encode_image(tiny.clip, images, None, normalize=False)  # noqa: E731
+    plain = load_artifact(train(tiny, fashion_train, config, tmp_path / "a").artifact_dir).tensors
+    doubled = load_artifact(train(tiny, fashion_train, config, tmp_path / "b",
+                                  cache_encoder=lambda images: 2 * raw(images)).artifact_dir).tensors
+    shifted = load_artifact(train(tiny, fashion_train, config, tmp_path / "c",
+                                  cache_encoder=lambda images: raw(images) + 1.0).artifact_dir).tensors
+    torch.testing.assert_close(doubled["cache_keys"], plain["cache_keys"], atol=1e-6, rtol=0)
+    assert not torch.allclose(shifted["cache_keys"], plain["cache_keys"], atol=1e-3)
+
+
+def test_methods_with_gradients_take_no_cache_encoder(tiny, fashion_train, tmp_path):
+    with pytest.raises(ConfigError, match="takes no cache encoder"):
+        train(tiny, fashion_train, TrainConfig.of("coop", shots=1, epochs=1), tmp_path / "coop",
+              cache_encoder=lambda images: images)
 
 
 def test_tip_adapter_f_starts_from_tip_adapters_cache(tiny, fashion_train, tmp_path):

@@ -39,6 +39,10 @@ from ..options import AUGMENT_VIEWS, JsonOptions
 from .registry import TIP_ADAPTER_F_EPOCHS
 
 ENCODE_BATCH = 64
+# Raw (unnormalised) image features of a preprocessed batch, without gradients. Where one is given, the
+# cache's images go through it instead of the backbone's PyTorch tower: the API passes its compiled
+# serving encoder, so that a task's instant stage answers sooner (bench/instant_stage.py).
+CacheEncoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,15 @@ def cache_transform(spec: ImageSpec, crop_scale: float) -> T.Compose:
 
 @torch.no_grad()
 def encode_samples(backbone: Backbone, samples: list[LabelledImage], transform: T.Compose,
-                   normalize: bool) -> torch.Tensor:
-    """Image features (len(samples), d) in sample order, through the frozen encoder."""
-    chunks = [encode_image(backbone.clip, batch, None, normalize=normalize).float()
-              for batch, _ in labelled_batches(samples, transform, ENCODE_BATCH, backbone.device)]
+                   normalize: bool, encoder: CacheEncoder | None = None) -> torch.Tensor:
+    """Image features (len(samples), d) in sample order, through the frozen encoder (or `encoder`)."""
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        if encoder is None:
+            return encode_image(backbone.clip, batch, None, normalize=normalize).float()
+        raw = encoder(batch).float().to(backbone.device)
+        return F.normalize(raw, dim=-1) if normalize else raw
+
+    chunks = [features(batch) for batch, _ in labelled_batches(samples, transform, ENCODE_BATCH, backbone.device)]
     if not chunks:
         return torch.empty(0, backbone.clip.visual.output_dim, device=backbone.device)
     return torch.cat(chunks)
@@ -145,7 +154,7 @@ def encode_samples(backbone: Backbone, samples: list[LabelledImage], transform: 
 
 @torch.no_grad()
 def encode_views(backbone: Backbone, samples: list[LabelledImage], options: CacheOptions, seed: int,
-                 should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+                 should_stop: Callable[[], bool] = lambda: False, encoder: CacheEncoder | None = None) -> torch.Tensor:
     """Raw (unnormalised) features of `augment_views` augmented views: (views, len(samples), d).
 
     Each view's crops and flips are drawn from its own seed, so a rebuilt cache is the same cache."""
@@ -155,7 +164,7 @@ def encode_views(backbone: Backbone, samples: list[LabelledImage], options: Cach
         if should_stop():
             raise TrainingCancelled(f"Cancelled while encoding view {view + 1} of {options.augment_views}.")
         torch.manual_seed((seed * 1_000_003 + 7919 * (view + 1)) % (2**31))  # torchvision draws from torch's RNG
-        views.append(encode_samples(backbone, samples, transform, normalize=False))
+        views.append(encode_samples(backbone, samples, transform, normalize=False, encoder=encoder))
     return torch.stack(views)
 
 
@@ -241,6 +250,7 @@ def fine_tune_keys(keys: torch.Tensor, values: torch.Tensor, view_features: torc
     return trained.detach()
 
 
-def validation_features(backbone: Backbone, samples: list[LabelledImage]) -> tuple[torch.Tensor, torch.Tensor]:
-    features = encode_samples(backbone, samples, eval_transform(backbone.image), normalize=True)
+def validation_features(backbone: Backbone, samples: list[LabelledImage],
+                        encoder: CacheEncoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    features = encode_samples(backbone, samples, eval_transform(backbone.image), normalize=True, encoder=encoder)
     return features, torch.tensor([s.label for s in samples], dtype=torch.long)
