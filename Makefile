@@ -41,6 +41,7 @@ bench: install-test
 	$(BIN)/python bench/misses.py
 	$(BIN)/python bench/serving_load.py
 	$(BIN)/python bench/first_answer.py
+	$(BIN)/python bench/instant_stage.py
 
 # Offline demo: the project's tiny backbone pretrained here on Fashion-MNIST (scripts/pretrain_tiny.py),
 # named explicitly (never a silent fallback). It knows clothes in 32-pixel greyscale, nothing else.

@@ -126,10 +126,14 @@ class InstantStages:
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
             self._mark(task_id, instant_status=None)
             raise
+        # The serving encoder (compiled, bf16 on AMX) encodes the cache: no gradient is needed, and
+        # its features are those the stage will be asked about.
+        encoder = self.serving.image_encoder(backbone)
         partial = self.storage.task_dir(task_id) / f"instant.partial-{uuid.uuid4().hex}"
         try:
             result = train(backbone, self.storage.data_dir(task_id), config, partial,
-                           class_folders=self.storage.task_class_folders(task_id, class_count))
+                           class_folders=self.storage.task_class_folders(task_id, class_count),
+                           cache_encoder=lambda images: encoder(images, None, normalize=False))
         except UptError as error:
             shutil.rmtree(partial, ignore_errors=True)
             self._mark(task_id, instant_status=FAILED, instant_error=str(error))
