@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import threading
@@ -39,6 +40,7 @@ from torch import nn
 
 from .backbone import Backbone
 
+log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # int8: the quantized products run in int8, everything else in exact fp32 (not bf16 as well).
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
@@ -155,6 +157,8 @@ class OpenVinoImageEncoder:
         folder = None if cache_dir is None else Path(cache_dir) / _cache_key(backbone)
         self._plain = self._compile(ov, self._model(ov, folder, "plain"), config, folder)
         self._prompted = self._compile(ov, self._model(ov, folder, "prompted"), config, folder)
+        if folder is not None:
+            _remove_other_releases(folder, _cache_prefix(backbone))
         self._lock = threading.Lock()  # one inference at a time per compiled model (the batcher's thread)
 
     def describe(self) -> str:
@@ -263,6 +267,20 @@ class OpenVinoImageEncoder:
                        ov.PartialShape([self.layers])])
 
 
+def _remove_other_releases(folder: Path, prefix: str) -> None:
+    """The folders beside `folder` of the same backbone and weights (`prefix`) that another release
+    (or graph format) saved: this release never reads them, and each holds the weights several times
+    over (over 1 GB for ViT-B-16). During a rolling upgrade two releases sharing the volume each remove
+    the other's; the other converts again at its next start, which costs time, not correctness."""
+    try:
+        siblings = [p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name != folder.name]
+    except OSError:
+        return
+    for sibling in siblings:
+        shutil.rmtree(sibling, ignore_errors=True)
+        log.info("removed %s: compiled graphs of another release, never read by this one", sibling)
+
+
 def _save(ov, model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.xml")
@@ -300,7 +318,12 @@ def _calibration_key(calibration: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cache_prefix(backbone: Backbone) -> str:
+    """What the cache folders of one backbone's weights start with, whatever the release."""
+    return f"{backbone.name}-{backbone.weights_sha256[:16]}-upt"
+
+
 def _cache_key(backbone: Backbone) -> str:
     from . import __version__
 
-    return f"{backbone.name}-{backbone.weights_sha256[:16]}-upt{__version__}-{_GRAPH_FORMAT}"
+    return f"{_cache_prefix(backbone)}{__version__}-{_GRAPH_FORMAT}"

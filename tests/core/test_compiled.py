@@ -66,6 +66,20 @@ def test_graphs_cached_before_they_gave_raw_features_are_not_read(tiny):
     assert compiled._cache_key(tiny).endswith("-raw-features")
 
 
+def test_graphs_saved_by_another_release_are_removed_and_others_kept(tiny, tmp_path):
+    """An upgrade must not leave the previous release's graphs behind (over 1 GB for ViT-B-16): the
+    folders of the same backbone and weights saved by another release go, any other backbone's stay."""
+    current = compiled._cache_key(tiny)
+    stale = [tmp_path / f"{tiny.name}-{tiny.weights_sha256[:16]}-upt0.0.1",  # an older release
+             tmp_path / current.removesuffix("-raw-features")]  # this release before its graphs gave raw features
+    kept = [tmp_path / f"ViT-B-16-{'0' * 16}-upt0.0.1", tmp_path / f"{tiny.name}-{'f' * 16}-upt0.0.1"]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "plain.bin").write_bytes(b"weights")
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([current, *(k.name for k in kept)])
+
+
 def test_a_damaged_cached_graph_is_converted_again_and_replaced(tiny, tmp_path):
     compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
     (next(tmp_path.iterdir()) / "plain.xml").write_text("<net version=")  # cut short, as by a crash
