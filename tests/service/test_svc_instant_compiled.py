@@ -1,0 +1,69 @@
+"""The instant stage of an API that serves with OpenVINO: its Tip-Adapter cache is encoded by the
+compiled encoder (service/instant.py), and with exact fp32 it is the cache that the PyTorch tower
+builds from the same stored shots, to float rounding."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from svc_helpers import Proc, base_env, free_port, images, settings_of, task_form, wait_http
+
+pytest.importorskip("openvino")
+pytestmark = pytest.mark.slow
+
+
+def _until(what: str, check, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"not {what} after {timeout}s")
+
+
+def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp_path, tiny_checkpoint):
+    from service.storage import Storage
+    from upt.artifact import load_artifact
+    from upt.backbone import load_backbone
+    from upt.training import TrainConfig, train
+
+    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_SERVE_RUNTIME="openvino", UPT_SERVE_PRECISION="fp32",
+                   UPT_INSTANT_AUGMENT_VIEWS="3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
+                  tmp_path / "serve.log")
+    try:
+        wait_http(url, server)
+        encoder = _until("served by OpenVINO", lambda: (detail := httpx.get(f"{url}/readyz", timeout=30).json()
+                                                          ["checks"]["image_encoder"]["detail"]).startswith("openvino")
+                         and detail)
+        assert encoder.startswith("openvino fp32 on cpu"), encoder
+        data, files = task_form(per_class=4, method="coop", epochs=1)
+        task_id = httpx.post(f"{url}/tasks", data=data, files=files, timeout=120).json()["id"]
+        instant = _until("instant stage ready", lambda: (stage := httpx.get(f"{url}/tasks/{task_id}", timeout=30)
+                                                         .json()["stages"]["instant"])["state"] in ("ready", "failed")
+                         and stage)
+        assert instant["state"] == "ready", instant
+        (_, path), = images("test", 1)[:1]
+        answer = httpx.post(f"{url}/classify", data={"task_id": task_id, "stage": "instant"}, timeout=60,
+                            files=[("files", (path.name, path.read_bytes(), "image/png"))])
+        assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
+    finally:
+        server.stop()
+
+    storage = Storage.from_settings(settings_of(env))
+    served = load_artifact(storage.instant_dir(task_id))
+    config = TrainConfig.from_dict(served.config["train"])
+    rebuilt = train(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"), storage.data_dir(task_id), config,
+                    tmp_path / "pytorch", class_folders=storage.task_class_folders(task_id, len(config.class_names)))
+    expected = load_artifact(rebuilt.artifact_dir).tensors
+    assert config.method == "tip-adapter" and served.config["cache"]["augment_views"] == 3
+    torch.testing.assert_close(served.tensors["cache_keys"], expected["cache_keys"], atol=1e-5, rtol=0)
+    assert torch.equal(served.tensors["cache_values"], expected["cache_values"])
