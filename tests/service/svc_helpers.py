@@ -151,6 +151,17 @@ def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: fl
     raise AssertionError(f"task {task_id} not in {statuses} after {timeout}s: {task}")
 
 
+def wait_until(check, what: str, timeout: float = 60):
+    """`check()`'s first truthy value, polled until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
 def base_env(data_dir: Path, tiny_checkpoint: Path, **overrides) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPT_")}
     env.update({

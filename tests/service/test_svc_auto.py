@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from svc_helpers import task_form, wait_for
+from svc_helpers import task_form, wait_for, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 CANDIDATES = ["tip-adapter", "coop", "vpt-shallow"]
@@ -32,16 +32,6 @@ def wait_for_candidate(client, task_id: str, method: str, epoch: int, timeout: f
             break
         time.sleep(0.1)
     raise AssertionError(f"{method} of task {task_id} did not reach epoch {epoch}: {task}")
-
-
-def wait_until(check, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def start_ready_worker(stack, name: str):

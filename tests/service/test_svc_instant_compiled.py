@@ -5,26 +5,15 @@ builds from the same stored shots, to float rounding."""
 from __future__ import annotations
 
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 
-from svc_helpers import Proc, base_env, free_port, images, settings_of, task_form, wait_http
+from svc_helpers import Proc, base_env, free_port, images, settings_of, task_form, wait_http, wait_until
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.slow
-
-
-def _until(what: str, check, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"not {what} after {timeout}s")
 
 
 def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp_path, tiny_checkpoint):
@@ -41,15 +30,15 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
                   tmp_path / "serve.log")
     try:
         wait_http(url, server)
-        encoder = _until("served by OpenVINO", lambda: (detail := httpx.get(f"{url}/readyz", timeout=30).json()
-                                                          ["checks"]["image_encoder"]["detail"]).startswith("openvino")
-                         and detail)
+        encoder = wait_until(lambda: (detail := httpx.get(f"{url}/readyz", timeout=30).json()
+                                      ["checks"]["image_encoder"]["detail"]).startswith("openvino") and detail,
+                             "served by OpenVINO", timeout=180)
         assert encoder.startswith("openvino fp32 on cpu"), encoder
         data, files = task_form(per_class=4, method="coop", epochs=1)
         task_id = httpx.post(f"{url}/tasks", data=data, files=files, timeout=120).json()["id"]
-        instant = _until("instant stage ready", lambda: (stage := httpx.get(f"{url}/tasks/{task_id}", timeout=30)
-                                                         .json()["stages"]["instant"])["state"] in ("ready", "failed")
-                         and stage)
+        instant = wait_until(lambda: (stage := httpx.get(f"{url}/tasks/{task_id}", timeout=30)
+                                      .json()["stages"]["instant"])["state"] in ("ready", "failed") and stage,
+                             "the instant stage built", timeout=180)
         assert instant["state"] == "ready", instant
         (_, path), = images("test", 1)[:1]
         answer = httpx.post(f"{url}/classify", data={"task_id": task_id, "stage": "instant"}, timeout=60,
