@@ -151,6 +151,24 @@ def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: fl
     raise AssertionError(f"task {task_id} not in {statuses} after {timeout}s: {task}")
 
 
+def wait_for_stage(client: httpx.Client, task_id: str, stage: str, states: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    task = {}
+    while time.monotonic() < deadline:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task["stages"][stage]["state"] in states:
+            return task
+        time.sleep(0.3)
+    raise AssertionError(f"stage {stage} of task {task_id} not in {states} after {timeout}s: {task}")
+
+
+def classify_with_task(client: httpx.Client, task_id: str, **extra) -> httpx.Response:
+    """/classify of one of the fixture's test images by a task (`extra`: e.g. stage)."""
+    (_, path), = images("test", 1)[:1]
+    return client.post("/classify", data={"task_id": task_id, **extra},
+                       files=[("files", (path.name, path.read_bytes(), "image/png"))])
+
+
 def wait_until(check, what: str, timeout: float = 60):
     """`check()`'s first truthy value, polled until `timeout`."""
     deadline = time.monotonic() + timeout

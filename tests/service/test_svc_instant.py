@@ -4,30 +4,12 @@ and from its trained prompts once it has succeeded."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
-from svc_helpers import images, task_form, wait_for
+from svc_helpers import classify_with_task as classify, task_form, wait_for, wait_for_stage
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
-
-
-def wait_for_stage(client, task_id: str, stage: str, states: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    task = {}
-    while time.monotonic() < deadline:
-        task = client.get(f"/tasks/{task_id}").json()
-        if task["stages"][stage]["state"] in states:
-            return task
-        time.sleep(0.3)
-    raise AssertionError(f"stage {stage} of task {task_id} not in {states} after {timeout}s: {task}")
-
-
-def classify(client, task_id: str, **extra):
-    (_, path), = images("test", 1)[:1]
-    return client.post("/classify", data={"task_id": task_id, **extra},
-                       files=[("files", (path.name, path.read_bytes(), "image/png"))])
 
 
 def test_a_task_answers_before_any_worker_and_switches_stage_when_trained(stack):

@@ -10,7 +10,8 @@ import httpx
 import pytest
 import torch
 
-from svc_helpers import Proc, base_env, free_port, images, settings_of, task_form, wait_http, wait_until
+from svc_helpers import (Proc, base_env, classify_with_task, free_port, settings_of, task_form, wait_for_stage,
+                         wait_http, wait_until)
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.slow
@@ -35,14 +36,11 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
                              "served by OpenVINO", timeout=180)
         assert encoder.startswith("openvino fp32 on cpu"), encoder
         data, files = task_form(per_class=4, method="coop", epochs=1)
-        task_id = httpx.post(f"{url}/tasks", data=data, files=files, timeout=120).json()["id"]
-        instant = wait_until(lambda: (stage := httpx.get(f"{url}/tasks/{task_id}", timeout=30)
-                                      .json()["stages"]["instant"])["state"] in ("ready", "failed") and stage,
-                             "the instant stage built", timeout=180)
-        assert instant["state"] == "ready", instant
-        (_, path), = images("test", 1)[:1]
-        answer = httpx.post(f"{url}/classify", data={"task_id": task_id, "stage": "instant"}, timeout=60,
-                            files=[("files", (path.name, path.read_bytes(), "image/png"))])
+        with httpx.Client(base_url=url, timeout=120) as client:
+            task_id = client.post("/tasks", data=data, files=files).json()["id"]
+            instant = wait_for_stage(client, task_id, "instant", {"ready", "failed"}, timeout=180)["stages"]["instant"]
+            assert instant["state"] == "ready", instant
+            answer = classify_with_task(client, task_id, stage="instant")
         assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
     finally:
         server.stop()

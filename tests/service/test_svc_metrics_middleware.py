@@ -12,15 +12,18 @@ from starlette.testclient import TestClient
 from service.prometheus import Metrics, MetricsMiddleware
 
 
+def sample_sum(metric, suffix: str, **labels: str) -> float:
+    """The value of `metric`'s samples named *`suffix` with exactly these labels (0 if none)."""
+    return sum(sample.value for family in metric.collect() for sample in family.samples
+               if sample.name.endswith(suffix) and sample.labels == labels)
+
+
 def counted(metrics: Metrics, method: str, route: str, status: str) -> float:
-    wanted = {"method": method, "route": route, "status": status}
-    return sum(sample.value for family in metrics.requests.collect() for sample in family.samples
-               if sample.name.endswith("_total") and sample.labels == wanted)
+    return sample_sum(metrics.requests, "_total", method=method, route=route, status=status)
 
 
 def latencies(metrics: Metrics, method: str, route: str) -> float:
-    return sum(sample.value for family in metrics.latency.collect() for sample in family.samples
-               if sample.name.endswith("_count") and sample.labels == {"method": method, "route": route})
+    return sample_sum(metrics.latency, "_count", method=method, route=route)
 
 
 def app_with(metrics: Metrics) -> Starlette:
