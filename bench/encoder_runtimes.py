@@ -10,7 +10,9 @@
    int8 is calibrated on the fixture's training images (each as the eval transform sees it and in
    random crops/flips: `--calibration-views`), never on the images it is measured on.
 2. Speed on ViT-B-16 (random weights; the cost does not depend on the values): each runtime and
-   precision against raw PyTorch fp32 `encode_image`, same batch, same run, as ratios.
+   precision against raw PyTorch fp32 `encode_image`, same batch, as ratios: each round times the
+   raw pass and then every encoder once, and each ratio is against the raw pass of its own round
+   (the median over the rounds, with the lowest and highest).
 
 Run on a quiet machine if you can; the script says how many threads torch uses.
 """
@@ -28,7 +30,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from _timing import machine, median_seconds
+from _timing import interleaved_ratios, machine
 from upt.backbone import load_backbone, random_backbone
 from upt.compiled import OpenVinoImageEncoder, cpu_has_bf16, nncf_available, openvino_available
 from upt.data import eval_transform, scan_image_folder
@@ -163,23 +165,26 @@ def speed(args, work: Path) -> None:
     print(f"## {args.model}, batch {args.batch}, 4 visual prompts, {machine()}, bf16 units: "
           f"{cpu_has_bf16() if openvino_available() else 'n/a'}")
     calibration = calibration_images(backbone, 1)[: args.speed_calibration]  # the speed needs no more
-    raw = median_seconds(lambda: backbone.clip.encode_image(images), args.repeats)
     reference = TorchImageEncoder(backbone)(images, prompts)
-    print(f"  raw PyTorch fp32 encode_image: {1000 * raw:8.1f} ms (1.00x)")
-    measured = {}
+    served = {}
     for runtime, precision in [("pytorch", "fp32")] + available(args.combos):
         start = time.perf_counter()
-        served = encoder(backbone, runtime, precision, work / "ov", calibration)
-        ready = time.perf_counter() - start
-        seconds = measured[runtime, precision] = median_seconds(lambda: served(images, prompts), args.repeats)
-        error = (served(images, prompts) - reference).abs().max().item()
-        print(f"  {runtime:8s} {precision}: {1000 * seconds:8.1f} ms  {raw / seconds:5.2f}x raw throughput  "
-              f"max |feature - fp32| {error:.1e}  (built in {ready:.0f} s)")
-        sys.stdout.flush()
-    if {("openvino", "fp32"), ("openvino", "int8")} <= measured.keys():
+        name = f"{runtime} {precision}"
+        served[name] = encoder(backbone, runtime, precision, work / "ov", calibration)
+        error = (served[name](images, prompts) - reference).abs().max().item()
+        print(f"  {name:13s}: built in {time.perf_counter() - start:.0f} s, max |feature - fp32| {error:.1e}")
+    sys.stdout.flush()
+    raw, ratios = interleaved_ratios(lambda: backbone.clip.encode_image(images),
+                                     {name: (lambda e=e: e(images, prompts)) for name, e in served.items()},
+                                     args.repeats)
+    print(f"  raw PyTorch fp32 encode_image: {1000 * raw:8.1f} ms (1.00x); each ratio is against the raw pass "
+          f"of its own round: median of {args.repeats} rounds (lowest-highest)")
+    for name, ratio in ratios.items():
+        print(f"  {name:13s}: {1000 * ratio.seconds:8.1f} ms  {ratio.median:5.2f}x raw throughput "
+              f"({ratio.low:.2f}-{ratio.high:.2f})")
+    if {"openvino fp32", "openvino int8"} <= ratios.keys():
         print(f"  openvino int8 vs openvino fp32: "
-              f"{measured['openvino', 'fp32'] / measured['openvino', 'int8']:.2f}x throughput")
-
+              f"{ratios['openvino fp32'].seconds / ratios['openvino int8'].seconds:.2f}x throughput")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)

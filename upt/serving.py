@@ -69,10 +69,10 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
                         calibration: torch.Tensor | None = None) -> tuple[ImageEncoder, str]:
     """The serving image encoder and a note on how it was chosen (empty, or why it fell back).
 
-    auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed: in bf16 where the CPU has AMX
-    units, else in fp32 (bench/encoder_runtimes.py: bf16 kept ≥ 99.5 % top-1 agreement with PyTorch
-    fp32 on trained artifacts, but without AMX it ran slower than OpenVINO fp32); PyTorch fp32 without
-    OpenVINO. A failing compilation falls back to PyTorch.
+    auto: on CUDA, PyTorch in fp16; on CPU, OpenVINO where installed: in bf16 where the CPU computes
+    bf16 natively (AMX, or AVX-512 BF16), else in fp32 (bench/encoder_runtimes.py: bf16 kept ≥ 99.5 %
+    top-1 agreement with PyTorch fp32 on trained artifacts and ran 2-5x faster than fp32 on both
+    kinds of CPU); PyTorch fp32 without OpenVINO. A failing compilation falls back to PyTorch.
 
     int8 is only ever chosen by name, never by auto: OpenVINO's graphs quantized by NNCF, calibrated
     on `calibration` (preprocessed real images of the kind served; required). Its agreement with fp32
@@ -80,7 +80,7 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
     (bench/encoder_runtimes.py). Without NNCF it serves OpenVINO fp32, without OpenVINO PyTorch fp32,
     each with a note.
     """
-    from .compiled import OpenVinoImageEncoder, cpu_has_amx, nncf_available, openvino_available
+    from .compiled import OpenVinoImageEncoder, cpu_has_bf16, nncf_available, openvino_available
 
     if runtime not in RUNTIMES or precision not in PRECISIONS:
         raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}, "
@@ -95,7 +95,7 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
         note = "OpenVINO serves CPUs only" if on_cuda else "OpenVINO is not installed"
         runtime = "pytorch"
     if runtime == "openvino":
-        chosen = precision if precision != "auto" else ("bf16" if cpu_has_amx() else "fp32")
+        chosen = precision if precision != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
         if chosen == "int8" and not nncf_available():
             chosen, note = "fp32", "int8 needs NNCF (pip install 'upt[int8]'): serving exact fp32"
         try:
