@@ -157,3 +157,22 @@ def test_template_classifier_batches_all_prompts_into_the_same_classifier(tiny, 
             expected.append(torch.nn.functional.normalize(features.mean(dim=0), dim=-1))
     assert batched.shape == (len(names), tiny.clip.text_projection.shape[1])
     assert (batched - torch.stack(expected)).abs().max().item() < 1e-6
+
+
+def test_template_classifier_never_pads_a_prompt_to_a_longer_one(tiny, monkeypatch):
+    """Each text pass holds prompts of one length, so none runs positions past its own end of text."""
+    from upt.methods import ENSEMBLE_TEMPLATES
+    from upt.methods import model as model_module
+
+    passes = []
+
+    def recording(clip, token_ids, *args, **kwargs):
+        passes.append(token_ids.argmax(dim=-1).tolist())
+        return encode(clip, token_ids, *args, **kwargs)
+
+    encode = model_module.encode_text
+    monkeypatch.setattr(model_module, "encode_text", recording)
+    names = ["cat", "golden_retriever", "a very long class name with many words in it", "dog", "sea lion"]
+    template_classifier(tiny, names, ENSEMBLE_TEMPLATES)
+    assert all(len(set(ends)) == 1 for ends in passes)
+    assert sum(len(ends) for ends in passes) == len(names) * len(ENSEMBLE_TEMPLATES)

