@@ -28,7 +28,6 @@ def machine() -> str:
     return f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads"
 
 
-
 @dataclass(frozen=True)
 class Ratio:
     """A contender's speed against the yardstick: yardstick seconds / contender seconds per round."""

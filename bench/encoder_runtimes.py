@@ -186,6 +186,7 @@ def speed(args, work: Path) -> None:
         print(f"  openvino int8 vs openvino fp32: "
               f"{ratios['openvino fp32'].seconds / ratios['openvino int8'].seconds:.2f}x throughput")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="ViT-B-16")

@@ -126,8 +126,8 @@ class InstantStages:
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
             self._mark(task_id, instant_status=None)
             raise
-        # The serving encoder (compiled, bf16 on CPUs with bf16 units) encodes the cache: no gradient is needed, and
-        # its features are those the stage will be asked about.
+        # The serving encoder (compiled, bf16 on CPUs with bf16 units) encodes the cache: no gradient
+        # is needed, and its features are those the stage will be asked about.
         encoder = self.serving.image_encoder(backbone)
         partial = self.storage.task_dir(task_id) / f"instant.partial-{uuid.uuid4().hex}"
         try:

@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     # a tuned 10-class task on ViT-B-16 holds 20-170 KB, a zero-shot 1,000-class one 2 MB.
     predictor_cache_bytes: int = Field(512 * 1024 * 1024, ge=1)
     # The image encoder that serves /classify (training always runs in PyTorch). auto: OpenVINO on a
-    # CPU where installed (bf16 where the CPU computes bf16 natively: AMX or AVX-512 BF16, else fp32), PyTorch fp16 on CUDA, else
-    # PyTorch fp32.
+    # CPU where installed (bf16 where the CPU computes bf16 natively, with AMX or AVX-512 BF16, else
+    # fp32), PyTorch fp16 on CUDA, else PyTorch fp32.
     serve_runtime: Literal["auto", "openvino", "pytorch"] = "auto"
     serve_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     # int8 only (opt-in, OpenVINO with NNCF): real images of the kind served, to calibrate on.

@@ -65,7 +65,7 @@ def nncf_available() -> bool:
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO runs bf16 natively on this CPU (AMX, or AVX-512 BF16 as on AMD Zen 4); where
     it would only emulate bf16, bf16 is no faster than fp32. Measured with bench/encoder_runtimes.py,
-    ViT-B-16 batch 32: 5.3x raw PyTorch fp32 with AMX, 2.8-3.1x with AVX-512 BF16 alone (Zen 4)."""
+    ViT-B-16 batch 32: 5.3x raw PyTorch fp32 with AMX, 2.5x with AVX-512 BF16 alone (Zen 4)."""
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
