@@ -127,13 +127,14 @@ class InstantStages:
             self._mark(task_id, instant_status=None)
             raise
         # The serving encoder (compiled, bf16 on CPUs with bf16 units) encodes the cache: no gradient
-        # is needed, and its features are those the stage will be asked about.
+        # is needed, and its features are those the stage will be asked about. Its background passes
+        # go in slices that yield to /classify's (service.shared_encoder).
         encoder = self.serving.image_encoder(backbone)
         partial = self.storage.task_dir(task_id) / f"instant.partial-{uuid.uuid4().hex}"
         try:
             result = train(backbone, self.storage.data_dir(task_id), config, partial,
                            class_folders=self.storage.task_class_folders(task_id, class_count),
-                           cache_encoder=lambda images: encoder(images, None, normalize=False))
+                           cache_encoder=lambda images: encoder.background(images, normalize=False))
         except UptError as error:
             shutil.rmtree(partial, ignore_errors=True)
             self._mark(task_id, instant_status=FAILED, instant_error=str(error))

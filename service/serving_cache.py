@@ -19,6 +19,7 @@ from typing import Any
 
 from service.errors import Problem, shown_weights, without_paths
 from service.settings import Settings
+from service.shared_encoder import SharedImageEncoder
 from upt.backbone import load_backbone
 from upt.errors import ArtifactError, BackboneMismatchError, ConfigError, UptError
 from upt.predict import Predictor
@@ -122,12 +123,13 @@ class ServingCache:
         self.encoder_note = note
         if note:
             log.warning("Serving with %s: %s", encoder.describe(), note)
-        return encoder
+        return SharedImageEncoder(encoder)
 
-    def image_encoder(self, backbone):
-        """The image encoder that serves `backbone` (the micro-batcher's encoder for every pass)."""
+    def image_encoder(self, backbone) -> SharedImageEncoder:
+        """The image encoder that serves `backbone`: the micro-batcher's for every pass, and the
+        instant stage's for its background passes, which yield to /classify's."""
         if self._encoder is None or backbone is not self._backbone:
-            return TorchImageEncoder(backbone)
+            return SharedImageEncoder(TorchImageEncoder(backbone))
         return self._encoder
 
     def encoder_status(self) -> tuple[bool, str]:

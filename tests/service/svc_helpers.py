@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -138,6 +139,48 @@ def api_without_weights(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[str]:
         yield url
     finally:
         server.stop()
+
+
+@contextmanager
+def api_in_process(tmp_path: Path, tiny_checkpoint: Path, **settings) -> Iterator[tuple[str, object, dict]]:
+    """An API served by uvicorn in a thread of this process (its app.state can be watched and
+    patched), on a scratch PostgreSQL database, the tiny backbone served by PyTorch, API keys
+    required; `settings` override the Settings fields. Yields (base URL, app, headers of a key)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.auth import create_key
+    from service.db import Database
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    with scratch_database("upt_inproc") as url:
+        chosen = Settings(**({"model": "upt-tiny", "pretrained": str(tiny_checkpoint), "device": "cpu",
+                              "data_dir": tmp_path, "database_url": url, "require_api_keys": True,
+                              "serve_runtime": "pytorch"} | settings))
+        upgrade(chosen)
+        database = Database.from_settings(chosen)
+        with database.scope() as session:
+            key = create_key(session, "acme")
+        database.dispose()
+        app = create_app(chosen)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.config.port}"
+        try:
+            wait_until(lambda: _answers_ready(base), "the API to be ready")
+            yield base, app, {"Authorization": f"Bearer {key}"}
+        finally:
+            server.should_exit = True
+            thread.join(timeout=20)
+
+
+def _answers_ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 120) -> dict:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from svc_helpers import CLASSES, free_port, images, scratch_database, task_form
+from svc_helpers import CLASSES, api_in_process, images, task_form
 
 pytestmark = pytest.mark.service
 POOL = 2
@@ -25,43 +25,9 @@ POOL = 2
 def small_pool_api(tmp_path, tiny_checkpoint):
     """An API in this process (its pool can be watched) on PostgreSQL with a pool of two connections,
     API keys required; yields (base URL, app, headers)."""
-    import uvicorn
-
-    from service.app import create_app
-    from service.auth import create_key
-    from service.db import Database
-    from service.migrate import upgrade
-    from service.settings import Settings
-
-    with scratch_database("upt_pool") as url:
-        settings = Settings(model="upt-tiny", pretrained=str(tiny_checkpoint), device="cpu", data_dir=tmp_path,
-                            database_url=url, require_api_keys=True, serve_runtime="pytorch",
-                            instant_augment_views=1, database_max_connections=POOL,
-                            database_pool_timeout_s=1.0)
-        upgrade(settings)
-        database = Database.from_settings(settings)
-        with database.scope() as session:
-            key = create_key(session, "acme")
-        database.dispose()
-        app = create_app(settings)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait(lambda: _ready(base), timeout=60, what="the API to be ready")
-            yield base, app, {"Authorization": f"Bearer {key}"}
-        finally:
-            server.should_exit = True
-            thread.join(timeout=20)
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(base + "/readyz", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
+    with api_in_process(tmp_path, tiny_checkpoint, instant_augment_views=1, database_max_connections=POOL,
+                        database_pool_timeout_s=1.0) as api:
+        yield api
 
 
 def _wait(condition, timeout: float = 30.0, what: str = "") -> None:
