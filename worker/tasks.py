@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import task_state
-from service.db import Database
+from service.db import Database, commit_retrying_conflicts
 from service.quotas import folder_bytes
 from service.errors import NO_SPACE, is_disk_full, shown_weights, without_paths
 from service.models import Task, TaskStatus
@@ -160,17 +160,20 @@ def _lease_callbacks(lease: Lease, record_progress: Callable[[Session, Any], obj
     class LeaseCallbacks(TrainCallbacks):
         last_write = 0.0
 
+        # A method=auto candidate's write locks its candidate's row, then the task's: the opposite
+        # order from a DELETE of the task, so PostgreSQL may pick the write as a deadlock's victim.
+        # It runs again, and then finds the task deleted (the lease is lost).
         def on_step(self, report) -> None:
             if time.monotonic() - self.last_write < PROGRESS_EVERY_S:
                 return
             self.last_write = time.monotonic()
             with session_scope() as session:
-                record_progress(session, report)
+                commit_retrying_conflicts(session, lambda: record_progress(session, report))
 
         def on_epoch_end(self, report) -> None:
             self.last_write = time.monotonic()
             with session_scope() as session:
-                if not record_epoch(session, report):
+                if not commit_retrying_conflicts(session, lambda: record_epoch(session, report)):
                     lease.lost()
 
         def should_stop(self) -> bool:
