@@ -115,6 +115,17 @@ def test_bf16_features_stay_close(tiny, encoders):
     assert torch.nn.functional.cosine_similarity(bf16, exact, dim=-1).min() > 0.999
 
 
+def test_bf16_is_chosen_only_on_the_measured_kinds_of_bf16_units(monkeypatch):
+    """AMX or AVX-512 BF16 in /proc/cpuinfo, and OpenVINO's bf16 capability: nothing else."""
+    import openvino as ov
+
+    reported = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for flags, expected in (("fpu avx2 avx_vnni", False), ("fpu avx512f avx512_bf16", reported),
+                            ("fpu amx_tile amx_bf16", reported)):
+        monkeypatch.setattr(compiled.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
+        assert compiled.cpu_has_bf16() is expected, flags
+
+
 def test_runtime_selection_and_fallback(tiny, encoders, tmp_path, monkeypatch):
     encoder, note = build_image_encoder(tiny, "auto", "auto", encoders[2])
     assert encoder.runtime == "openvino" and note == ""
