@@ -54,12 +54,12 @@ def test_a_delete_that_loses_a_deadlock_to_a_worker_is_run_again(stack):
     assert client.get(f"/tasks/{task_id}").status_code == 404
 
 
-
 def test_an_epoch_write_that_loses_a_deadlock_to_a_delete_is_run_again(stack, start_worker_process, monkeypatch):
     """The other side: PostgreSQL picks the worker's epoch write as the victim. The write runs again,
     finds the task deleted, and the candidate's lease is lost: no error escapes the training."""
     from service import task_state
     from service.db import Database
+    from service.models import Task
     from service.settings import Settings
     from upt.auto import config_from_dict
     from upt.training import EpochReport
@@ -75,7 +75,7 @@ def test_an_epoch_write_that_loses_a_deadlock_to_a_delete_is_run_again(stack, st
         with database.scope() as session:
             claimed = task_state.claim_candidate(session, task_id, "coop", "test-worker")
             lease = CandidateLease(task_id, "coop", claimed.lease, claimed.attempts, 60.0)
-            auto = config_from_dict(session.get(task_state.Task, task_id).config)
+            auto = config_from_dict(session.get(Task, task_id).config)
         answer, lock_task = {}, task_state._lock_task
 
         def lock_task_once_the_delete_waits(session, locked_id):
