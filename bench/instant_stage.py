@@ -58,14 +58,16 @@ def main() -> None:
 
         reference_s, reference_keys = build("pytorch", None)
         print(f"PyTorch fp32 tower (before): {reference_s:.1f} s")
+        encoders = []
         for precision in args.precisions.split(","):
             encoder, note = build_image_encoder(backbone, "openvino", precision)
+            encoders.append(encoder)
             seconds, keys = build(precision, lambda images: encoder(images, None, normalize=False))
             cosine = float(torch.nn.functional.cosine_similarity(keys, reference_keys).min())
             print(f"{encoder.describe()}{f' ({note})' if note else ''}: {seconds:.1f} s = {reference_s / seconds:.2f}x "
                   f"sooner; keys max |diff| {float((keys - reference_keys).abs().max()):.1e}, min cosine {cosine:.6f}")
 
-        encoder, _ = build_image_encoder(backbone, "openvino", args.precisions.split(",")[0])
+        encoder = encoders[0]  # the first precision's, compiled above
         shared = SharedImageEncoder(encoder)
         image = torch.randn(1, 3, backbone.image.size, backbone.image.size)
         for index, (name, classify, cache_encoder) in enumerate((

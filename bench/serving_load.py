@@ -247,16 +247,16 @@ def main() -> None:
             if on_cuda:
                 torch.cuda.synchronize()
 
-        def yardstick(server_pid: int | None = None) -> float:
-            """Raw throughput now, with the server (if any) idle; the server's CPU meanwhile is printed,
-            to show that it was idle."""
-            server_cpu = None if server_pid is None else process_cpu_s(server_pid)
+        def yardstick(server_pid: int) -> float:
+            """Raw throughput now, with the server idle; the server's CPU meanwhile is printed, to show
+            that it was idle."""
+            server_cpu = process_cpu_s(server_pid)
             start = time.perf_counter()
             raw_s = median_seconds(raw_pass, args.repeats)
-            idle = "" if server_pid is None else \
-                f", idle server {(process_cpu_s(server_pid) - server_cpu) / (time.perf_counter() - start):.2f} cores"
+            idle = (process_cpu_s(server_pid) - server_cpu) / (time.perf_counter() - start)
             print(f"raw PyTorch {'fp16' if on_cuda else 'fp32'} encode_image, batch 32: {32 / raw_s:.2f} images/s "
-                  f"({1000 * raw_s:.0f} ms per batch; load average {os.getloadavg()[0]:.1f}{idle})")
+                  f"({1000 * raw_s:.0f} ms per batch; load average {os.getloadavg()[0]:.1f}, idle server "
+                  f"{idle:.2f} cores)")
             sys.stdout.flush()
             return 32 / raw_s
 
