@@ -126,19 +126,25 @@ def wait_http(base_url: str, proc: Proc, timeout: float = 60) -> None:
 
 
 @contextmanager
-def api_without_weights(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[str]:
-    """An API (no worker) told to serve ViT-B-16 from a weights file that does not exist; yields its URL."""
-    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_MODEL="ViT-B-16",
-                   UPT_PRETRAINED=str(tmp_path / "no-such-weights.safetensors"))
+def api_process(env: dict, log: Path) -> Iterator[str]:
+    """`upt serve --no-worker` in a process of its own with `env`, its output in `log`; yields its URL."""
     port = free_port()
-    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
-                  tmp_path / "serve.log")
+    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, server)
         yield url
     finally:
         server.stop()
+
+
+@contextmanager
+def api_without_weights(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[str]:
+    """An API (no worker) told to serve ViT-B-16 from a weights file that does not exist; yields its URL."""
+    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_MODEL="ViT-B-16",
+                   UPT_PRETRAINED=str(tmp_path / "no-such-weights.safetensors"))
+    with api_process(env, tmp_path / "serve.log") as url:
+        yield url
 
 
 @contextmanager

@@ -4,14 +4,11 @@ builds from the same stored shots, to float rounding."""
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import pytest
 import torch
 
-from svc_helpers import (Proc, base_env, classify_with_task, free_port, settings_of, task_form, wait_for_stage,
-                         wait_http, wait_until)
+from svc_helpers import api_process, base_env, classify_with_task, settings_of, task_form, wait_for_stage, wait_until
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.slow
@@ -25,12 +22,7 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
 
     env = base_env(tmp_path / "data", tiny_checkpoint, UPT_SERVE_RUNTIME="openvino", UPT_SERVE_PRECISION="fp32",
                    UPT_INSTANT_AUGMENT_VIEWS="3")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = Proc([sys.executable, "-m", "service", "serve", "--no-worker", "--port", str(port)], env,
-                  tmp_path / "serve.log")
-    try:
-        wait_http(url, server)
+    with api_process(env, tmp_path / "serve.log") as url:
         encoder = wait_until(lambda: (detail := httpx.get(f"{url}/readyz", timeout=30).json()
                                       ["checks"]["image_encoder"]["detail"]).startswith("openvino") and detail,
                              "served by OpenVINO", timeout=180)
@@ -42,8 +34,6 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
             assert instant["state"] == "ready", instant
             answer = classify_with_task(client, task_id, stage="instant")
         assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
-    finally:
-        server.stop()
 
     storage = Storage.from_settings(settings_of(env))
     served = load_artifact(storage.instant_dir(task_id))
