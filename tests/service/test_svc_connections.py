@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from svc_helpers import CLASSES, api_in_process, images, task_form
+from svc_helpers import CLASSES, api_in_process, images, task_form, wait_until
 
 pytestmark = pytest.mark.service
 POOL = 2
@@ -28,14 +28,6 @@ def small_pool_api(tmp_path, tiny_checkpoint):
     with api_in_process(tmp_path, tiny_checkpoint, instant_augment_views=1, database_max_connections=POOL,
                         database_pool_timeout_s=1.0) as api:
         yield api
-
-
-def _wait(condition, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _gated_encoder(app):
@@ -72,7 +64,8 @@ def test_a_slow_upload_holds_no_database_connection(small_pool_api):
     with ThreadPoolExecutor(1) as pool_of_one:
         answer = pool_of_one.submit(httpx.post, base + "/tasks", content=slowly(), timeout=60,
                                     headers={**headers, "content-type": request.headers["content-type"]})
-        _wait(lambda: scratch.exists() and any(scratch.iterdir()), what="the route to start reading the body")
+        wait_until(lambda: scratch.exists() and any(scratch.iterdir()), "the route to start reading the body",
+                   timeout=30)
         time.sleep(0.3)
         assert pool.checkedout() == 0, "a request waiting on its body holds a database connection"
         resume.set()
@@ -99,7 +92,7 @@ def test_classify_holds_no_connection_through_the_encoder_pass(small_pool_api):
     gate, entered = _gated_encoder(app)
     with ThreadPoolExecutor(2 * POOL) as clients:
         answers = [clients.submit(classify) for _ in range(2 * POOL)]
-        _wait(entered.is_set, what="an encoder pass")
+        wait_until(entered.is_set, "an encoder pass", timeout=30)
         time.sleep(2.5)  # past the pool timeout (1 s) with every request in flight
         assert app.state.database.engine.pool.checkedout() == 0
         gate.set()
