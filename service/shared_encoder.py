@@ -40,7 +40,8 @@ class SharedImageEncoder:
     def describe(self) -> str:
         return self.encoder.describe()
 
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True,
+                 depths: torch.Tensor | None = None) -> torch.Tensor:
         with self._turns:
             self._serving_waits += 1
             try:
@@ -49,7 +50,7 @@ class SharedImageEncoder:
                 self._serving_waits -= 1
             self._busy = True
         try:
-            return self.encoder(images, prompts, normalize)
+            return self.encoder(images, prompts, normalize, depths=depths)
         finally:
             self._release()
 

@@ -2,9 +2,10 @@
 the API's training-free instant stage encodes its cache's views with it, no gradient being needed).
 
 One compiled model per backbone serves every task: the visual prompts are an input of the graph,
-(batch, layers, n, width) with the batch and the prompt count n dynamic, and `replace` (layers,) says
-at which layers they replace the previous layer's outputs (1 up to the task's depth, 0 after), so
-VPT-shallow, VPT-deep and UPT tasks of any depth run through the same graph. Unprompted requests
+(batch, layers, n, width) with the batch and the prompt count n dynamic, and `replace` (batch, layers)
+says at which layers each sample's prompts replace the previous layer's outputs (1 up to its task's
+depth, 0 after), so VPT-shallow, VPT-deep and UPT tasks of any depth run through the same graph, in
+the same pass. Unprompted requests
 (zero-shot, CoOp) use a second graph without prompt inputs. Both are converted once and saved as
 OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256 and the library version), so a
 restart reads them instead of tracing the model again; compiling happens once, at load. The folder
@@ -48,9 +49,10 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 # initialise them, N(0, 0.02²), replacing at the first layer only (shallow) or at every layer (deep),
 # alternately; the layer norm in front of each block's products makes their scale matter little.
 _CALIBRATION_PROMPTS, _CALIBRATION_STD = 4, 0.02
-# What the saved graphs compute, in their folder's name: graphs saved before they gave raw features
-# (they gave normalised ones) must not be read back as these.
-_GRAPH_FORMAT = "raw-features"
+# What the saved graphs compute, in their folder's name, so that no graph of another format is read
+# back as these: none (normalised features), then "raw-features" (raw, `replace` one per layer), now
+# raw features with `replace` per sample and layer.
+_GRAPH_FORMAT = "sample-depths"
 
 
 def openvino_available() -> bool:
@@ -87,6 +89,8 @@ class _PromptedImageTower(nn.Module):
         self.visual = clip.visual
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor, replace: torch.Tensor) -> torch.Tensor:
+        """prompts (batch, layers, n, width); replace (batch, layers): 1 where the sample's prompts
+        replace the previous layer's outputs at that layer, 0 where those carry on."""
         visual = self.visual
         x = self._embed(images)
         n = prompts.shape[2]
@@ -95,7 +99,7 @@ class _PromptedImageTower(nn.Module):
         for index, block in enumerate(visual.transformer.resblocks):
             if index > 0:
                 kept = x[:, 1:1 + n]
-                swapped = torch.where(replace[index] > 0, prompts[:, index].to(x.dtype), kept)
+                swapped = torch.where(replace[:, index].view(-1, 1, 1) > 0, prompts[:, index].to(x.dtype), kept)
                 x = torch.cat([x[:, :1], swapped, x[:, 1 + n:]], dim=1)
             x = self._block(block, x)
         x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
@@ -165,18 +169,21 @@ class OpenVinoImageEncoder:
             return f"openvino int8 on cpu (calibrated on {len(self.calibration)} images)"
         return f"openvino {self.precision} on cpu"
 
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True,
+                 depths: torch.Tensor | None = None) -> torch.Tensor:
         images = images.float().contiguous().numpy()
         with self._lock:
             if prompts is None:
                 out = self._plain([images])[0]
             else:
-                inputs = self._prompt_inputs(prompts, len(images))
+                inputs = self._prompt_inputs(prompts, len(images), depths)
                 out = self._prompted([images, *inputs])[0]
         features = torch.from_numpy(out.copy()).float()
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _prompt_inputs(self, prompts: torch.Tensor, batch: int):
+    def _prompt_inputs(self, prompts: torch.Tensor, batch: int, depths: torch.Tensor | None = None):
+        """The prompted graph's prompts and replace mask: every sample's prompts padded to all layers,
+        replacing at its first `depths[b]` layers (all it was given where no depths are)."""
         if prompts.dim() == 3:
             prompts = prompts.unsqueeze(0).expand(batch, *prompts.shape)
         depth = prompts.shape[1]
@@ -184,8 +191,8 @@ class OpenVinoImageEncoder:
             raise ValueError(f"{depth} prompted layers exceed the backbone's {self.layers}.")
         full = torch.zeros(batch, self.layers, prompts.shape[2], prompts.shape[3])
         full[:, :depth] = prompts.float()
-        replace = torch.zeros(self.layers)
-        replace[:depth] = 1.0
+        reach = torch.full((batch, 1), depth) if depths is None else depths.view(-1, 1)
+        replace = (torch.arange(self.layers).unsqueeze(0) < reach).float()
         return full.numpy(), replace.numpy()
 
     def _compile(self, ov, model, config: dict, folder: Path | None):
@@ -259,11 +266,11 @@ class OpenVinoImageEncoder:
                 return ov.convert_model(_PlainImageTower(clip).eval(), example_input=(images,),
                                         input=[ov.PartialShape([-1, 3, size, size])])
             prompts = torch.zeros(2, self.layers, 4, width)
-            replace = torch.ones(self.layers)
+            replace = torch.ones(2, self.layers)
             return ov.convert_model(
                 _PromptedImageTower(clip).eval(), example_input=(images, prompts, replace),
                 input=[ov.PartialShape([-1, 3, size, size]), ov.PartialShape([-1, self.layers, -1, width]),
-                       ov.PartialShape([self.layers])])
+                       ov.PartialShape([-1, self.layers])])
 
 
 def _remove_other_releases(folder: Path, prefix: str) -> None:

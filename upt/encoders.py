@@ -6,7 +6,9 @@ Both functions reproduce `CLIP.encode_text` / `CLIP.encode_image` exactly when n
 Prompt tensors are per layer: shape (depth, length, width). Layer 0's prompts enter with the input
 tokens; before layer i < depth the outputs at the prompt positions are replaced by layer i's prompts
 (VPT-deep / layer-wise UPT). depth 1 is the shallow form. Visual prompts may also be given per sample,
-(batch, depth, length, width), so that images of several tasks share one pass when serving.
+(batch, depth, length, width), so that images of several tasks share one pass when serving; tasks of
+different depths too, with `depths` (batch,) saying how many of its layers each sample's prompts reach
+(the rows beyond are padding, never read).
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ def encode_image(
     images: torch.Tensor,
     prompts: torch.Tensor | None = None,
     normalize: bool = False,
+    depths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encode images with visual prompts (depth, n, width) inserted after [CLS], before the patches.
 
-    Prompts of shape (batch, depth, n, width) give each image its own (one pass for several tasks).
+    Prompts of shape (batch, depth, n, width) give each image its own (one pass for several tasks);
+    `depths` (batch,), with such prompts only, limits sample b's to its first depths[b] layers: after
+    them its prompt positions carry the previous layer's outputs on, as a shallower task's would.
     Prompts are inserted after the positional embeddings and pass through `ln_pre` with the other
     tokens; they are dropped before pooling, so average-pooled towers are not skewed by them.
     """
@@ -72,7 +77,7 @@ def encode_image(
         n_prompts = prompts.shape[-2]
         x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)
     x = visual.ln_pre(x)
-    x = _run_blocks(visual.transformer, x, None, prompts, start=1)
+    x = _run_blocks(visual.transformer, x, None, prompts, start=1, depths=depths)
     if n_prompts:
         x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)
     pooled, _ = visual._pool(x)
@@ -87,15 +92,22 @@ def _run_blocks(
     mask: torch.Tensor | None,
     prompts: torch.Tensor | None,
     start: int,
+    depths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the residual blocks, swapping in layer i's prompts at positions start..start+len before block i."""
+    """Run the residual blocks, swapping in layer i's prompts at positions start..start+len before block i
+    (only in the samples whose `depths` exceed i, where given)."""
     batch_first = transformer.batch_first
     if not batch_first:
         x = x.transpose(0, 1)
     depth = 0 if prompts is None else prompts.shape[0]
     for index, block in enumerate(transformer.resblocks):
         if 0 < index < depth:
-            x = _replace(x, prompts[index], start, batch_first)
+            replaced = _replace(x, prompts[index], start, batch_first)
+            if depths is None:
+                x = replaced
+            else:
+                reached = (depths > index).view((-1, 1, 1) if batch_first else (1, -1, 1))
+                x = torch.where(reached.to(x.device), replaced, x)
         x = block(x, attn_mask=mask)
     return x if batch_first else x.transpose(0, 1)
 

@@ -3,8 +3,9 @@
 A predictor needs from the image encoder either the raw image features (zero-shot, CoOp: tasks that
 learn nothing visual) or the features under its own visual prompts (VPT, UPT). Requests are grouped by
 what the encoder needs, not by task: every raw-feature request of one backbone shares one pass, and
-visual-prompt requests whose prompts have one shape (depth, n, width) share one pass with the prompts
-given per sample. Each request's logits are then its own classifier applied to its rows, the same
+visual-prompt requests with the same number of prompt tokens share one pass with the prompts given per
+sample, whatever their depth (VPT-shallow, VPT-deep and UPT tasks together: each sample's prompts
+reach only its own task's layers). Each request's logits are then its own classifier applied to its rows, the same
 arithmetic as `Predictor.logits` (tests check the results are equal).
 """
 
@@ -25,14 +26,15 @@ from .predict import Predictor
 
 class ImageEncoder(Protocol):
     """Image features (batch, d) in float32, with visual prompts shared (depth, n, width) or per
-    sample (batch, depth, n, width), or none; L2-normalised unless `normalize` is False."""
+    sample (batch, depth, n, width), or none; L2-normalised unless `normalize` is False. `depths`
+    (batch,), with per-sample prompts only: how many layers each sample's prompts reach (`encode_image`)."""
 
     runtime: str
 
     def describe(self) -> str: ...
 
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None,
-                 normalize: bool = True) -> torch.Tensor: ...
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True,
+                 depths: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 RUNTIMES = ("auto", "openvino", "pytorch")
@@ -57,11 +59,12 @@ class TorchImageEncoder:
         return f"pytorch {self.precision} on {self.backbone.device}"
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: torch.Tensor | None, normalize: bool = True,
+                 depths: torch.Tensor | None = None) -> torch.Tensor:
         if self.precision == "fp32":
-            return encode_image(self.backbone.clip, images, prompts, normalize=normalize).float()
+            return encode_image(self.backbone.clip, images, prompts, normalize=normalize, depths=depths).float()
         with torch.autocast(self.backbone.device.type, dtype=_AUTOCAST[self.precision]):
-            return encode_image(self.backbone.clip, images, prompts, normalize=normalize).float()
+            return encode_image(self.backbone.clip, images, prompts, normalize=normalize, depths=depths).float()
 
 
 def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: str = "auto",
@@ -122,16 +125,18 @@ def calibration_images(backbone: Backbone, folder: str | Path, limit: int = CALI
 
 
 def encoder_need(predictor: Predictor) -> Hashable:
-    """Requests with equal needs can share one encoder pass: the backbone and the prompts' shape."""
+    """Requests with equal needs can share one encoder pass: the backbone, and the prompt tokens'
+    count and width (not their depth: `depths` tells each sample's)."""
     prompts = predictor.visual_prompts
-    shape = None if prompts is None else (tuple(prompts.shape), prompts.dtype)
+    shape = None if prompts is None else (tuple(prompts.shape[1:]), prompts.dtype)
     return id(predictor.backbone), shape
 
 
 def logits_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
     """Each request's logits, from one encoder pass over all their images (all must share one need)."""
     images = torch.cat([batch for _, batch in requests]) if len(requests) > 1 else requests[0][1]
-    features = encoder(images, _prompts(requests))
+    prompts, depths = _prompts(requests)
+    features = encoder(images, prompts, depths=depths)
     out, start = [], 0
     for predictor, batch in requests:
         out.append(predictor.head(features[start:start + len(batch)]))
@@ -139,11 +144,21 @@ def logits_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, t
     return out
 
 
-def _prompts(requests: Sequence[tuple[Predictor, torch.Tensor]]) -> torch.Tensor | None:
+def _prompts(requests: Sequence[tuple[Predictor, torch.Tensor]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The pass's prompts: shared by the batch for one task, else per sample (batch, depth, n, width),
+    padded to the deepest task's depth with each sample's depth beside them where the depths differ."""
     first = requests[0][0].visual_prompts
     if first is None:
-        return None
+        return None, None
     if all(predictor is requests[0][0] for predictor, _ in requests):
-        return first  # one task: its prompts are shared by the batch, nothing to copy
-    return torch.cat([predictor.visual_prompts.unsqueeze(0).expand(len(batch), *first.shape)
-                      for predictor, batch in requests])
+        return first, None  # one task: its prompts are shared by the batch, nothing to copy
+    deepest = max(len(predictor.visual_prompts) for predictor, _ in requests)
+    per_sample = torch.zeros(sum(len(batch) for _, batch in requests), deepest, *first.shape[1:], dtype=first.dtype)
+    depths = torch.empty(len(per_sample), dtype=torch.long)
+    start = 0
+    for predictor, batch in requests:
+        prompts = predictor.visual_prompts
+        per_sample[start:start + len(batch), :len(prompts)] = prompts
+        depths[start:start + len(batch)] = len(prompts)
+        start += len(batch)
+    return per_sample, (None if bool((depths == deepest).all()) else depths)

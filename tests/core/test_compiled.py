@@ -45,6 +45,9 @@ def test_openvino_fp32_features_equal_pytorch(tiny, encoders):
             torch.testing.assert_close(openvino(images, shared), pytorch(images, shared), atol=2e-6, rtol=0)
             per_sample = torch.randn(5, depth, n, tiny.vision_width) * 0.1
             torch.testing.assert_close(openvino(images, per_sample), pytorch(images, per_sample), atol=2e-6, rtol=0)
+            depths = torch.tensor([1, depth, 1, depth, max(1, depth - 1)])  # tasks of several depths, one pass
+            torch.testing.assert_close(openvino(images, per_sample, depths=depths),
+                                       pytorch(images, per_sample, depths=depths), atol=2e-6, rtol=0)
 
 
 def test_raw_features_are_the_pytorch_towers_before_normalisation(tiny, encoders):
@@ -60,10 +63,11 @@ def test_raw_features_are_the_pytorch_towers_before_normalisation(tiny, encoders
     torch.testing.assert_close(pytorch(images, None, normalize=False), expected, atol=0, rtol=0)
 
 
-def test_graphs_cached_before_they_gave_raw_features_are_not_read(tiny):
+def test_graphs_of_an_earlier_format_are_not_read(tiny):
     """The cache folder's name says what its graphs compute: one written when they gave normalised
-    features is another folder, never read as this release's."""
-    assert compiled._cache_key(tiny).endswith("-raw-features")
+    features, or took one replace mask for the whole batch, is another folder, never read as this
+    release's."""
+    assert compiled._cache_key(tiny).endswith("-sample-depths")
 
 
 def test_graphs_saved_by_another_release_are_removed_and_others_kept(tiny, tmp_path):
@@ -71,7 +75,8 @@ def test_graphs_saved_by_another_release_are_removed_and_others_kept(tiny, tmp_p
     folders of the same backbone and weights saved by another release go, any other backbone's stay."""
     current = compiled._cache_key(tiny)
     stale = [tmp_path / f"{tiny.name}-{tiny.weights_sha256[:16]}-upt0.0.1",  # an older release
-             tmp_path / current.removesuffix("-raw-features")]  # this release before its graphs gave raw features
+             tmp_path / current.removesuffix("-sample-depths"),  # this release before its graphs gave raw features
+             tmp_path / current.replace("-sample-depths", "-raw-features")]  # ... or took depths per sample
     kept = [tmp_path / f"ViT-B-16-{'0' * 16}-upt0.0.1", tmp_path / f"{tiny.name}-{'f' * 16}-upt0.0.1"]
     for folder in stale + kept:
         folder.mkdir()

@@ -90,3 +90,25 @@ def test_per_sample_visual_prompts_equal_each_samples_own_prompts(tiny, depth):
         for index in range(5):
             alone = encode_image(tiny.clip, images[index:index + 1], per_sample[index])
             torch.testing.assert_close(together[index:index + 1], alone, atol=1e-5, rtol=0)
+
+
+
+def test_per_sample_prompts_of_several_depths_reach_only_their_own_layers(tiny):
+    """Tasks of different depths in one pass: sample b's prompts replace outputs at its first depths[b]
+    layers only, exactly as its own task's (depths[b], n, width) prompts alone (padding never read)."""
+    torch.manual_seed(0)
+    layers = tiny.vision_layers
+    images = torch.randn(4, 3, tiny.image.size, tiny.image.size)
+    per_sample = torch.randn(4, layers, 3, tiny.vision_width) * 0.1
+    depths = torch.tensor([1, layers, 2, 1])
+    with torch.no_grad():
+        together = encode_image(tiny.clip, images, per_sample, depths=depths)
+        for index in range(4):
+            own = per_sample[index, :depths[index]]
+            alone = encode_image(tiny.clip, images[index:index + 1], own)
+            torch.testing.assert_close(together[index:index + 1], alone, atol=1e-5, rtol=0)
+        # the padding rows are never read: other values there change nothing
+        padded = per_sample.clone()
+        for index, depth in enumerate(depths):
+            padded[index, depth:] = 7.0
+        assert torch.equal(encode_image(tiny.clip, images, padded, depths=depths), together)

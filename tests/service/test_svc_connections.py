@@ -38,10 +38,10 @@ def _gated_encoder(app):
     def encoder(backbone):
         real = original(backbone)
 
-        def run(images, prompts):
+        def run(images, prompts, depths=None):
             entered.set()
             gate.wait(60)
-            return real(images, prompts)
+            return real(images, prompts, depths=depths)
         return run
 
     app.state.batcher.encoder = encoder

@@ -45,7 +45,7 @@ def test_ten_thousand_tuned_tasks_fit_in_the_default_cache(tiny):
 
 
 def _mixed_requests(tiny):
-    """Zero-shot, a CoOp-like task (W only), three visual-prompt tasks of one prompt shape and one of another."""
+    """Zero-shot, a CoOp-like task (W only), and visual-prompt tasks of 4 tokens: four shallow, two deep."""
     generator = torch.Generator().manual_seed(0)
     width, dim = tiny.vision_width, tiny.clip.text_projection.shape[1]
     names = ["a", "b", "c"]
@@ -84,11 +84,11 @@ def test_one_pass_serves_many_tasks_with_the_results_of_the_per_task_path(tiny):
         futures.append(future)
         batcher._queue.put((predictor, batch, future))
     results = [future.result(timeout=60) for future in futures]
-    # raw features (zero-shot + W-only: 3 images), 1x4 prompts of four tasks (7), deep prompts of two (3)
-    assert sorted(passes) == [3, 3, 7]
+    # raw features (zero-shot + W-only: 3 images), 4 prompt tokens of six tasks, shallow and deep (10)
+    assert sorted(passes) == [3, 10]
 
     def need(predictor):
-        return None if predictor.visual_prompts is None else tuple(predictor.visual_prompts.shape)
+        return None if predictor.visual_prompts is None else tuple(predictor.visual_prompts.shape[1:])
 
     for index, (predictor, batch) in enumerate(requests):
         group = [i for i, (p, _) in enumerate(requests) if need(p) == need(predictor)]

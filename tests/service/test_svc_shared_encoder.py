@@ -35,7 +35,7 @@ class RecordingEncoder:
     def describe(self) -> str:
         return "fake"
 
-    def __call__(self, images, prompts, normalize=True):
+    def __call__(self, images, prompts, normalize=True, depths=None):
         self.calls.append((threading.current_thread().name, len(images)))
         if len(self.calls) - 1 in self.hold_calls:
             self.holding.set()
@@ -97,9 +97,9 @@ def test_the_api_builds_an_instant_stage_in_slices_and_classify_still_answers(tm
     passes: list[tuple[str, int]] = []
     pass_of = TorchImageEncoder.__call__
 
-    def recording(self, images, prompts, normalize=True):
+    def recording(self, images, prompts, normalize=True, depths=None):
         passes.append((threading.current_thread().name, len(images)))
-        return pass_of(self, images, prompts, normalize)
+        return pass_of(self, images, prompts, normalize, depths)
 
     monkeypatch.setattr(TorchImageEncoder, "__call__", recording)
     with api_in_process(tmp_path, tiny_checkpoint, instant_augment_views=4) as (base, _, headers):
