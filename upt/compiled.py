@@ -5,12 +5,12 @@ One compiled model per backbone serves every task: the visual prompts are an inp
 (batch, layers, n, width) with the batch and the prompt count n dynamic, and `replace` (batch, layers)
 says at which layers each sample's prompts replace the previous layer's outputs (1 up to its task's
 depth, 0 after), so VPT-shallow, VPT-deep and UPT tasks of any depth run through the same graph, in
-the same pass. Unprompted requests
-(zero-shot, CoOp) use a second graph without prompt inputs. Both are converted once and saved as
-OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256 and the library version), so a
-restart reads them instead of tracing the model again; compiling happens once, at load. The folder
-only saves time: a damaged file is converted again and replaced, and where nothing can be written (a
-full or read-only volume) the compiled encoder serves all the same and `cache_problems` says why.
+the same pass. Unprompted requests (zero-shot, CoOp) use a second graph without prompt inputs. Both
+are converted once and saved as OpenVINO IR under `cache_dir` (keyed by the backbone's weights sha256
+and the library version), so a restart reads them instead of tracing the model again; compiling
+happens once, at load. The folder only saves time: a damaged file is converted again and replaced,
+and where nothing can be written (a full or read-only volume) the compiled encoder serves all the
+same and `cache_problems` says why.
 
 Precision: "fp32" is exact to float rounding (features equal to ~1e-6); "bf16"/"fp16" run the
 matrix products in 16 bits where the CPU supports it (bench/encoder_runtimes.py prints the top-1

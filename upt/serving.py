@@ -5,8 +5,8 @@ learn nothing visual) or the features under its own visual prompts (VPT, UPT). R
 what the encoder needs, not by task: every raw-feature request of one backbone shares one pass, and
 visual-prompt requests with the same number of prompt tokens share one pass with the prompts given per
 sample, whatever their depth (VPT-shallow, VPT-deep and UPT tasks together: each sample's prompts
-reach only its own task's layers). Each request's logits are then its own classifier applied to its rows, the same
-arithmetic as `Predictor.logits` (tests check the results are equal).
+reach only its own task's layers). Each request's logits are then its own classifier applied to its
+rows, the same arithmetic as `Predictor.logits` (tests check the results are equal).
 """
 
 from __future__ import annotations
