@@ -92,7 +92,6 @@ def test_per_sample_visual_prompts_equal_each_samples_own_prompts(tiny, depth):
             torch.testing.assert_close(together[index:index + 1], alone, atol=1e-5, rtol=0)
 
 
-
 def test_per_sample_prompts_of_several_depths_reach_only_their_own_layers(tiny):
     """Tasks of different depths in one pass: sample b's prompts replace outputs at its first depths[b]
     layers only, exactly as its own task's (depths[b], n, width) prompts alone (padding never read)."""
