@@ -9,7 +9,7 @@ ViT-B-16 with random weights (the cost does not depend on the values). Prints ea
 its ratio to the PyTorch build, and how far its cache keys are from the PyTorch build's.
 
 Then what a /classify sees meanwhile: a build with the first precision again, while a client thread
-sends one image every 0.5 s through the same encoder. Once as before this session's change (the
+sends one image every 0.5 s through the same encoder. Once as before `service.shared_encoder` (the
 cache's passes of up to 64 images take the compiled encoder's lock like any pass), once as the API
 does now (`service.shared_encoder`: slices of 8 images that yield to /classify). Prints each
 image's wait (median, max) and the build's seconds.
