@@ -9,8 +9,9 @@ One run, so that the ratios compare like with like on a shared machine:
   `openvino:int8`, calibrated on the fixture's training images): a fresh
   `upt serve --no-worker` on its own SQLite database, then N clients posting one image per request
   over 1, 10 and 100 distinct tasks of mixed methods (zero-shot class lists, CoOp, VPT-shallow,
-  VPT-deep, UPT artifacts), printing images/s (and its ratio to raw), p50/p99 latency, and encoder
-  passes per image (from /metrics: upt_classify_encoder_batch_size _count / _sum), and how many
+  VPT-deep, UPT artifacts), printing images/s (and its ratio to raw), p50/p99 latency, encoder
+  passes per image (from /metrics: upt_classify_encoder_batch_size _count / _sum), the share of the
+  phase the encoder was busy and its speed meanwhile (upt_classify_encoder_seconds), and how many
   cores the server and the clients (this process) kept busy: on one machine they share the CPU;
 - a cold zero-shot miss for 100 classes and a tuned-artifact miss, each against a hit.
 
@@ -129,14 +130,17 @@ class Server:
             self.process.kill()
 
 
-def encoder_counts(url: str) -> tuple[float, float]:
+def encoder_counts(url: str) -> tuple[float, float, float]:
+    """Encoder passes, the images they encoded, and the seconds they took, so far (from /metrics)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
+    names = ("upt_classify_encoder_batch_size_count", "upt_classify_encoder_batch_size_sum",
+             "upt_classify_encoder_seconds_sum")
     values = {}
     for line in text.splitlines():
-        for suffix in ("_count", "_sum"):
-            if line.startswith(f"upt_classify_encoder_batch_size{suffix} "):
-                values[suffix] = float(line.split()[-1])
-    return values.get("_count", 0.0), values.get("_sum", 0.0)
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    return tuple(values.get(name, 0.0) for name in names)
 
 
 def classify(client: httpx.Client, url: str, task: dict, image: tuple[str, bytes]) -> float:
@@ -177,7 +181,7 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
                     latencies.append(elapsed)
                 k += 1
 
-    passes0, images0 = encoder_counts(url)
+    passes0, images0, encoder_s0 = encoder_counts(url)
     # Where the machine's cores went: the clients run in this process and share the CPU with the server.
     clients_cpu0, server_cpu0 = time.process_time(), process_cpu_s(server_pid)
     start = time.perf_counter()
@@ -189,7 +193,7 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
     wall = time.perf_counter() - start
     clients_cores = (time.process_time() - clients_cpu0) / wall
     server_cores = (process_cpu_s(server_pid) - server_cpu0) / wall
-    passes1, images1 = encoder_counts(url)
+    passes1, images1, encoder_s1 = encoder_counts(url)
     if errors:
         raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
     ordered = sorted(latencies)
@@ -198,6 +202,9 @@ def load(url: str, tasks: list[dict], images: list[tuple[str, bytes]], clients: 
         "p50_ms": 1000 * statistics.median(ordered),
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
         "passes_per_image": (passes1 - passes0) / max(1.0, images1 - images0),
+        # Where the time went: the share of the phase the encoder was busy, and its own speed then.
+        "encoder_busy": (encoder_s1 - encoder_s0) / wall,
+        "encoder_images_per_s": (images1 - images0) / max(1e-9, encoder_s1 - encoder_s0),
         "requests": len(latencies),
         "server_cores": server_cores,
         "clients_cores": clients_cores,
@@ -303,7 +310,8 @@ def main() -> None:
                           f"= {result['images_per_s'] / raw:.2f}x raw batch-32 (mean of {before:.2f} before and "
                           f"{after:.2f} after), p50 {result['p50_ms']:.0f} ms, "
                           f"p99 {result['p99_ms']:.0f} ms, {result['passes_per_image']:.3f} encoder passes per "
-                          f"image ({result['requests']} requests); cores busy: server {result['server_cores']:.2f}, "
+                          f"image ({result['requests']} requests), encoder busy {100 * result['encoder_busy']:.1f} % "
+                          f"at {result['encoder_images_per_s']:.2f} images/s; cores busy: server {result['server_cores']:.2f}, "
                           f"clients {result['clients_cores']:.2f} of {os.cpu_count()} (load average "
                           f"{result['load_average']:.1f})")
                     sys.stdout.flush()

@@ -66,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = Metrics(app.state.database)
     app.state.instant = InstantStages(settings, app.state.storage, app.state.serving, app.state.database)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
-                                     observe=app.state.metrics.encoder_batch.observe,
+                                     observe=app.state.metrics.observe_encoder_pass,
                                      encoder=app.state.serving.image_encoder)
     app.add_middleware(RequestBoundsMiddleware, total_s=settings.body_timeout_s, idle_s=settings.body_idle_timeout_s,
                        max_header_bytes=settings.max_header_bytes)

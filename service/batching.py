@@ -24,9 +24,9 @@ from upt.serving import ImageEncoder, TorchImageEncoder, encoder_need, logits_to
 
 class MicroBatcher:
     """`encoder(backbone)` gives the image encoder that serves a backbone (PyTorch or compiled);
-    `observe(n)` is called once per encoder pass with its number of images."""
+    `observe(n, seconds)` is called once per encoder pass with its number of images and its wall time."""
 
-    def __init__(self, window_s: float, max_batch: int, observe: Callable[[int], None] | None = None,
+    def __init__(self, window_s: float, max_batch: int, observe: Callable[[int, float], None] | None = None,
                  encoder: Callable[[Backbone], ImageEncoder] = TorchImageEncoder) -> None:
         self.window_s = window_s
         self.max_batch = max_batch
@@ -66,12 +66,13 @@ class MicroBatcher:
         for items in groups.values():
             try:
                 encoder = self.encoder(items[0][0].backbone)
+                start = time.perf_counter()
                 results = logits_together(encoder, [(predictor, batch) for predictor, batch, _ in items])
             except BaseException as error:  # each waiting request gets the error, the thread lives on
                 for _, _, future in items:
                     future.set_exception(error)
                 continue
             if self.observe is not None:
-                self.observe(sum(len(batch) for _, batch, _ in items))
+                self.observe(sum(len(batch) for _, batch, _ in items), time.perf_counter() - start)
             for (_, _, future), logits in zip(items, results):
                 future.set_result(logits)

@@ -70,7 +70,16 @@ class Metrics:
                                        "Images per image-encoder pass (concurrent requests of any tasks micro-batched); "
                                        "_count is the number of encoder passes, _sum the images they encoded",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.encoder_seconds = Histogram("upt_classify_encoder_seconds",
+                                         "Wall time of each image-encoder pass with its logits; _sum over a period, "
+                                         "divided by the period, is the share of it the encoder was busy",
+                                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                         registry=self.registry)
         self.registry.register(TaskCollector(database))
+
+    def observe_encoder_pass(self, images: int, seconds: float) -> None:
+        self.encoder_batch.observe(images)
+        self.encoder_seconds.observe(seconds)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -239,8 +239,13 @@ def test_concurrent_classify_requests_share_encoder_passes(stack):
     passes_before = metric(client.get("/metrics").text, "upt_classify_encoder_batch_size_count")
     with ThreadPoolExecutor(len(chosen)) as pool:
         together = list(pool.map(one, range(len(chosen))))
-    passes = metric(client.get("/metrics").text, "upt_classify_encoder_batch_size_count") - passes_before
+    exposition = client.get("/metrics").text
+    passes = metric(exposition, "upt_classify_encoder_batch_size_count") - passes_before
     assert passes < len(chosen)  # several requests went through one encoder pass
+    # Every pass is timed too: the encoder's busy share is _sum over a period.
+    assert metric(exposition, "upt_classify_encoder_seconds_count") == metric(
+        exposition, "upt_classify_encoder_batch_size_count")
+    assert metric(exposition, "upt_classify_encoder_seconds_sum") > 0
     for a, b in zip(alone, together):
         assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
         assert [x["probability"] for x in a["labels"]] == pytest.approx([x["probability"] for x in b["labels"]], abs=1e-5)

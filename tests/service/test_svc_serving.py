@@ -77,7 +77,8 @@ def test_one_pass_serves_many_tasks_with_the_results_of_the_per_task_path(tiny):
     requests = _mixed_requests(tiny)
     passes = []
     images = sum(len(batch) for _, batch in requests)
-    batcher = MicroBatcher(window_s=30, max_batch=images, observe=passes.append)  # closes when all have come
+    # The window closes when all have come.
+    batcher = MicroBatcher(window_s=30, max_batch=images, observe=lambda n, seconds: passes.append(n))
     futures = []
     for predictor, batch in requests:  # queued before the batcher's window closes: one round
         future = Future()
