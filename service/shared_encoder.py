@@ -7,10 +7,13 @@ at a time, so without an order a /classify that arrived during the cache's 64-im
 for all of it (about 6 s in bf16 on 2 Zen 4 cores), and for the next one too if the background
 thread took the encoder again first.
 
-Here a background pass is cut into slices of a few images, and a slice starts only while no
-/classify pass runs or waits: a request waits for at most one slice. The PyTorch encoder has no
-lock of its own (its passes would share the cores instead of taking turns); through this wrapper it
-takes turns too, so that /classify keeps its latency there as well.
+Here a background pass is cut into slices of a few images. A slice starts while no /classify pass
+runs or waits, and also after a /classify pass during which it waited: under sustained load the
+two take turns, a pass and a slice, so a request waits for at most one slice and a background build
+still advances (the batcher starts a pass as soon as the last one ends when requests are queued, so
+without its turn a slice could wait for the load to end). The PyTorch encoder has no lock of its own
+(its passes would share the cores instead of taking turns); through this wrapper it takes turns too,
+so that /classify keeps its latency there as well.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class SharedImageEncoder:
         self._turns = threading.Condition()
         self._busy = False
         self._serving_waits = 0
+        self._background_waits = 0
+        self._background_turn = False  # a slice waited through a /classify pass: it goes next
 
     def describe(self) -> str:
         return self.encoder.describe()
@@ -45,14 +50,14 @@ class SharedImageEncoder:
         with self._turns:
             self._serving_waits += 1
             try:
-                self._turns.wait_for(lambda: not self._busy)
+                self._turns.wait_for(lambda: not self._busy and not (self._background_turn and self._background_waits))
             finally:
                 self._serving_waits -= 1
             self._busy = True
         try:
             return self.encoder(images, prompts, normalize, depths=depths)
         finally:
-            self._release()
+            self._release(background_next=True)
 
     def background(self, images: torch.Tensor, prompts: torch.Tensor | None = None,
                    normalize: bool = True) -> torch.Tensor:
@@ -60,8 +65,12 @@ class SharedImageEncoder:
         slices = []
         for start in range(0, max(len(images), 1), self.background_slice):
             with self._turns:
-                self._turns.wait_for(lambda: not self._busy and self._serving_waits == 0)
-                self._busy = True
+                self._background_waits += 1
+                try:
+                    self._turns.wait_for(lambda: not self._busy and (self._serving_waits == 0 or self._background_turn))
+                finally:
+                    self._background_waits -= 1
+                self._busy, self._background_turn = True, False
             try:
                 chunk = images[start:start + self.background_slice]
                 slices.append(self.encoder(chunk, _rows(prompts, start, len(chunk)), normalize))
@@ -69,9 +78,10 @@ class SharedImageEncoder:
                 self._release()
         return torch.cat(slices)
 
-    def _release(self) -> None:
+    def _release(self, background_next: bool = False) -> None:
         with self._turns:
             self._busy = False
+            self._background_turn = background_next and self._background_waits > 0
             self._turns.notify_all()
 
 

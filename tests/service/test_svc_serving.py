@@ -99,3 +99,37 @@ def test_one_pass_serves_many_tasks_with_the_results_of_the_per_task_path(tiny):
             own = encode_image(tiny.clip, same_pass, predictor.visual_prompts, normalize=True)
         assert torch.equal(results[index], predictor.head(own[start:start + len(batch)]))
         assert torch.allclose(results[index], predictor.logits(batch), atol=1e-5)
+
+
+def test_requests_that_queue_during_a_pass_go_in_the_next_one_at_once(tiny):
+    """After a CPU pass the next starts at once with what queued meanwhile: waiting the window for more
+    only left the encoder idle. (The 60 s window here would have held them for a minute.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import MicroBatcher
+    from svc_helpers import wait_until
+
+    passes: list[int] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def encoder(images, prompts, normalize=True, depths=None):
+        passes.append(len(images))
+        if len(passes) == 1:  # the first pass runs until the later requests have queued
+            holding.set()
+            assert release.wait(30)
+        return torch.zeros(len(images), classifier.shape[1])
+
+    classifier = torch.randn(2, 32)  # the tiny backbone's embedding width
+    predictor = Predictor(tiny, ["a", "b"], classifier)
+    batcher = MicroBatcher(window_s=60, max_batch=4, encoder=lambda backbone: encoder)
+    image = torch.zeros(1, 3, tiny.image.size, tiny.image.size)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.logits, predictor, image.expand(4, -1, -1, -1))  # a full pass: no window
+        assert holding.wait(30)
+        later = [pool.submit(batcher.logits, predictor, image) for _ in range(2)]
+        wait_until(lambda: batcher._queue.qsize() == 2, "two requests queued during the pass")
+        release.set()
+        assert first.result(timeout=30).shape == (4, 2)
+        assert [future.result(timeout=20).shape for future in later] == [(1, 2), (1, 2)]
+    assert passes == [4, 2]

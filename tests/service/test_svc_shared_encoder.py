@@ -75,18 +75,22 @@ def test_classify_waits_for_one_background_slice_not_the_whole_pass():
     assert fake.calls.count(("instant", 8)) == 8 and len(fake.calls) == 9
 
 
-def test_background_work_waits_while_classify_passes_keep_coming():
+def test_background_work_takes_turns_with_classify_passes_that_keep_coming():
+    """Under sustained load a slice that waited through a /classify pass goes next: the build advances
+    (the batcher starts its next pass at once, so without a turn the slice would wait for the load
+    to end), and no /classify pass waits for more than one slice."""
     fake = RecordingEncoder(hold_calls={0})
     shared = SharedImageEncoder(fake, background_slice=8)
     first = _in_thread("classify-1", lambda: shared(torch.zeros(2, 3, 4, 4), None))
     assert fake.holding.wait(30)  # a /classify pass holds the encoder
     background = _in_thread("instant", lambda: shared.background(torch.zeros(16, 3, 4, 4)))
+    wait_until(lambda: shared._background_waits == 1, "the background slice waiting")
     second = _in_thread("classify-2", lambda: shared(torch.zeros(3, 3, 4, 4), None))
     wait_until(lambda: shared._serving_waits == 1, "the second /classify pass waiting")
     fake.release.set()
     for thread in (first, second, background):
         thread.join(30)
-    assert fake.calls == [("classify-1", 2), ("classify-2", 3), ("instant", 8), ("instant", 8)]
+    assert fake.calls == [("classify-1", 2), ("instant", 8), ("classify-2", 3), ("instant", 8)]
 
 
 @pytest.mark.service
