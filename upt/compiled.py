@@ -10,7 +10,10 @@ are converted once and saved as OpenVINO IR under `cache_dir` (keyed by the back
 and the library version), so a restart reads them instead of tracing the model again; compiling
 happens once, at load. The folder only saves time: a damaged file is converted again and replaced,
 and where nothing can be written (a full or read-only volume) the compiled encoder serves all the
-same and `cache_problems` says why.
+same and `cache_problems` says why. Compiled blobs (OpenVINO's CACHE_DIR) are kept beside them, in a
+folder per compile setting: OpenVINO's blob key leaves the precision hint out, so with one folder a
+bf16 encoder imported the blob an exact-fp32 start had compiled, and ViT-B-16 then gave NaN
+features three times slower.
 
 Precision: "fp32" is exact to float rounding (features equal to ~1e-6); "bf16"/"fp16" run the
 matrix products in 16 bits where the CPU supports it (bench/encoder_runtimes.py prints the top-1
@@ -162,6 +165,7 @@ class OpenVinoImageEncoder:
         self._prompted = self._compile(ov, self._model(ov, folder, "prompted"), config, folder)
         if folder is not None:
             _remove_other_releases(folder, _cache_prefix(backbone))
+            _remove_unkeyed_blobs(folder / "blobs")
         self._lock = threading.Lock()  # one inference at a time per compiled model (the batcher's thread)
 
     def describe(self) -> str:
@@ -196,12 +200,13 @@ class OpenVinoImageEncoder:
         return full.numpy(), replace.numpy()
 
     def _compile(self, ov, model, config: dict, folder: Path | None):
-        """The compiled model, its blob kept under `folder` so that a restart imports it instead of
-        compiling again; where the blob cannot be written (a full or read-only volume), compiled
-        without it."""
+        """The compiled model, its blob kept under `folder` (a folder per compile setting) so that a
+        restart imports it instead of compiling again; where the blob cannot be written (a full or
+        read-only volume), compiled without it."""
         if folder is not None:
             try:
-                return ov.Core().compile_model(model, "CPU", {**config, "CACHE_DIR": str(folder / "blobs")})
+                blobs = folder / "blobs" / _settings_key(config)
+                return ov.Core().compile_model(model, "CPU", {**config, "CACHE_DIR": str(blobs)})
             except Exception as error:
                 self.cache_problems.append(f"compiled blob not cached ({_reason(error, folder)})")
         return ov.Core().compile_model(model, "CPU", config)
@@ -229,6 +234,10 @@ class OpenVinoImageEncoder:
         if path is not None:
             try:
                 _save(ov, model, path)
+                # Compiled as every later start reads it: OpenVINO keys a blob by the model it was
+                # given, and the converted model's key differs from the saved one's, so a first start
+                # compiled a blob that no restart would import.
+                return ov.Core().read_model(path)
             except Exception as error:
                 self.cache_problems.append(f"{name} not cached ({_reason(error, folder)})")
         return model
@@ -285,6 +294,22 @@ def _remove_other_releases(folder: Path, prefix: str) -> None:
     for sibling in siblings:
         shutil.rmtree(sibling, ignore_errors=True)
         log.info("removed %s: compiled graphs of another release, never read by this one", sibling)
+
+
+def _remove_unkeyed_blobs(blobs: Path) -> None:
+    """Blobs that an earlier release kept straight under `blobs`, one folder for every precision: one of
+    them could be another precision's (see the module's docstring), and none is read any more."""
+    try:
+        for blob in blobs.glob("*.blob"):
+            blob.unlink(missing_ok=True)
+    except OSError:  # a read-only volume: they take room, and are never read
+        pass
+
+
+def _settings_key(config: dict) -> str:
+    """The blob folder of one compile setting: its precision, readable, and a digest of all of it."""
+    digest = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:12]
+    return f"{config['INFERENCE_PRECISION_HINT']}-{digest}"
 
 
 def _save(ov, model, path: Path) -> None:

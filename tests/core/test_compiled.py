@@ -95,6 +95,33 @@ def test_a_damaged_cached_graph_is_converted_again_and_replaced(tiny, tmp_path):
     assert compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path).cache_problems == []  # the file was replaced
 
 
+def test_each_precision_keeps_its_own_blobs_and_a_restart_imports_them(tiny, tmp_path):
+    """OpenVINO's blob key leaves the precision hint out: with one blob folder a bf16 encoder imported
+    the blob an exact-fp32 start had compiled (ViT-B-16 then gave NaN features, three times slower).
+    And a first start compiled the converted model, whose key no restart's saved model matched."""
+    def blobs() -> dict[str, list[str]]:
+        root = next(tmp_path.iterdir()) / "blobs"
+        return {folder.name: sorted(p.name for p in folder.iterdir()) for folder in root.iterdir() if folder.is_dir()}
+
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    first = blobs()
+    assert len(first) == 1 and len(next(iter(first.values()))) == 2  # the plain and the prompted graph
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    assert blobs() == first  # imported, not compiled again
+    compiled.OpenVinoImageEncoder(tiny, "bf16", tmp_path)
+    both = blobs()
+    assert len(both) == 2 and both.items() >= first.items()  # bf16 compiled its own, beside fp32's
+    assert all(name.startswith(("f32-", "bf16-")) for name in both)
+
+
+def test_blobs_of_the_single_folder_layout_are_removed(tiny, tmp_path):
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    stale = next(tmp_path.iterdir()) / "blobs" / "1234.blob"  # as an earlier release kept them
+    stale.write_bytes(b"a blob of some precision")
+    compiled.OpenVinoImageEncoder(tiny, "fp32", tmp_path)
+    assert not stale.exists()
+
+
 def test_the_compiled_model_is_cached_on_disk_and_read_back(tiny, encoders, monkeypatch):
     _, pytorch, cache = encoders
     saved = sorted(p.name for p in next(cache.iterdir()).iterdir())
