@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -22,6 +22,9 @@ from .data import IMAGE_SUFFIXES, eval_transform, read_image_file
 from .encoders import encode_image
 from .errors import DataError
 from .predict import Predictor
+
+if TYPE_CHECKING:
+    from .compiled import OpenVinoImageEncoder
 
 
 class ImageEncoder(Protocol):
@@ -103,11 +106,41 @@ def build_image_encoder(backbone: Backbone, runtime: str = "auto", precision: st
             chosen, note = "fp32", "int8 needs NNCF (pip install 'upt[int8]'): serving exact fp32"
         try:
             encoder = OpenVinoImageEncoder(backbone, chosen, cache_dir, calibration=calibration)
+            disagreement = start_check(encoder, backbone)
+            if disagreement:
+                raise RuntimeError(f"at start, {disagreement}")
             return encoder, "; ".join(filter(None, [note, *encoder.cache_problems]))
         except Exception as error:  # a model the converter cannot take still serves, in PyTorch
             note = f"OpenVINO failed ({type(error).__name__}: {error})"
     chosen = precision if precision not in ("auto", "int8") else ("fp16" if on_cuda else "fp32")
     return TorchImageEncoder(backbone, chosen), note
+
+
+# How far a compiled encoder's features may be from PyTorch fp32's at start, as 1 − cosine: exact fp32
+# measured ~1e-12, bf16 up to 5e-5 and int8 up to 1e-3 (tiny and ViT-B-16), so fp32 is held to exact
+# and the others to a cosine of 0.99, which a wrong graph or blob is far below.
+_START_CHECK_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-2, "fp16": 1e-2, "int8": 1e-2}
+
+
+def start_check(encoder: OpenVinoImageEncoder, backbone: Backbone) -> str:
+    """Why `encoder` must not serve, or "": its features of two fixed inputs, without and with visual
+    prompts, against PyTorch fp32's. A fault that raises nothing is caught here: a compiled blob of
+    another precision once gave NaN features (upt/compiled.py)."""
+    generator = torch.Generator().manual_seed(0)
+    size = backbone.image.size
+    calibration = encoder.calibration  # int8 is held to images of the kind it was calibrated on
+    images = calibration[:2] if calibration is not None else torch.randn(2, 3, size, size, generator=generator)
+    prompts = torch.randn(backbone.vision_layers, 4, backbone.vision_width, generator=generator) * 0.02
+    reference = TorchImageEncoder(backbone)
+    tolerance = _START_CHECK_TOLERANCE[encoder.precision]
+    for name, given in (("unprompted", None), ("prompted", prompts)):
+        features = encoder(images, given)
+        if not bool(torch.isfinite(features).all()):
+            return f"its {name} features are not finite"
+        gap = 1 - float(torch.nn.functional.cosine_similarity(features, reference(images, given), dim=-1).min())
+        if gap > tolerance:
+            return f"its {name} features are {gap:.1e} from PyTorch fp32's in 1 - cosine (at most {tolerance:.0e})"
+    return ""
 
 
 def calibration_images(backbone: Backbone, folder: str | Path, limit: int = CALIBRATION_IMAGES) -> torch.Tensor:

@@ -182,6 +182,28 @@ def test_runtime_selection_and_fallback(tiny, encoders, tmp_path, monkeypatch):
         build_image_encoder(tiny, "tensorrt", "auto", tmp_path)
 
 
+def test_a_compiled_encoder_that_disagrees_with_pytorch_at_start_does_not_serve(tiny, tmp_path, monkeypatch):
+    """A fault that raises nothing (a compiled blob of another precision gave NaN features) is caught
+    at start, and PyTorch serves; exact fp32 is held to exact."""
+    real_call = compiled.OpenVinoImageEncoder.__call__
+
+    def nan(self, images, prompts, normalize=True, depths=None):
+        return real_call(self, images, prompts, normalize, depths=depths) * float("nan")
+
+    monkeypatch.setattr(compiled.OpenVinoImageEncoder, "__call__", nan)
+    encoder, note = build_image_encoder(tiny, "openvino", "bf16", tmp_path)
+    assert encoder.runtime == "pytorch" and "at start, its unprompted features are not finite" in note
+
+    def bf16_rounded(self, images, prompts, normalize=True, depths=None):
+        return real_call(self, images, prompts, normalize, depths=depths).bfloat16().float()
+
+    monkeypatch.setattr(compiled.OpenVinoImageEncoder, "__call__", bf16_rounded)
+    encoder, note = build_image_encoder(tiny, "openvino", "fp32", tmp_path)
+    assert encoder.runtime == "pytorch" and "from PyTorch fp32's in 1 - cosine (at most 1e-06)" in note
+    encoder, note = build_image_encoder(tiny, "openvino", "bf16", tmp_path)  # within bf16's own tolerance
+    assert (encoder.runtime, note) == ("openvino", "")
+
+
 @pytest.fixture(scope="module")
 def int8(pretrained_tiny, tmp_path_factory):
     pytest.importorskip("nncf", reason="int8 needs NNCF (pip install nncf, the int8 extra: pip install 'upt[service,int8]')")
