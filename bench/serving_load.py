@@ -311,9 +311,9 @@ def main() -> None:
                           f"{after:.2f} after), p50 {result['p50_ms']:.0f} ms, "
                           f"p99 {result['p99_ms']:.0f} ms, {result['passes_per_image']:.3f} encoder passes per "
                           f"image ({result['requests']} requests), encoder busy {100 * result['encoder_busy']:.1f} % "
-                          f"at {result['encoder_images_per_s']:.2f} images/s; cores busy: server {result['server_cores']:.2f}, "
-                          f"clients {result['clients_cores']:.2f} of {os.cpu_count()} (load average "
-                          f"{result['load_average']:.1f})")
+                          f"at {result['encoder_images_per_s']:.2f} images/s; cores busy: server "
+                          f"{result['server_cores']:.2f}, clients {result['clients_cores']:.2f} of {os.cpu_count()} "
+                          f"(load average {result['load_average']:.1f})")
                     sys.stdout.flush()
                     before = after
             except Exception:
