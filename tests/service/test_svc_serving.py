@@ -112,6 +112,7 @@ def test_requests_that_queue_during_a_pass_go_in_the_next_one_at_once(tiny):
 
     passes: list[int] = []
     holding, release = threading.Event(), threading.Event()
+    classifier = torch.randn(2, 32)  # the tiny backbone's embedding width
 
     def encoder(images, prompts, normalize=True, depths=None):
         passes.append(len(images))
@@ -120,7 +121,6 @@ def test_requests_that_queue_during_a_pass_go_in_the_next_one_at_once(tiny):
             assert release.wait(30)
         return torch.zeros(len(images), classifier.shape[1])
 
-    classifier = torch.randn(2, 32)  # the tiny backbone's embedding width
     predictor = Predictor(tiny, ["a", "b"], classifier)
     batcher = MicroBatcher(window_s=60, max_batch=4, encoder=lambda backbone: encoder)
     image = torch.zeros(1, 3, tiny.image.size, tiny.image.size)
