@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone
+from .encoders import first_token_block, pools_first_token
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -53,9 +54,10 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 # alternately; the layer norm in front of each block's products makes their scale matter little.
 _CALIBRATION_PROMPTS, _CALIBRATION_STD = 4, 0.02
 # What the saved graphs compute, in their folder's name, so that no graph of another format is read
-# back as these: none (normalised features), then "raw-features" (raw, `replace` one per layer), now
-# raw features with `replace` per sample and layer.
-_GRAPH_FORMAT = "sample-depths"
+# back as these: none (normalised features), then "raw-features" (raw, `replace` one per layer), then
+# "sample-depths" (`replace` per sample and layer), now that with the last block run at [CLS] only
+# (the same features, but a restart would otherwise keep reading the slower saved graph).
+_GRAPH_FORMAT = "sample-depths-cls-last"
 
 
 def openvino_available() -> bool:
@@ -90,6 +92,7 @@ class _PromptedImageTower(nn.Module):
     def __init__(self, clip) -> None:
         super().__init__()
         self.visual = clip.visual
+        self.first_token_only = pools_first_token(clip.visual)
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor, replace: torch.Tensor) -> torch.Tensor:
         """prompts (batch, layers, n, width); replace (batch, layers): 1 where the sample's prompts
@@ -104,8 +107,9 @@ class _PromptedImageTower(nn.Module):
                 kept = x[:, 1:1 + n]
                 swapped = torch.where(replace[:, index].view(-1, 1, 1) > 0, prompts[:, index].to(x.dtype), kept)
                 x = torch.cat([x[:, :1], swapped, x[:, 1 + n:]], dim=1)
-            x = self._block(block, x)
-        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+            x = self._block(block, x, last=index == len(visual.transformer.resblocks) - 1)
+        if not self.first_token_only:
+            x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
         return self._pool(x)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,10 +119,12 @@ class _PromptedImageTower(nn.Module):
         cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.visual.transformer.batch_first:
-            return block(x)
-        return block(x.transpose(0, 1)).transpose(0, 1)
+    def _block(self, block: nn.Module, x: torch.Tensor, last: bool) -> torch.Tensor:
+        """x (batch, tokens, width); the last block at [CLS] only where that is all the pool reads."""
+        batch_first = self.visual.transformer.batch_first
+        x = x if batch_first else x.transpose(0, 1)
+        x = first_token_block(block, x, batch_first) if last and self.first_token_only else block(x)
+        return x if batch_first else x.transpose(0, 1)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(x)
@@ -130,8 +136,9 @@ class _PromptedImageTower(nn.Module):
 class _PlainImageTower(_PromptedImageTower):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = self.visual.ln_pre(self._embed(images))
-        for block in self.visual.transformer.resblocks:
-            x = self._block(block, x)
+        blocks = self.visual.transformer.resblocks
+        for index, block in enumerate(blocks):
+            x = self._block(block, x, last=index == len(blocks) - 1)
         return self._pool(x)
 
 

@@ -9,6 +9,10 @@ tokens; before layer i < depth the outputs at the prompt positions are replaced 
 (batch, depth, length, width), so that images of several tasks share one pass when serving; tasks of
 different depths too, with `depths` (batch,) saying how many of its layers each sample's prompts reach
 (the rows beyond are padding, never read).
+
+The image towers pool the [CLS] token alone, so their last block runs its attention query, output
+projection and MLP for that token only (its keys and values still come from every token): the same
+features, ~8 % less work per image on ViT-B-16.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from open_clip.transformer import Transformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer, text_global_pool
 
 
 def encode_text(
@@ -77,8 +81,9 @@ def encode_image(
         n_prompts = prompts.shape[-2]
         x = torch.cat([x[:, :1], _expand(prompts[0], x), x[:, 1:]], dim=1)
     x = visual.ln_pre(x)
-    x = _run_blocks(visual.transformer, x, None, prompts, start=1, depths=depths)
-    if n_prompts:
+    first_token_only = pools_first_token(visual)
+    x = _run_blocks(visual.transformer, x, None, prompts, start=1, depths=depths, first_token_only=first_token_only)
+    if n_prompts and not first_token_only:
         x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)
     pooled, _ = visual._pool(x)
     if visual.proj is not None:
@@ -93,9 +98,11 @@ def _run_blocks(
     prompts: torch.Tensor | None,
     start: int,
     depths: torch.Tensor | None = None,
+    first_token_only: bool = False,
 ) -> torch.Tensor:
     """Run the residual blocks, swapping in layer i's prompts at positions start..start+len before block i
-    (only in the samples whose `depths` exceed i, where given)."""
+    (only in the samples whose `depths` exceed i, where given). `first_token_only`: the last block's
+    outputs at the first position alone (see `first_token_block`), for a tower that pools only it."""
     batch_first = transformer.batch_first
     if not batch_first:
         x = x.transpose(0, 1)
@@ -108,8 +115,31 @@ def _run_blocks(
             else:
                 reached = (depths > index).view((-1, 1, 1) if batch_first else (1, -1, 1))
                 x = torch.where(reached.to(x.device), replaced, x)
-        x = block(x, attn_mask=mask)
+        if first_token_only and index == len(transformer.resblocks) - 1:
+            x = first_token_block(block, x, batch_first)
+        else:
+            x = block(x, attn_mask=mask)
     return x if batch_first else x.transpose(0, 1)
+
+
+def pools_first_token(visual: VisionTransformer) -> bool:
+    """Whether the tower's features depend only on its last block's output at [CLS]: it pools that
+    token (no attention pooling) and its last block is open_clip's plain one, which
+    `first_token_block` computes for one position."""
+    last = visual.transformer.resblocks[-1]
+    return (visual.pool_type == "tok" and visual.attn_pool is None
+            and type(last) is ResidualAttentionBlock and not hasattr(last, "ln_1_kv"))
+
+
+def first_token_block(block: ResidualAttentionBlock, x: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
+    """`block(x)` at the first position only, (batch, 1, width) (or (1, batch, width)): its query
+    attends to every position's keys and values as in the full block; the other positions' outputs,
+    which nothing after the last block reads, are not computed. No attention mask (image towers)."""
+    first = x[:, :1] if batch_first else x[:1]
+    normed = block.ln_1(x)
+    query = normed[:, :1] if batch_first else normed[:1]
+    first = first + block.ls_1(block.attention(q_x=query, k_x=normed, v_x=normed))
+    return first + block.ls_2(block.mlp(block.ln_2(first)))
 
 
 def _replace(x: torch.Tensor, tokens: torch.Tensor, start: int, batch_first: bool = True) -> torch.Tensor:

@@ -65,9 +65,9 @@ def test_raw_features_are_the_pytorch_towers_before_normalisation(tiny, encoders
 
 def test_graphs_of_an_earlier_format_are_not_read(tiny):
     """The cache folder's name says what its graphs compute: one written when they gave normalised
-    features, or took one replace mask for the whole batch, is another folder, never read as this
-    release's."""
-    assert compiled._cache_key(tiny).endswith("-sample-depths")
+    features, took one replace mask for the whole batch, or ran the last block at every token, is
+    another folder, never read as this release's."""
+    assert compiled._cache_key(tiny).endswith("-sample-depths-cls-last")
 
 
 def test_graphs_saved_by_another_release_are_removed_and_others_kept(tiny, tmp_path):
@@ -75,8 +75,9 @@ def test_graphs_saved_by_another_release_are_removed_and_others_kept(tiny, tmp_p
     folders of the same backbone and weights saved by another release go, any other backbone's stay."""
     current = compiled._cache_key(tiny)
     stale = [tmp_path / f"{tiny.name}-{tiny.weights_sha256[:16]}-upt0.0.1",  # an older release
-             tmp_path / current.removesuffix("-sample-depths"),  # this release before its graphs gave raw features
-             tmp_path / current.replace("-sample-depths", "-raw-features")]  # ... or took depths per sample
+             tmp_path / current.removesuffix("-sample-depths-cls-last"),  # this release before raw features
+             tmp_path / current.replace("-sample-depths-cls-last", "-raw-features"),  # ... depths per sample
+             tmp_path / current.removesuffix("-cls-last")]  # ... or the last block at [CLS] only
     kept = [tmp_path / f"ViT-B-16-{'0' * 16}-upt0.0.1", tmp_path / f"{tiny.name}-{'f' * 16}-upt0.0.1"]
     for folder in stale + kept:
         folder.mkdir()

@@ -111,3 +111,33 @@ def test_per_sample_prompts_of_several_depths_reach_only_their_own_layers(tiny):
         for index, depth in enumerate(depths):
             padded[index, depth:] = 7.0
         assert torch.equal(encode_image(tiny.clip, images, padded, depths=depths), together)
+
+
+def _last_block_positions(clip, encode) -> list[int]:
+    """How many positions the last block's MLP computed during `encode()`."""
+    positions = []
+    mlp = clip.visual.transformer.resblocks[-1].mlp
+    handle = mlp.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            encode()
+    finally:
+        handle.remove()
+    return positions
+
+
+def test_the_last_block_runs_at_cls_only_where_the_tower_pools_cls(tiny):
+    """Nothing reads the last block's outputs at the other positions, so they are not computed (~8 %
+    of ViT-B-16's work); a tower that averages its tokens needs them all, and gets open_clip's features."""
+    import copy
+
+    images = torch.randn(2, 3, tiny.image.size, tiny.image.size)
+    prompts = torch.randn(tiny.vision_layers, 3, tiny.vision_width) * 0.1
+    assert _last_block_positions(tiny.clip, lambda: encode_image(tiny.clip, images, prompts)) == [1]
+    averaging = copy.deepcopy(tiny.clip)
+    averaging.visual.pool_type = "avg"
+    tokens = 1 + (tiny.image.size // averaging.visual.patch_size[0]) ** 2
+    assert _last_block_positions(averaging, lambda: encode_image(averaging, images)) == [tokens]
+    with torch.no_grad():
+        torch.testing.assert_close(encode_image(averaging, images), averaging.encode_image(images), atol=1e-5, rtol=0)
+        assert not torch.allclose(encode_image(averaging, images), encode_image(tiny.clip, images))
