@@ -22,8 +22,7 @@ graphs (with the last block at every position, see `_model`) after training with
 (`nncf.quantize`, transformer preset: the linear layers' and attention matrix products' inputs and
 weights in 8 bits; layer norms, softmax and the residual sums stay fp32), calibrated on real images
 the caller gives; the int8 units (AVX-512 VNNI, AMX) run those products several times faster than
-fp32. The quantized graphs are cached too, keyed
-by the calibration images.
+fp32. The quantized graphs are cached too, keyed by the calibration images.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -129,8 +131,6 @@ def _last_block_positions(clip, encode) -> list[int]:
 def test_the_last_block_runs_at_cls_only_where_the_tower_pools_cls(tiny):
     """Nothing reads the last block's outputs at the other positions, so they are not computed (~8 %
     of ViT-B-16's work); a tower that averages its tokens needs them all, and gets open_clip's features."""
-    import copy
-
     images = torch.randn(2, 3, tiny.image.size, tiny.image.size)
     prompts = torch.randn(tiny.vision_layers, 3, tiny.vision_width) * 0.1
     assert _last_block_positions(tiny.clip, lambda: encode_image(tiny.clip, images, prompts)) == [1]
