@@ -101,8 +101,9 @@ def is_conflict(error: BaseException) -> bool:
 
 def commit_retrying_conflicts(session: Session, work: Callable[[], T], attempts: int = 3) -> T:
     """`work()` (writes on `session`) and commit; run again from the start when PostgreSQL picked this
-    transaction as a deadlock's victim. Deleting a task locks its row, then (ON DELETE CASCADE) its
-    candidates' and events' rows: the opposite order from a worker writing an epoch of the task."""
+    transaction as a deadlock's victim. Two transactions that lock a task's row and its candidates'
+    rows in opposite orders can deadlock: a DELETE (`task_state.delete`) with a worker's claim or
+    release of a candidate, say."""
     for attempt in range(1, attempts + 1):
         try:
             result = work()

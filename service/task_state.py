@@ -47,6 +47,7 @@ nothing) and ends the task with `succeed`/`fail` as any single-method training d
     take_auto_finish      task running|queued (no lease) -> running with a lease, once every candidate succeeded
     after_candidate_loss  candidate running -> queued | failed (and the task failed), by recovery
     renew_candidate_enqueued  candidate queued, unchanged: recovery re-sent its message
+    delete                the row, its candidates and events: DELETE /tasks/{id}, in any state
 
 The lease rule. A row has a lease exactly while it is `running` or `cancelling` (but for a method=auto
 task while its candidates train: they hold leases of their own, see below): `claim` writes a new
@@ -296,6 +297,18 @@ def _lock_task(session: Session, task_id: str) -> Task | None:
     recompute the task's progress one after another, each from every candidate's committed state."""
     return session.scalar(select(Task).where(Task.id == task_id).with_for_update()
                           .execution_options(populate_existing=True))
+
+
+def delete(session: Session, task: Task) -> None:
+    """Delete the task; ON DELETE CASCADE removes its candidates and events. Its candidates' rows are
+    locked first, then the task's row: the order of a candidate's frequent writes (heartbeat, epoch,
+    finish: the candidate's row, then the task's). Deleting the task row first took them the other
+    way round, so a DELETE during two candidates' epochs deadlocked with them, and lost (a 503 after
+    three tries) since it had waited longer. Rarer writes that lock the task first (claim, release,
+    recovery) can still deadlock with it; `db.commit_retrying_conflicts` runs it again then."""
+    session.execute(select(TaskCandidate.position).where(TaskCandidate.task_id == task.id)
+                    .order_by(TaskCandidate.position).with_for_update())
+    session.delete(task)
 
 
 def candidates(session: Session, task_id: str) -> list[TaskCandidate]:

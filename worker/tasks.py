@@ -160,9 +160,10 @@ def _lease_callbacks(lease: Lease, record_progress: Callable[[Session, Any], obj
     class LeaseCallbacks(TrainCallbacks):
         last_write = 0.0
 
-        # A method=auto candidate's write locks its candidate's row, then the task's: the opposite
-        # order from a DELETE of the task, so PostgreSQL may pick the write as a deadlock's victim.
-        # It runs again, and then finds the task deleted (the lease is lost).
+        # A method=auto candidate's write locks its candidate's row, then the task's, in the order a
+        # DELETE of the task takes them (task_state.delete). Writes of other candidates that lock
+        # the two the other way round (a claim, a release) can still deadlock with it: the loser
+        # runs again, and a write that then finds the task deleted has lost its lease.
         def on_step(self, report) -> None:
             if time.monotonic() - self.last_write < PROGRESS_EVERY_S:
                 return

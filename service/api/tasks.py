@@ -266,7 +266,7 @@ def cancel_task(task_id: str, tenant: TenantDep, session: SessionDep) -> TaskOut
 def delete_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep,
                 serving: ServingDep) -> Response:
     """Removes the row, its history, its uploads and its artifact. A running training stops."""
-    commit_retrying_conflicts(session, lambda: session.delete(tenant_task(session, tenant, task_id)))
+    commit_retrying_conflicts(session, lambda: task_state.delete(session, tenant_task(session, tenant, task_id)))
     storage.delete_task(task_id)
     serving.tuned.discard(task_id)
     serving.tuned.discard(instant_key(task_id))
