@@ -23,6 +23,8 @@ Transitions (function: from -> to; who calls it)
     renew_enqueued     queued, unchanged                 recovery, having re-sent a lost message or seen it queued
     after_worker_loss  running -> queued | failed,       recovery, when the heartbeat is older than
                        cancelling -> cancelled           UPT_HEARTBEAT_TIMEOUT_S or the worker's process is gone
+    delete             any -> removed (with its          DELETE /tasks/{id}
+                       candidates and events)
 
 method=auto. The task stays one row; each of its candidates is a `task_candidates` row with a status,
 lease and heartbeat of its own, trained by its own job (an `upt.train_candidate` message) on any free worker.
@@ -47,7 +49,6 @@ nothing) and ends the task with `succeed`/`fail` as any single-method training d
     take_auto_finish      task running|queued (no lease) -> running with a lease, once every candidate succeeded
     after_candidate_loss  candidate running -> queued | failed (and the task failed), by recovery
     renew_candidate_enqueued  candidate queued, unchanged: recovery re-sent its message
-    delete                the row, its candidates and events: DELETE /tasks/{id}, in any state
 
 The lease rule. A row has a lease exactly while it is `running` or `cancelling` (but for a method=auto
 task while its candidates train: they hold leases of their own, see below): `claim` writes a new
