@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_request_pixels: int = Field(400_000_000, ge=1)
+    # Preprocessing scales an image's short side to the model's input (224-448 pixels): a 1000000x1 PNG
+    # of 1 KB would become tens of gigapixels. Wider (or taller) than this ratio is refused from the header.
+    max_image_aspect: float = Field(20.0, ge=1)
     max_classes: int = Field(1000, ge=2)
     max_classify_files: int = Field(64, ge=1)
     max_epochs: int = Field(500, ge=1)

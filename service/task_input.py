@@ -25,7 +25,7 @@ from upt.training import TrainConfig
 from service.errors import invalid
 from service.settings import Settings
 from service.storage import Storage
-from service.uploads import ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
+from service.uploads import ImageLimits, ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
 
 MAX_CLASS_NAME_BYTES = 200
 CHUNK_BYTES = 1024 * 1024
@@ -209,8 +209,11 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
 
 
 def parse_checked_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
-    """`parse_task_form`, with the options checked against the configured model's architecture."""
+    """`parse_task_form`, with the options checked against the configured model's architecture, and the
+    images' pixels from their headers, before anything is decoded or the backbone is waited for."""
     spec = parse_task_form(form, settings)
+    check_request_pixels([(upload.path, name, upload.field) for _, name, upload in spec.images],
+                         ImageLimits.of(settings))
     try:
         model = architecture(settings.model)
     except UptError:  # no such model: the backbone's load fails too, and its 503 says how to configure one
@@ -237,13 +240,13 @@ def check_against_architecture(config: TrainConfig | AutoConfig, model: Architec
 
 
 def write_dataset(spec: TaskSpec, data_dir: Path, settings: Settings) -> None:
-    """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout."""
-    check_request_pixels([(upload.path, name, upload.field) for _, name, upload in spec.images],
-                         settings.max_image_pixels, settings.max_request_pixels)
+    """Decode every image (4xx on the first bad one) and store it as PNG in ImageFolder layout; the
+    request's pixels were checked by `parse_checked_task_form`."""
+    limits = ImageLimits.of(settings)
     counters: dict[str, int] = {}
     folder_of = dict(zip(spec.class_names, Storage.class_folders(len(spec.class_names))))
     for label, name, upload in spec.images:
-        image = decode_upload(upload.path.read_bytes(), name, upload.field, settings.max_image_pixels)
+        image = decode_upload(upload.path.read_bytes(), name, upload.field, limits)
         folder = data_dir / folder_of[label]
         folder.mkdir(parents=True, exist_ok=True)
         counters[label] = counters.get(label, 0) + 1

@@ -26,6 +26,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartState, parse_options_header
 
 from service.errors import Problem, invalid
+from service.settings import Settings
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 20_000
@@ -225,47 +226,78 @@ async def _parse_urlencoded(request: Request) -> ParsedForm:
 DRAFT_SIDE = 512
 
 
-def _header(data: bytes | Path, name: str, field_name: str, max_pixels: int) -> Image.Image:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request's images may cost, each checked from an image's header before it is decoded."""
+
+    pixels: int  # per image (UPT_MAX_IMAGE_PIXELS)
+    request_pixels: int  # per request, decoded and preprocessed (UPT_MAX_REQUEST_PIXELS)
+    aspect: float  # the long side over the short (UPT_MAX_IMAGE_ASPECT)
+    # The model's input side: preprocessing scales an image's short side to it, so a 4000x200 image
+    # becomes 4480x224 before its centre crop. None where the backbone is not known yet (POST /tasks).
+    input_side: int | None = None
+
+    @classmethod
+    def of(cls, settings: Settings, input_side: int | None = None) -> "ImageLimits":
+        return cls(settings.max_image_pixels, settings.max_request_pixels, settings.max_image_aspect, input_side)
+
+    def resized_pixels(self, width: int, height: int) -> int:
+        """The pixels of the image after its short side is scaled to the model's input."""
+        if self.input_side is None:
+            return 0
+        short, long = sorted((width, height))
+        return self.input_side * int(self.input_side * long / short)
+
+
+def _header(data: bytes | Path, name: str, field_name: str, limits: ImageLimits) -> Image.Image:
     """The image with only its header read (and a JPEG's decoding scale set), after the pixel checks."""
     try:
         image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
+        raise too_large(f"{name}: the image has more than {limits.pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
     except Exception:  # UnidentifiedImageError, OSError, ... and whatever a Pillow plugin raises on junk
         raise invalid(field_name, f"{name} is not an image Pillow can read (PNG, JPEG, WebP, ...).")
     width, height = image.size
     # Checked on the header's size, before any pixel is decoded.
-    if width * height > max_pixels:
-        raise too_large(f"{name}: {width}x{height} pixels is more than {max_pixels} (UPT_MAX_IMAGE_PIXELS).")
+    if width * height > limits.pixels:
+        image.close()
+        raise too_large(f"{name}: {width}x{height} pixels is more than {limits.pixels} (UPT_MAX_IMAGE_PIXELS).")
     if width < 1 or height < 1:
+        image.close()
         raise invalid(field_name, f"{name} has no pixels.")
+    if max(width, height) > limits.aspect * min(width, height):
+        image.close()
+        raise invalid(field_name, f"{name} is {width}x{height} pixels: its long side is more than "
+                      f"{limits.aspect:g} times its short side (UPT_MAX_IMAGE_ASPECT); preprocessing scales the "
+                      "short side to the model's input, so crop or pad it first.")
     if image.format == "JPEG":
         image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
     return image
 
 
-def check_request_pixels(uploads: list[tuple[bytes | Path, str, str]], max_pixels: int,
-                         max_request_pixels: int) -> None:
-    """Refuse a request whose images would decode to more than UPT_MAX_REQUEST_PIXELS in all, from
-    their headers alone: twenty 6000x6000 PNGs of 35 KB each are small to send and minutes to decode."""
+def check_request_pixels(uploads: list[tuple[bytes | Path, str, str]], limits: ImageLimits) -> None:
+    """Refuse a request whose images would decode and preprocess to more than UPT_MAX_REQUEST_PIXELS in
+    all, from their headers alone: twenty 6000x6000 PNGs of 35 KB each are small to send and minutes to
+    decode."""
     total = 0
     for data, name, field_name in uploads:
-        with _header(data, name, field_name, max_pixels) as image:
+        with _header(data, name, field_name, limits) as image:
             width, height = image.size  # after a JPEG's draft: the pixels that will really be decoded
-        total += width * height
-        if total > max_request_pixels:
-            raise too_large(f"The images of this request decode to more than {max_request_pixels} pixels in all "
-                            "(UPT_MAX_REQUEST_PIXELS); send fewer or smaller images per request.")
+        total += width * height + limits.resized_pixels(width, height)
+        if total > limits.request_pixels:
+            raise too_large(f"The images of this request decode to more than {limits.request_pixels} pixels in "
+                            "all, counted as decoded and as scaled to the model's input (UPT_MAX_REQUEST_PIXELS); "
+                            "send fewer or smaller images per request.")
 
 
-def decode_upload(data: bytes, name: str, field_name: str, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, name: str, field_name: str, limits: ImageLimits) -> Image.Image:
     """Decode one upload into an RGB image, or a 4xx that names the file and the problem."""
-    image = _header(data, name, field_name, max_pixels)
+    image = _header(data, name, field_name, limits)
     try:
         image.load()
         return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise too_large(f"{name}: the image has more than {max_pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
+        raise too_large(f"{name}: the image has more than {limits.pixels} pixels (UPT_MAX_IMAGE_PIXELS).")
     except Exception:  # OSError, EOFError, and e.g. NotImplementedError from a DDS with unknown flags
         raise invalid(field_name, f"{name} is truncated or corrupt; upload the whole file again.")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,9 +18,11 @@ from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
 from service.task_input import check_class_names
-from service.uploads import check_request_pixels, decode_upload, parse_form, remove, scratch_dir
+from service.uploads import (ImageLimits, UploadedFile, check_request_pixels, decode_upload, parse_form, remove,
+                             scratch_dir, too_large)
 
 router = APIRouter(tags=["classify"])
+log = logging.getLogger("upt.service")
 STAGES = ("instant", "tuned")
 
 
@@ -62,6 +66,20 @@ def _task_predictor(task: Task, stage: str | None, serving, storage, instant: In
     return serving.tuned_predictor(instant_key(task.id), storage.instant_dir(task.id)), "instant"
 
 
+def _preprocessed(predictor, upload: UploadedFile, limits: ImageLimits) -> torch.Tensor:
+    """One upload decoded and preprocessed (a batch of one), or the 4xx that says why it cannot be."""
+    image = decode_upload(upload.path.read_bytes(), upload.filename, "files", limits)
+    try:
+        return predictor.preprocess([image])
+    except MemoryError:
+        raise too_large(f"{upload.filename}: preprocessing it needs more memory than this server has; send a "
+                        "smaller image (UPT_MAX_IMAGE_PIXELS, UPT_MAX_IMAGE_ASPECT).") from None
+    except Exception:  # the decoded image is the client's; whatever preprocessing refuses in it is a 4xx
+        log.warning("preprocessing %r failed", upload.filename, exc_info=True)
+        raise invalid("files", f"{upload.filename} cannot be preprocessed for the model (its size or "
+                      "mode); re-encode it as an ordinary RGB image.") from None
+
+
 def _classify(form, tenant, session, settings, serving, storage, metrics, batcher, instant) -> ClassifyOut:
     task_id, names = form.one("task_id"), form.many("class_names")
     top_k = _top_k(form.one("top_k"), settings.max_top_k)
@@ -75,18 +93,21 @@ def _classify(form, tenant, session, settings, serving, storage, metrics, batche
     stage = form.one("stage")
     if stage is not None and (not task_id or stage not in STAGES):
         raise invalid("stage", f"with a `task_id`, one of {', '.join(STAGES)}.")
+    task = None
     if task_id:
         task = tenant_task(session, tenant, task_id)
         release_connection(session)  # the rest (artifact, encoder pass) can take seconds under load
+    # From the images' headers, before a predictor is built (a text-encoder pass, an instant build) or any
+    # pixel is decoded: what the request would cost is known from them alone.
+    limits = ImageLimits.of(settings, input_side=serving.backbone().image.size)
+    check_request_pixels([(f.path, f.filename, "files") for f in files], limits)
+    if task is not None:
         predictor, stage = _task_predictor(task, stage, serving, storage, instant)
     else:
         predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
-    check_request_pixels([(f.path, f.filename, "files") for f in files], settings.max_image_pixels,
-                         settings.max_request_pixels)
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
     # while their preprocessed tensors are a few hundred KB each.
-    batch = torch.cat([predictor.preprocess([decode_upload(f.path.read_bytes(), f.filename, "files",
-                                                        settings.max_image_pixels)]) for f in files])
+    batch = torch.cat([_preprocessed(predictor, upload, limits) for upload in files])
     metrics.classify_batch.observe(len(files))
     logits = batcher.logits(predictor, batch)
     ranked = predictor.rank(logits, top_k)  # the same ranking as Predictor.predict, on micro-batched logits

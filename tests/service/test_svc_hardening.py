@@ -10,6 +10,7 @@ import struct
 import tracemalloc
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -184,6 +185,9 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
             return [[] for _ in range(len(logits))]
 
     class ServingCache:
+        def backbone(self):
+            return SimpleNamespace(image=SimpleNamespace(size=4))
+
         def zero_shot_predictor(self, names):
             return Predictor()
 

@@ -136,16 +136,16 @@ def test_decoded_pixels_per_request_are_bounded_before_decoding(stack):
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
-    from service.uploads import DRAFT_SIDE, check_request_pixels, decode_upload
+    from service.uploads import DRAFT_SIDE, ImageLimits, check_request_pixels, decode_upload
 
     buffer = io.BytesIO()
     Image.new("RGB", (4000, 3000), (10, 120, 200)).save(buffer, format="JPEG")
-    image = decode_upload(buffer.getvalue(), "big.jpg", "files", max_pixels=40_000_000)
+    image = decode_upload(buffer.getvalue(), "big.jpg", "files", ImageLimits(40_000_000, 80_000_000, 20.0))
     assert image.size == (1000, 750) and min(image.size) >= DRAFT_SIDE  # the decoder's 1/4 scale
     # The request bound counts the pixels really decoded: 100 such JPEGs are 75 MP, not 1.2 GP.
     path = tmp_path / "big.jpg"
     path.write_bytes(buffer.getvalue())
-    check_request_pixels([(path, "big.jpg", "files")] * 100, 40_000_000, 80_000_000)
+    check_request_pixels([(path, "big.jpg", "files")] * 100, ImageLimits(40_000_000, 80_000_000, 20.0))
 
 
 @pytest.mark.service

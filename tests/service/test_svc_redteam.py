@@ -1,0 +1,172 @@
+"""The red-team corpus: hostile inputs as a table (each answered by the 4xx that names its limit, never a
+5xx), and faults as scripted scenarios, against an API in this process on SQLite with the tiny backbone.
+
+A new finding goes in as a row of HOSTILE (an input) or as a scenario test (a fault, a race), so the
+next round of hostile testing starts from every case found before.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from PIL import Image
+
+from service.settings import Settings
+from svc_helpers import CLASSES, images
+
+PNG = images("train", 1)[0][1].read_bytes()
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_files(*blobs: bytes) -> list:
+    return [("files", (f"{index}.png", blob, "image/png")) for index, blob in enumerate(blobs)]
+
+
+def task_data(**extra) -> dict:
+    return {"class_names": CLASSES[:2], "labels": [CLASSES[0], CLASSES[1]], "method": "coop", "shots": "1",
+            "epochs": "1", **extra}
+
+
+@dataclass
+class Api:
+    client: object
+    app: object
+    headers: dict[str, str]
+    other: dict[str, str]  # another tenant's key
+    settings: Settings
+
+    def post(self, path: str, headers: dict | None = None, **kwargs):
+        return self.client.post(path, headers={**self.headers, **(headers or {})}, **kwargs)
+
+    def task_ids(self) -> list[str]:
+        return [t["id"] for t in self.client.get("/tasks", headers=self.headers).json()["items"]]
+
+
+def make_api(tmp_path, tiny_checkpoint, **overrides) -> Iterator[Api]:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import create_key
+    from service.db import Database
+    from service.migrate import upgrade
+
+    settings = Settings(**({"data_dir": tmp_path, "model": "upt-tiny", "pretrained": str(tiny_checkpoint),
+                            "device": "cpu", "serve_runtime": "pytorch", "require_api_keys": True,
+                            "instant_augment_views": 1} | overrides))
+    upgrade(settings)
+    database = Database.from_settings(settings)
+    with database.scope() as session:
+        keys = [create_key(session, "acme"), create_key(session, "globex")]
+    database.dispose()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        client.app.state.serving.backbone()  # loaded before the first case, not inside its timing
+        yield Api(client, client.app, {"Authorization": f"Bearer {keys[0]}"},
+                  {"Authorization": f"Bearer {keys[1]}"}, settings)
+
+
+@pytest.fixture
+def api(tmp_path, tiny_checkpoint) -> Iterator[Api]:
+    yield from make_api(tmp_path, tiny_checkpoint, max_request_pixels=1_200_000)
+
+
+def assert_problem(response, status: int, *needles: str) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    for needle in needles:
+        assert needle in body["detail"], (needle, body)
+    return body
+
+
+# --- hostile inputs ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hostile:
+    """One hostile request: what is sent, and the problem it must get (status, words of its detail)."""
+
+    name: str
+    path: str
+    data: dict
+    files: list = field(default_factory=list)
+    status: int = 422
+    needles: tuple[str, ...] = ()
+    headers: dict = field(default_factory=dict)
+    content: bytes | None = None
+
+
+HOSTILE = [
+    # Finding 1: a tiny, very wide image; preprocessing scales its short side up to the model's input.
+    Hostile("classify a 2000x20 image", "/classify", {"class_names": CLASSES}, image_files(png(2000, 20)),
+            422, ("UPT_MAX_IMAGE_ASPECT",)),
+    Hostile("classify a 20x2000 image", "/classify", {"class_names": CLASSES}, image_files(png(20, 2000)),
+            422, ("UPT_MAX_IMAGE_ASPECT",)),
+    Hostile("classify a 1000000x1 PNG of 1 KB", "/classify", {"class_names": CLASSES},
+            image_files(png(1_000_000, 1)), 422, ("UPT_MAX_IMAGE_ASPECT",)),
+    Hostile("a task of 300000x1 images", "/tasks", task_data(), image_files(png(300_000, 1), PNG),
+            422, ("UPT_MAX_IMAGE_ASPECT",)),
+    # ... and the request's pixels counted as scaled to the model's input (32 for upt-tiny): twenty
+    # 1000x50 images decode to 1 MP but scale to 20 x 32x640 more.
+    Hostile("classify images whose scaled sizes pass the request's pixels", "/classify", {"class_names": CLASSES},
+            image_files(*[png(1000, 50)] * 20), 413, ("UPT_MAX_REQUEST_PIXELS", "scaled")),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=lambda case: case.name)
+def test_hostile_input_gets_the_problem_that_names_its_limit(api, case: Hostile):
+    before = api.task_ids()
+    if case.content is not None:
+        response = api.post(case.path, headers=case.headers, content=case.content)
+    else:
+        response = api.post(case.path, headers=case.headers, data=case.data, files=case.files)
+    assert_problem(response, case.status, *case.needles)
+    assert api.task_ids() == before  # nothing was created
+
+
+def test_the_request_pixel_check_counts_scaled_pixels_within_the_limit(tmp_path, tiny_checkpoint):
+    for api in make_api(tmp_path, tiny_checkpoint, max_request_pixels=1_450_000):
+        # 20 x (50,000 decoded + 20,480 scaled) = 1.41 MP: within the limit, answered.
+        response = api.post("/classify", data={"class_names": CLASSES}, files=image_files(*[png(1000, 50)] * 20))
+        assert response.status_code == 200, response.text
+
+
+# --- scenarios: faults and races ---------------------------------------------------------------------
+
+def test_a_failure_in_preprocessing_is_a_4xx_not_a_500(api, monkeypatch):
+    from upt.predict import Predictor
+
+    def out_of_memory(self, images):
+        raise MemoryError
+
+    monkeypatch.setattr(Predictor, "preprocess", out_of_memory)
+    assert_problem(api.post("/classify", data={"class_names": CLASSES}, files=image_files(PNG)), 413,
+                   "UPT_MAX_IMAGE_PIXELS")
+
+    def refuses(self, images):
+        raise ValueError("bad mode")
+
+    monkeypatch.setattr(Predictor, "preprocess", refuses)
+    assert_problem(api.post("/classify", data={"class_names": CLASSES}, files=image_files(PNG)), 422, "0.png")
+
+
+def test_images_over_the_request_pixels_are_refused_before_any_predictor_or_backbone_wait(api, monkeypatch):
+    serving = api.app.state.serving
+    calls: list[str] = []
+    for name in ("zero_shot_predictor", "tuned_predictor", "backbone"):
+        original = getattr(serving, name)
+        monkeypatch.setattr(serving, name, lambda *a, _name=name, _original=original, **k: (
+            calls.append(_name), _original(*a, **k))[1])
+    big = image_files(*[png(2000, 2000)] * 2)  # 8 MP decoded: over the fixture's 1.2 MP
+    assert_problem(api.post("/classify", data={"class_names": CLASSES}, files=big), 413, "UPT_MAX_REQUEST_PIXELS")
+    assert "zero_shot_predictor" not in calls  # a 1,000-class text-encoder pass is not paid for a refusal
+    calls.clear()
+    data = {**task_data(), "labels": CLASSES[:2]}
+    assert_problem(api.post("/tasks", data=data, files=big), 413, "UPT_MAX_REQUEST_PIXELS")
+    assert calls == []  # not even the backbone's load was waited for
