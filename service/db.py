@@ -82,6 +82,15 @@ class Database:
         self.engine.dispose(close=close)
 
 
+MAX_INTEGER = 2**31 - 1  # the largest value of an INTEGER column (PostgreSQL's int4)
+
+
+def is_integer_literal(text: str) -> bool:
+    """`text` is a plain decimal that an INTEGER column can hold: a number from a client (a token, an
+    event id) is checked with this before it reaches a query, where PostgreSQL refuses a larger one."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_INTEGER
+
+
 def release_connection(session: Session) -> None:
     """End `session`'s read transaction, so that its pooled connection goes back to the pool now; the
     session stays usable, and what it loaded stays loaded (expire_on_commit=False).

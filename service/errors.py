@@ -92,20 +92,41 @@ DATABASE_RETRY_AFTER_S = 5
 NO_SPACE = "no space left on the storage volume"
 
 
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """`error` and the errors it was raised from (its cause or context), each once."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def is_file_too_large(error: BaseException | None) -> bool:
+    """True when `error` (or one it was raised from) is a file-size limit (EFBIG: RLIMIT_FSIZE, or the
+    filesystem's largest file): not a full volume, and freeing space does not help."""
+    return any((isinstance(e, OSError) and e.errno == errno.EFBIG) or "File too large" in str(e)
+               or "FileTooLarge" in str(e) for e in _chain(error))
+
+
 def is_disk_full(error: BaseException | None) -> bool:
     """True when `error`, or an error it was raised from, says the disk is full. torch.save reports a
     full disk as a RuntimeError of its zip writer ("unexpected pos"), SQLite as "database or disk is full"."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
+    if is_file_too_large(error):  # torch's zip writer words both alike; the cause tells them apart
+        return False
+    for error in _chain(error):
         if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
             return True
         text = str(error)
         if "database or disk is full" in text or "No space left on device" in text or (
                 isinstance(error, RuntimeError) and "inline_container" in text and "unexpected pos" in text):
             return True
-        error = error.__cause__ or error.__context__
     return False
+
+
+def file_too_large() -> Problem:
+    return Problem(507, "Insufficient storage", "The request cannot be stored: the storage volume refuses a file "
+                   "this large (a file-size limit, EFBIG), though it may have space. Nothing of it was kept; "
+                   "the operator must raise the limit.", type="file-size-limit")
 
 
 def disk_full() -> Problem:
@@ -200,6 +221,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if is_file_too_large(exc):
+            log.error("%s %s: a file-size limit (EFBIG): %s", request.method, request.url.path, exc)
+            return problem_response(file_too_large(), request)
         if is_disk_full(exc):
             log.error("%s %s: %s", request.method, request.url.path, NO_SPACE)
             return problem_response(disk_full(), request)

@@ -112,18 +112,31 @@ class ServingCache:
         self._backbone = backbone
 
     def _build_encoder(self, backbone):
-        calibration = None
-        if self.settings.serve_precision == "int8":
-            if self.settings.serve_calibration_dir is None:
-                raise ConfigError("UPT_SERVE_PRECISION=int8 needs UPT_SERVE_CALIBRATION_DIR: a folder of real "
-                                  "images of the kind served, to calibrate the int8 image encoder on.")
-            calibration = calibration_images(backbone, self.settings.serve_calibration_dir)
-        encoder, note = build_image_encoder(backbone, self.settings.serve_runtime, self.settings.serve_precision,
-                                            self.settings.compiled_dir, calibration)
+        """The configured serving encoder; one that cannot be built as configured (int8 without its
+        calibration images or with the PyTorch runtime) serves PyTorch with a note /readyz shows: a
+        serving setting never takes the backbone, and with it POST /tasks, down."""
+        try:
+            encoder, note = self._configured_encoder(backbone)
+        except (UptError, ValueError, OSError) as error:
+            encoder, _ = build_image_encoder(backbone, "pytorch", "auto")
+            note = f"{without_paths(str(error))} Serving PyTorch instead."
         self.encoder_note = note
         if note:
             log.warning("Serving with %s: %s", encoder.describe(), note)
         return SharedImageEncoder(encoder)
+
+    def _configured_encoder(self, backbone):
+        calibration = None
+        if self.settings.serve_precision == "int8":
+            if self.settings.serve_runtime == "pytorch":
+                raise ConfigError("UPT_SERVE_PRECISION=int8 is served by OpenVINO only, not with "
+                                  "UPT_SERVE_RUNTIME=pytorch.")
+            if self.settings.serve_calibration_dir is None:
+                raise ConfigError("UPT_SERVE_PRECISION=int8 needs UPT_SERVE_CALIBRATION_DIR: a folder of real "
+                                  "images of the kind served, to calibrate the int8 image encoder on.")
+            calibration = calibration_images(backbone, self.settings.serve_calibration_dir)
+        return build_image_encoder(backbone, self.settings.serve_runtime, self.settings.serve_precision,
+                                   self.settings.compiled_dir, calibration)
 
     def image_encoder(self, backbone) -> SharedImageEncoder:
         """The image encoder that serves `backbone`: the micro-batcher's for every pass, and the

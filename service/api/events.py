@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from service.api.tasks import tenant_task
 from service.api.deps import DatabaseDep, SessionDep, SettingsDep, TenantDep, current_tenant, presented_key
 from service.auth import hash_key
-from service.db import Database
+from service.db import Database, is_integer_literal
 from service.errors import Problem, invalid
 from service.models import FINAL_STATUSES, ApiKey, Task, TaskEvent, Tenant
 from service.schemas import EventOut, EventPage, StreamTokenOut, TaskOut
@@ -56,13 +56,13 @@ class Cursor:
     def parse(cls, value: str | None) -> "Cursor":
         if not value:
             return cls()
-        try:
-            version, epoch, *end = value.split(".")
-            if end not in ([], ["end"]):
-                raise ValueError(value)
-            return cls(int(version), int(epoch), bool(end))
-        except ValueError:
-            raise invalid("Last-Event-ID", "not an event id sent by this stream; reconnect without it.") from None
+        parts = value.split(".")
+        # Each number a decimal within the database's integer columns: a larger one reached PostgreSQL
+        # as an out-of-range parameter, and the stream closed at once, for ever (EventSource reconnects).
+        if (len(parts) not in (2, 3) or parts[2:] not in ([], ["end"])
+                or not all(is_integer_literal(part) for part in parts[:2])):
+            raise invalid("Last-Event-ID", "not an event id sent by this stream; reconnect without it.")
+        return cls(int(parts[0]), int(parts[1]), len(parts) == 3)
 
     def __str__(self) -> str:
         return f"{self.version}.{self.epoch}" + (".end" if self.ended else "")

@@ -26,7 +26,8 @@ from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
 from service.task_input import TaskSpec, parse_checked_task_form, write_dataset
-from service.uploads import parse_form, remove, request_fingerprint, scratch_dir
+from service.uploads import (check_declared_length, declared_length, parse_form, remove, request_fingerprint,
+                             scratch_dir)
 
 router = APIRouter(tags=["tasks"])
 # A POST /tasks holding its Idempotency-Key longer than this was cut short (its process killed).
@@ -111,10 +112,11 @@ async def create_task(request: Request, tenant: TenantDep, session: SessionDep, 
 
 
 def _check_quotas(session: Session, tenant: Tenant, settings: Settings, storage: Storage, request: Request) -> None:
-    """Before the body is read: the tenant's queue share, and its storage with this request's declared size."""
+    """Before the body is read: its declared size against the request's limit (413: no quota can take
+    more than one request may send), the tenant's queue share, and its storage with that size."""
+    check_declared_length(request, settings.max_upload_bytes)
     check_active_tasks(session, tenant, settings)
-    declared = request.headers.get("content-length", "")
-    check_stored_bytes(session, tenant, settings, storage, int(declared) if declared.isdigit() else 0)
+    check_stored_bytes(session, tenant, settings, storage, declared_length(request))
 
 
 def _lock_key(session: Session, tenant: Tenant, key: str, stale_after_s: float) -> bool:

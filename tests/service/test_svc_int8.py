@@ -43,10 +43,12 @@ def test_int8_serves_when_asked_for_with_calibration_images(tmp_path, tiny_check
         server.stop()
 
 
-def test_int8_without_calibration_images_says_what_is_missing(tmp_path, tiny_checkpoint):
+def test_int8_without_calibration_images_says_what_is_missing_and_serves_pytorch(tmp_path, tiny_checkpoint):
     ready, _, server = _readyz(tmp_path, tiny_checkpoint, "without")
     try:
-        assert not ready["ready"] and not ready["checks"]["backbone"]["ok"]
-        assert "UPT_SERVE_CALIBRATION_DIR" in ready["checks"]["backbone"]["detail"]
+        # A serving setting never takes the backbone (and POST /tasks with it) down: PyTorch serves.
+        assert ready["ready"] and ready["checks"]["backbone"]["ok"], ready
+        detail = ready["checks"]["image_encoder"]["detail"]
+        assert detail.startswith("pytorch") and "UPT_SERVE_CALIBRATION_DIR" in detail, detail
     finally:
         server.stop()

@@ -77,6 +77,19 @@ def api(tmp_path, tiny_checkpoint) -> Iterator[Api]:
     yield from make_api(tmp_path, tiny_checkpoint, max_request_pixels=1_200_000)
 
 
+def add_task(api: Api, status: str = "running") -> str:
+    """A task row of the key's tenant (acme), as a worker would have left it: no uploads, no build."""
+    from service.auth import get_or_create_tenant
+    from service.models import Task, new_task_id, utcnow
+
+    task_id = new_task_id()
+    with api.app.state.database.scope() as session:
+        session.add(Task(id=task_id, tenant_id=get_or_create_tenant(session, "acme").id, method="coop", config={},
+                         class_names=CLASSES[:2], num_images=2, model="upt-tiny", pretrained="p", status=status,
+                         heartbeat_at=utcnow()))
+    return task_id
+
+
 def assert_problem(response, status: int, *needles: str) -> dict:
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/problem+json"), response.headers
@@ -100,6 +113,7 @@ class Hostile:
     needles: tuple[str, ...] = ()
     headers: dict = field(default_factory=dict)
     content: bytes | None = None
+    method: str = "POST"
 
 
 HOSTILE = [
@@ -116,16 +130,36 @@ HOSTILE = [
     # 1000x50 images decode to 1 MP but scale to 20 x 32x640 more.
     Hostile("classify images whose scaled sizes pass the request's pixels", "/classify", {"class_names": CLASSES},
             image_files(*[png(1000, 50)] * 20), 413, ("UPT_MAX_REQUEST_PIXELS", "scaled")),
+    # Finding 9: numbers of a stream token beyond the database's integers (a traceback and a 500 each).
+    Hostile("a stream token whose key id is past int4", "/tasks/{task}/events", {"token": "2147483648.1.x"},
+            status=401, method="GET"),
+    Hostile("a stream token whose key id is past int8", "/tasks/{task}/events",
+            {"token": "99999999999999999999.1.x"}, status=401, method="GET"),
+    Hostile("a stream token of 5000 digits", "/tasks/{task}/events", {"token": "9" * 190 + ".1.x"},
+            status=401, method="GET"),
+    # Finding 14: a Last-Event-ID past the integers: the stream closed at once, and EventSource reconnected for ever.
+    Hostile("a Last-Event-ID past int8", "/tasks/{task}/events", {}, status=422, method="GET",
+            headers={"Accept": "text/event-stream", "Last-Event-ID": "99999999999999999999.1"},
+            needles=("Last-Event-ID",)),
+    Hostile("an `after` past int4", "/tasks/{task}/events", {"after": "1.2147483648"}, status=422, method="GET",
+            headers={"Accept": "text/event-stream"}, needles=("Last-Event-ID",)),
+    # Finding 13: a declared size no request may have is a 413, not the tenant's storage quota (507).
+    Hostile("a Content-Length of 99,999,999,999", "/tasks", {}, content=b"x", status=413,
+            headers={"Content-Length": "99999999999", "Content-Type": "multipart/form-data; boundary=x"},
+            needles=("UPT_MAX_UPLOAD_BYTES",)),
 ]
 
 
 @pytest.mark.parametrize("case", HOSTILE, ids=lambda case: case.name)
 def test_hostile_input_gets_the_problem_that_names_its_limit(api, case: Hostile):
+    path = case.path.replace("{task}", add_task(api))
     before = api.task_ids()
-    if case.content is not None:
-        response = api.post(case.path, headers=case.headers, content=case.content)
+    if case.method == "GET":
+        response = api.client.get(path, headers={**api.headers, **case.headers}, params=case.data)
+    elif case.content is not None:
+        response = api.post(path, headers=case.headers, content=case.content)
     else:
-        response = api.post(case.path, headers=case.headers, data=case.data, files=case.files)
+        response = api.post(path, headers=case.headers, data=case.data, files=case.files)
     assert_problem(response, case.status, *case.needles)
     assert api.task_ids() == before  # nothing was created
 
@@ -170,3 +204,40 @@ def test_images_over_the_request_pixels_are_refused_before_any_predictor_or_back
     data = {**task_data(), "labels": CLASSES[:2]}
     assert_problem(api.post("/tasks", data=data, files=big), 413, "UPT_MAX_REQUEST_PIXELS")
     assert calls == []  # not even the backbone's load was waited for
+
+
+def test_a_file_size_limit_is_not_reported_as_a_full_volume(api, monkeypatch):
+    import errno
+
+    from service.api import tasks
+    from service.errors import is_disk_full, is_file_too_large
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(tasks, "write_dataset", too_large)
+    body = assert_problem(api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)), 507, "EFBIG")
+    assert body["type"].endswith("/file-size-limit")
+    assert api.task_ids() == []
+    # torch.save words a file-size limit as it words a full disk; the cause tells them apart.
+    try:
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError as cause:
+            raise RuntimeError("[enforce fail at inline_container.cc:1] . unexpected pos 64 vs 0") from cause
+    except RuntimeError as error:
+        assert is_file_too_large(error) and not is_disk_full(error)
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:1] . unexpected pos 64 vs 0"))
+
+
+@pytest.mark.parametrize("runtime", ["pytorch", "openvino"])
+def test_an_int8_misconfiguration_serves_pytorch_and_takes_tasks(tmp_path, tiny_checkpoint, runtime):
+    # int8 with the PyTorch runtime, or without calibration images: the README promises a PyTorch
+    # fallback, and POST /tasks must not answer "set UPT_MODEL/UPT_PRETRAINED".
+    for api in make_api(tmp_path, tiny_checkpoint, serve_precision="int8", serve_runtime=runtime):
+        ready = api.client.get("/readyz").json()
+        assert ready["checks"]["backbone"]["ok"], ready
+        assert "Serving PyTorch instead" in ready["checks"]["image_encoder"]["detail"], ready
+        created = api.post("/tasks", data=task_data(), files=image_files(PNG, PNG))
+        assert created.status_code == 202, created.text
+        assert api.post("/classify", data={"class_names": CLASSES}, files=image_files(PNG)).status_code == 200
