@@ -68,6 +68,14 @@ TIP_LOGITS = "tests/core/test_reference_tip_adapter.py::test_served_logits_are_t
 TIP_SEARCH = "tests/core/test_reference_tip_adapter.py::test_alpha_and_beta_reach_the_best_validation_accuracy_of_the_grid"
 COCOOP_LOGITS = (LOGITS, "-k", "cocoop")
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
+PROMPTSRC_TESTS = "tests/core/test_promptsrc.py"
+PSRC_LOSS = PROMPTSRC_TESTS + "::test_the_loss_terms_logits_and_gradients_are_the_papers"
+PSRC_FROZEN = PROMPTSRC_TESTS + "::test_the_frozen_targets_do_not_move_with_the_prompts"
+PSRC_GPA_WEIGHTS = PROMPTSRC_TESTS + "::test_gpa_weights_are_the_normalised_gaussian_density"
+PSRC_GPA = PROMPTSRC_TESTS + "::test_the_trained_prompts_are_the_gaussian_weighted_average_of_each_epochs"
+PSRC_RESUME = PROMPTSRC_TESTS + "::test_resume_from_an_epoch_checkpoint_gives_the_same_artifact"
+PSRC_DEFAULTS = PROMPTSRC_TESTS + "::test_its_few_shot_config_is_the_default"
+PSRC_PROMPTS = PROMPTSRC_TESTS + "::test_prompts_are_deep_in_both_towers_the_text_context_from_a_photo_of_a"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ def m(name, file, original, replacement, description, *tests, issue=False) -> Mu
 
 TIP = "upt/methods/tip_adapter.py"
 COCOOP = "upt/methods/cocoop.py"
+PSRC = "upt/methods/promptsrc.py"
 PROMPTS, MODEL, ENC = "upt/methods/prompts.py", "upt/methods/model.py", "upt/encoders.py"
 REGISTRY = "upt/methods/registry.py"
 TRAIN, DATA, ART, PRED = "upt/training.py", "upt/data.py", "upt/artifact.py", "upt/predict.py"
@@ -151,7 +160,7 @@ MUTANTS: list[Mutant] = [
     m("evaluation-skips-one-per-batch", DATA, "chunk = samples[start: start + batch_size]",
       "chunk = samples[start: start + batch_size - 1]", "evaluation skips one image per batch", EVALUATION, issue=True),
     m("batches-not-shuffled", TRAIN, "shuffle=True", "shuffle=False", "batches not shuffled", SHUFFLE, issue=True),
-    m("momentum-dropped", TRAIN, "lr=config.lr, momentum=config.momentum,", "lr=config.lr,",
+    m("momentum-dropped", TRAIN, "lr=config.step_lr, momentum=config.momentum,", "lr=config.step_lr,",
       "SGD without momentum", SGD, issue=True),
     m("same-shuffle-every-epoch", TRAIN, "generator = _seed_everything(self.config.seed, epoch)",
       "generator = _seed_everything(self.config.seed, 0)", "the same shuffle and crops in every epoch", SHUFFLE, issue=True),
@@ -184,8 +193,8 @@ MUTANTS: list[Mutant] = [
       "ctx_init written into the last layer's context instead of the first", CTX_INIT),
     m("prompt-init-uniform", PROMPTS, "return nn.Parameter(torch.randn(shape) * std)",
       "return nn.Parameter(torch.rand(shape) * std)", "prompts initialised U(0, std) instead of N(0, std²)", INIT),
-    m("ensemble-features-not-normalised", MODEL, "[order[start:start + TEXT_CHUNK]].to(backbone.device), normalize=True)",
-      "[order[start:start + TEXT_CHUNK]].to(backbone.device), normalize=False)",
+    m("ensemble-features-not-normalised", MODEL, "tokens[chunk].to(backbone.device), normalize=normalize_each)",
+      "tokens[chunk].to(backbone.device), normalize=False)",
       "template features averaged before normalisation", LOGITS),
     m("no-logit-scale", MODEL, "return self.backbone.logit_scale * self.image_features(images, prompts)",
       "return self.image_features(images, prompts)", "logits without CLIP's logit scale", LOGITS),
@@ -290,6 +299,47 @@ MUTANTS: list[Mutant] = [
     m("cocoop-classifiers-of-other-images", COCOOP, 'torch.einsum("bd,bkd->bk", features.to(text.dtype), text)',
       'torch.einsum("bd,bkd->bk", features.flip(0).to(text.dtype), text)',
       "each image scored against another image's classifier", *COCOOP_LOGITS),
+    # ---- methods/promptsrc.py (PromptSRC) ------------------------------------------------------------
+    m("psrc-cross-entropy-dropped", PSRC, '"cross_entropy": F.cross_entropy(logits, labels),',
+      '"cross_entropy": 0 * F.cross_entropy(logits, labels),', "PromptSRC's loss without its cross-entropy", PSRC_LOSS),
+    m("psrc-text-weight-dropped", PSRC, '"text_l1": regulation.text_loss_weight * (text - frozen_text)',
+      '"text_l1": (text - frozen_text)', "PromptSRC's text L1 term unweighted", PSRC_LOSS),
+    m("psrc-image-weight-is-text-weight", PSRC, '"image_l1": regulation.image_loss_weight * (image',
+      '"image_l1": regulation.text_loss_weight * (image', "PromptSRC's image L1 weighted by the text weight",
+      PSRC_LOSS),
+    m("psrc-image-l1-to-prompted", PSRC, "frozen_image = _wide(encode_image(model.clip, images, None, normalize=True))",
+      "frozen_image = _wide(encode_image(model.clip, images, prompts.visual, normalize=True))",
+      "the image L1 (and zero-shot logits) from the prompted image features, not frozen CLIP's", PSRC_LOSS),
+    m("psrc-kl-swapped", PSRC, "(log_p0.exp() * (log_p0 - log_p)).sum()", "(log_p.exp() * (log_p - log_p0)).sum()",
+      "KL(p ‖ p₀) instead of the released KL(p₀ ‖ p)", PSRC_LOSS),
+    m("psrc-kl-batchmean", PSRC, "(log_p0 - log_p)).sum() / logits.numel()", "(log_p0 - log_p)).sum() / len(logits)",
+      "the KL term divided by the batch instead of batch × classes", PSRC_LOSS),
+    m("psrc-frozen-text-normalised-each", PSRC, "TEMPLATES, normalize_each=False)", "TEMPLATES)",
+      "frozen text targets: the mean of normalised features (CLIP's), not the released code's", PSRC_FROZEN),
+    m("psrc-frozen-text-one-template", PSRC, "TEMPLATES, normalize_each=False)", "TEMPLATES[:1], normalize_each=False)",
+      "frozen text targets from one template instead of the ensemble", PSRC_FROZEN),
+    m("psrc-gpa-uniform", PSRC, "return (-0.5 * ((epoch - mean) / std) ** 2).softmax(dim=0)",
+      "return torch.full((epochs,), 1.0 / epochs, dtype=torch.float64)", "GPA's weights uniform over the epochs",
+      PSRC_GPA_WEIGHTS),
+    m("psrc-gpa-zero-based", PSRC, "epoch = torch.arange(1, epochs + 1, dtype=torch.float64)",
+      "epoch = torch.arange(0, epochs, dtype=torch.float64)", "GPA's Gaussian over epochs 0..N-1, not 1..N",
+      PSRC_GPA_WEIGHTS),
+    m("psrc-gpa-not-applied", PSRC, "            model.load_state_dict(self.aggregate)", "            pass",
+      "the last epoch's prompts kept instead of GPA's sum", PSRC_GPA),
+    m("psrc-gpa-not-resumed", TRAIN, 'self.objective.load_state_dict(state.get("objective", {}))',
+      'self.objective.load_state_dict({"aggregate": {}})', "a resumed run restarts GPA's sum from zero", PSRC_RESUME),
+    m("psrc-objective-ignored", TRAIN,
+      "objective = config.spec.objective(model, config, source.name) if config.spec.objective else CrossEntropy()",
+      "objective = CrossEntropy()", "PromptSRC trained with the cross-entropy alone, no GPA", PSRC_GPA),
+    m("psrc-given-options-ignored", PSRC, "return cls(**(chosen | given))", "return cls(**chosen)",
+      "PromptSRC's loss weights and GPA options given by the user ignored", PSRC_DEFAULTS),
+    m("psrc-lr-default-dropped", REGISTRY, "batch_size=promptsrc.BATCH_SIZE, lr=promptsrc.LR,",
+      "batch_size=promptsrc.BATCH_SIZE,", "PromptSRC at the paper's lr 0.002 instead of its config's 0.0025",
+      PSRC_DEFAULTS),
+    m("psrc-depth-not-capped", REGISTRY, "default=promptsrc.DEPTH, capped=True)", "default=promptsrc.DEPTH)",
+      "PromptSRC's default depth 9 refused on a smaller model instead of every layer", PSRC_DEFAULTS),
+    m("psrc-text-prompts-shallow", REGISTRY, "return JointPrompts(TextContext(n_ctx, backbone.text_width, depth,",
+      "return JointPrompts(TextContext(n_ctx, backbone.text_width, 1,", "PromptSRC's text prompts at the input only",
 ]
 
 

@@ -129,11 +129,21 @@ N_CTX = OptionSpec("n_ctx", int, "prompt length: learned tokens per prompt", def
 DEPTH = OptionSpec("depth", int, "layers that receive prompts (default: the method's own)", minimum=1)
 CTX_INIT = OptionSpec("ctx_init", str, "initialise the text context from these words, e.g. 'a photo of a' "
                       "(the number of context tokens is then theirs)")
-LR = OptionSpec("lr", float, "SGD learning rate", default=0.002, minimum=0, exclusive_minimum=True)
+LR = OptionSpec("lr", float, "SGD learning rate (default: the method's own: 0.002, the paper's)", minimum=0,
+                exclusive_minimum=True)
 BATCH_SIZE = OptionSpec("batch_size", int, "images per SGD step (default: the method's own)",
                         minimum=1, maximum=4096)
 AUGMENT_VIEWS = OptionSpec("augment_views", int, "augmented views averaged per cached training image",
                            default=10, minimum=1, maximum=100)
+# PromptSRC's self-regulation (upt/methods/promptsrc.py; its few-shot config's values are the defaults there).
+TEXT_LOSS_WEIGHT = OptionSpec("text_loss_weight", float, "PromptSRC: weight of the L1 distance of the prompted class "
+                              "text features from frozen CLIP's", minimum=0)
+IMAGE_LOSS_WEIGHT = OptionSpec("image_loss_weight", float, "PromptSRC: weight of the L1 distance of the prompted "
+                               "image features from frozen CLIP's", minimum=0)
+GPA_MEAN = OptionSpec("gpa_mean", float, "PromptSRC: the epoch at which the Gaussian weights of the prompt "
+                      "aggregation peak", minimum=0)
+GPA_STD = OptionSpec("gpa_std", float, "PromptSRC: the spread, in epochs, of the Gaussian weights of the prompt "
+                     "aggregation", minimum=0, exclusive_minimum=True)
 # ...and those only the Python API sets, checked the same way.
 DROPOUT = OptionSpec("dropout", float, "dropout in UPT's prompt Transformer (and the MLP ablation)", default=0.1,
                      minimum=0, maximum=1, exclusive_maximum=True)
@@ -145,6 +155,7 @@ WARMUP_LR = OptionSpec("warmup_lr", float, "the warm-up's learning rate", defaul
 
 OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     SHOTS, SEED, EPOCHS, N_CTX, DEPTH, CTX_INIT, LR, BATCH_SIZE, AUGMENT_VIEWS,
+    TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT, GPA_MEAN, GPA_STD,
     DROPOUT, MOMENTUM, WEIGHT_DECAY, WARMUP_EPOCHS, WARMUP_LR)}
 
 

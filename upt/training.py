@@ -48,10 +48,14 @@ from .options import (
     AUGMENT_VIEWS,
     BATCH_SIZE,
     EPOCHS,
+    GPA_MEAN,
+    GPA_STD,
+    IMAGE_LOSS_WEIGHT,
     LR,
     MOMENTUM,
     SEED,
     SHOTS,
+    TEXT_LOSS_WEIGHT,
     WARMUP_EPOCHS,
     WARMUP_LR,
     WEIGHT_DECAY,
@@ -87,7 +91,7 @@ class TrainConfig(JsonOptions):
     shots: int | None = SHOTS.default
     seed: int = SEED.default
     epochs: int | None = EPOCHS.default
-    lr: float = LR.default
+    lr: float | None = LR.default  # None: the method's (PromptSRC's config: 0.0025; the others': the paper's 0.002)
     momentum: float = MOMENTUM.default
     weight_decay: float = WEIGHT_DECAY.default
     batch_size: int | None = BATCH_SIZE.default  # None: the method's (CoCoOp's paper: 1; the others': 32)
@@ -95,6 +99,16 @@ class TrainConfig(JsonOptions):
     warmup_lr: float = WARMUP_LR.default
     class_names: list[str] | None = None
     augment_views: int = AUGMENT_VIEWS.default  # Tip-Adapter's cache: augmented views averaged per image
+    # Tip-Adapter's search; None: the data set's released config (upt.methods.tip_adapter.RELEASED_CONFIGS)
+    alpha_max: float | None = None
+    beta_max: float | None = None
+    init_alpha: float | None = None
+    init_beta: float | None = None
+    # PromptSRC's self-regulation (upt.methods.promptsrc.Regulation); None: its own defaults
+    text_loss_weight: float | None = TEXT_LOSS_WEIGHT.default
+    image_loss_weight: float | None = IMAGE_LOSS_WEIGHT.default
+    gpa_mean: float | None = GPA_MEAN.default
+    gpa_std: float | None = GPA_STD.default
 
     options_kind = "training options"
 
@@ -188,6 +202,11 @@ class TrainConfig(JsonOptions):
         """Images per SGD step: batch_size, or the method's own default."""
         return self.batch_size if self.batch_size is not None else self.spec.batch_size
 
+    @property
+    def step_lr(self) -> float:
+        """The SGD learning rate after the warm-up: lr, or the method's own default."""
+        return self.lr if self.lr is not None else self.spec.lr
+
     def lr_at(self, epoch: int) -> float:
         """Constant warm-up, then cosine over all epochs, stepped per epoch.
 
@@ -196,7 +215,7 @@ class TrainConfig(JsonOptions):
         """
         if epoch < self.warmup_epochs:
             return self.warmup_lr
-        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.total_epochs))
+        return 0.5 * self.step_lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.total_epochs))
 
 
 @dataclass
@@ -279,7 +298,8 @@ def train(
         raise ConfigError(f"{config.method} trains through the backbone: it takes no cache encoder.")
     _seed_everything(config.seed, -1)  # prompt initialisation
     model = PromptedCLIP(backbone, source.class_names, config.prompt)
-    history = _Loop(model, split, config, callbacks, checkpoint_dir).run()
+    objective = config.spec.objective(model, config, source.name) if config.spec.objective else CrossEntropy()
+    history = _Loop(model, split, config, callbacks, checkpoint_dir, objective).run()
     exported = model.export()
     predictor = Predictor(backbone, source.class_names, exported["classifier"], exported.get("visual_prompts"),
                           conditional=ConditionalContext.from_tensors(exported))
@@ -288,7 +308,7 @@ def train(
                                            config.templates).as_dict()
     tensors = {f"prompt.{name}": value for name, value in model.state_dict().items()} | exported
     options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(), "metrics": metrics,
-               "data": source.describe()}
+               "data": source.describe()} | objective.describe()
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=source.class_names,
                         tensors=tensors, options=options)
     return TrainResult(out, metrics, config, history)
@@ -368,11 +388,41 @@ def _seed_everything(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived)
 
 
+class CrossEntropy:
+    """The objective of a step: the paper's cross-entropy of the logits. A method with its own (its
+    spec's `objective`: PromptSRC's self-regulation) provides the same methods: the loss of a step with
+    its logits; what it keeps after each epoch and how it leaves the model at the end (PromptSRC's
+    prompt aggregation); that state for the epoch checkpoint, so that a resumed run ends the same; and
+    what the artifact records of it."""
+
+    def loss(self, model: PromptedCLIP, images: torch.Tensor,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    def epoch_done(self, epoch: int, model: PromptedCLIP) -> None:
+        pass
+
+    def finish(self, model: PromptedCLIP) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        """Entries for the artifact's options (none for the cross-entropy)."""
+        return {}
+
+
 class _Loop:
     """One training run: optimiser, schedule, epoch checkpoints and progress reports."""
 
     def __init__(self, model: PromptedCLIP, split: FewShotSplit, config: TrainConfig,
-                 callbacks: TrainCallbacks, checkpoint_dir: str | Path | None):
+                 callbacks: TrainCallbacks, checkpoint_dir: str | Path | None,
+                 objective: CrossEntropy | None = None):
         if not split.train:
             raise DataError("No training images after the few-shot split.")
         self.model = model
@@ -380,11 +430,12 @@ class _Loop:
         self.config = config
         self.callbacks = callbacks
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        self.objective = objective or CrossEntropy()
         self.device = model.backbone.device
         self.amp = self.device.type == "cuda"  # float16 autocast on GPU, float32 on CPU
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+        self.optimizer = torch.optim.SGD(params, lr=config.step_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay) if params else None
         self.dataset = ImageDataset(split.train, train_transform(model.backbone.image))
         batch = min(config.step_batch_size, len(self.dataset))
@@ -401,7 +452,9 @@ class _Loop:
         self.first_step = start * self.steps_per_epoch
         for epoch in range(start, epochs):
             history.append(self._epoch(epoch, epochs))
+            self.objective.epoch_done(epoch, self.model)
             self._save(epoch + 1, history)
+        self.objective.finish(self.model)
         self.model.eval()
         return history
 
@@ -431,8 +484,7 @@ class _Loop:
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss, logits = self.objective.loss(self.model, images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -456,6 +508,7 @@ class _Loop:
             "prompts": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
         }
         tmp = self.checkpoint.with_suffix(".tmp")
         try:
@@ -478,6 +531,7 @@ class _Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when saved on CPU, where mixed precision is off
             self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_state_dict(state.get("objective", {}))  # none in a checkpoint written before it
         return state["epochs_done"], list(state["history"])
 
     def _run_identity(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ The learned tensors are read by their artifact names (`prompt.<name>` in every s
     coop         context                         (depth, m, text width)
     vpt-*        prompts                         (depth, n, vision width)
     joint        text.context, visual.prompts
+    promptsrc    text.context (depth, m, text width), visual.prompts (depth, n, vision width)
     upt / mlp    unified (depth, 2m, text width), mixer.*, to_vision.*
     shared       unified (depth, m, text width), to_vision.*
 """
@@ -205,7 +206,7 @@ def method_prompts(method: str, p: dict[str, Tensor], n_ctx: int) -> ReferencePr
         return ReferencePrompts(text=p["context"])
     if method in ("vpt-shallow", "vpt-deep"):
         return ReferencePrompts(visual=p["prompts"])
-    if method == "joint":
+    if method in ("joint", "promptsrc"):
         return ReferencePrompts(text=p["text.context"], visual=p["visual.prompts"])
     if method == "shared":
         u = p["unified"]
@@ -214,7 +215,7 @@ def method_prompts(method: str, p: dict[str, Tensor], n_ctx: int) -> ReferencePr
     return ReferencePrompts(text=mixed[:, :n_ctx], visual=to_vision(mixed[:, n_ctx:], p))
 
 
-TEXT_LEARNING = {"coop", "joint", "upt", "mlp", "shared"}
+TEXT_LEARNING = {"coop", "joint", "upt", "mlp", "shared", "promptsrc"}
 
 
 def cocoop_logits(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], images: Tensor) -> Tensor:
@@ -242,3 +243,56 @@ def logits(clip, tokenizer, method: str, p: dict[str, Tensor], class_names: list
         classifier = template_classifier(clip, tokenizer, class_names, templates)
     features = F.normalize(image_features(clip, images, prompts.visual), dim=-1)
     return clip.logit_scale.exp() * features @ classifier.T
+
+
+# ---- PromptSRC's self-regulating loss and Gaussian prompt aggregation (Khattak et al., ICCV 2023) ------
+
+def frozen_text_targets(clip, tokenizer, class_names: list[str], templates: tuple[str, ...]) -> Tensor:
+    """Frozen CLIP's class text features as PromptSRC's released code computes them: per class, the
+    unnormalised features of every template averaged, then normalised (k, d)."""
+    rows = []
+    for name in class_names:
+        features = [text_feature(clip, _until_eot(tokenizer([t.format(name)])[0]), None) for t in templates]
+        mean = torch.stack(features).mean(dim=0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+def promptsrc_loss_terms(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], images: Tensor,
+                         labels: Tensor, templates: tuple[str, ...], text_weight: float,
+                         image_weight: float) -> dict[str, Tensor]:
+    """The paper's L = L_CE + λ_image·L_SCL-image + λ_text·L_SCL-text + L_SCL-logits, term by term.
+
+    L1 distances are means over every element; the logits term is KL(p_zero-shot ‖ p_prompted) summed
+    over the batch and divided by batch × classes (the released code's sum / numel), temperature 1."""
+    scale = clip.logit_scale.exp()
+    prompts = method_prompts("promptsrc", p, p["text.context"].shape[1])
+    text = prompted_classifier(clip, tokenizer, class_names, prompts.text)
+    raw = image_features(clip, images, prompts.visual)
+    image = raw / raw.norm(dim=-1, keepdim=True)
+    frozen_raw = image_features(clip, images, None)
+    frozen_image = frozen_raw / frozen_raw.norm(dim=-1, keepdim=True)
+    frozen_text = frozen_text_targets(clip, tokenizer, class_names, templates)
+    logits = scale * image @ text.T
+    zero_shot = scale * frozen_image @ frozen_text.T
+    log_p = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_q = zero_shot - torch.logsumexp(zero_shot, dim=-1, keepdim=True)
+    batch, classes = logits.shape
+    return {
+        "cross_entropy": -log_p[torch.arange(batch), labels].mean(),
+        "text_l1": text_weight * (text - frozen_text).abs().sum() / text.numel(),
+        "image_l1": image_weight * (image - frozen_image).abs().sum() / image.numel(),
+        "logits_kl": (torch.exp(log_q) * (log_q - log_p)).sum() / (batch * classes),
+    }
+
+
+def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
+    """The Gaussian density N(e; mean, std²) at epochs e = 1..epochs, divided by its sum."""
+    density = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [d / sum(density) for d in density]
+
+
+def gaussian_prompt_aggregation(per_epoch: list[dict[str, Tensor]], mean: float, std: float) -> dict[str, Tensor]:
+    """Σ_e g_e θ_e over the prompts θ_e after each epoch e."""
+    weights = gpa_weights(len(per_epoch), mean, std)
+    return {name: sum(w * state[name] for w, state in zip(weights, per_epoch)) for name in per_epoch[0]}

@@ -45,7 +45,7 @@ def test_candidates_are_checked_and_keep_their_own_recipe():
             parse_candidates(bad)
     base = TrainConfig.of("coop", shots=4, seed=3, epochs=2, lr=0.05, batch_size=8)
     tip = candidate_config(base, "tip-adapter-f")
-    assert (tip.shots, tip.seed, tip.lr, tip.step_batch_size, tip.total_epochs) == (4, 3, 0.002, 32, 20)
+    assert (tip.shots, tip.seed, tip.step_lr, tip.step_batch_size, tip.total_epochs) == (4, 3, 0.002, 32, 20)
     upt = candidate_config(base, "upt")
     assert (upt.method, upt.shots, upt.seed, upt.lr, upt.epochs) == ("upt", 4, 3, 0.05, 2)
 

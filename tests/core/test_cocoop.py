@@ -22,7 +22,7 @@ def _images(tiny, count: int = 3) -> torch.Tensor:
 
 def test_the_papers_settings_are_the_defaults(tiny):
     config = TrainConfig.of("cocoop")
-    assert (config.step_batch_size, config.lr, config.total_epochs, config.warmup_lr) == (1, 0.002, 10, 1e-5)
+    assert (config.step_batch_size, config.step_lr, config.total_epochs, config.warmup_lr) == (1, 0.002, 10, 1e-5)
     assert TrainConfig.of("coop").step_batch_size == 32
     model = PromptedCLIP(tiny, CLASSES, PromptConfig("cocoop"))
     assert model.n_ctx == 4  # "a photo of a"

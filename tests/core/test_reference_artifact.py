@@ -27,6 +27,7 @@ def backbone(request):
     ("vpt-deep", {"templates": ("a photo of a {}.", "art of the {}.")}),
     ("coop", {"depth": 2}),
     ("zero-shot", {"templates": ("a photo of a {}.", "art of the {}.")}),
+    ("promptsrc", {}),
 ])
 def test_exported_and_reloaded_artifact_serves_the_reference_logits(backbone, tmp_path, method, options):
     """Exported in eval mode whatever the model's mode (dropout off), saved, loaded, served."""

@@ -35,6 +35,8 @@ CASES = [
     ("shared", {"ctx_init": "a photo of a", "depth": 2}),
     ("mlp", {}),
     ("cocoop", {}),
+    ("promptsrc", {}),
+    ("promptsrc", {"depth": 2, "n_ctx": 3}),
 ]
 
 
@@ -91,7 +93,7 @@ def test_logits_match_the_reference(backbone, case):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["coop", "vpt-deep", "upt", "joint", "shared", "mlp", "cocoop"])
+@pytest.mark.parametrize("method", ["coop", "vpt-deep", "upt", "joint", "shared", "mlp", "cocoop", "promptsrc"])
 def test_gradients_match_the_reference(backbone, method):
     """The gradient of the cross-entropy with respect to every learned tensor, through both towers."""
     options = {"depth": 2} if method not in ("vpt-deep", "cocoop") else {}
@@ -128,7 +130,7 @@ def test_the_text_tower_alone_does_not_reach_the_map_to_vision(backbone):
     assert grads["unified"].abs().sum() > 0 and grads["mixer.norm_mid.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("method", ["upt", "mlp", "shared", "joint", "coop", "vpt-deep"])
+@pytest.mark.parametrize("method", ["upt", "mlp", "shared", "joint", "coop", "vpt-deep", "promptsrc"])
 def test_generated_prompts_match_the_reference(backbone, method):
     """The split of θ(U): the first m tokens are the text context, the last m (mapped) the visual prompts."""
     model = project_model(backbone, method, {"depth": 2})
@@ -162,7 +164,7 @@ def vit_b_16():
     return float64_backbone("ViT-B-16")
 
 
-VIT_CASES = [CASES[i] for i in (1, 3, 5, 6, 9, 10, 12, 13, 14)]  # each method once, its deep form where it has one
+VIT_CASES = [CASES[i] for i in (1, 3, 5, 6, 9, 10, 12, 13, 14, 15)]  # each method once, its deep form where it has one
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from upt.training import TrainConfig
 EVERY_METHOD_MODULE = {"coop": prompts.TextContext, "vpt-shallow": prompts.VisualPrompts,
                        "vpt-deep": prompts.VisualPrompts, "upt": prompts.UnifiedPrompts, "joint": prompts.JointPrompts,
                        "shared": prompts.UnifiedPrompts, "mlp": prompts.UnifiedPrompts,
-                       "cocoop": cocoop.ConditionalContext}
+                       "cocoop": cocoop.ConditionalContext, "promptsrc": prompts.JointPrompts}
 
 
 def test_every_method_has_one_spec_and_the_name_lists_derive_from_it():
@@ -89,7 +89,8 @@ def test_the_api_form_description_is_the_registry():
         takers = [name for name in METHODS if option.name in listed[name]]  # the others refuse it
         assert (f"(methods: {', '.join(takers)}; refused by the others" in schema["description"]) \
             is (len(takers) < len(METHODS)), schema["description"]
-        assert option.name in listed[AUTO]  # some default candidate uses each
+        # auto takes exactly the options that some default candidate uses (not PromptSRC's own, say)
+        assert (option.name in listed[AUTO]) is any(option.name in listed[m] for m in DEFAULT_CANDIDATES)
         assert schema.get("minimum", schema.get("exclusiveMinimum")) == option.minimum
         assert schema.get("maximum", schema.get("exclusiveMaximum")) == option.maximum
     assert properties[CANDIDATES.name]["default"] == CANDIDATES.default
@@ -160,14 +161,15 @@ def test_the_stored_form_is_read_whole_even_with_an_option_its_method_ignored():
 
 
 def test_auto_takes_the_options_one_of_its_candidates_uses_and_passes_each_its_own(option_values):
-    assert [o["name"] for o in method_listing()[0]["options"]] == [CANDIDATES.name, *(o.name for o in train_options())]
-    assert auto_options(DEFAULT_CANDIDATES) == [CANDIDATES, *train_options()]
+    used = [o for o in train_options() if any(REGISTRY[m].takes(o.name) for m in DEFAULT_CANDIDATES)]
+    assert [o["name"] for o in method_listing()[0]["options"]] == [CANDIDATES.name, *(o.name for o in used)]
+    assert auto_options(DEFAULT_CANDIDATES) == [CANDIDATES, *used]
     config = AutoConfig(base_config(DEFAULT_CANDIDATES, ctx_init="a photo of a", augment_views=3, lr=0.01),
                         DEFAULT_CANDIDATES).validate()
     by_method = {one.method: one for one in config.configs()}
     assert by_method["coop"].prompt.ctx_init == "a photo of a" and by_method["coop"].lr == 0.01
     assert by_method["upt"].prompt.ctx_init is None and by_method["vpt-deep"].prompt.ctx_init is None
-    assert by_method["tip-adapter-f"].augment_views == 3 and by_method["tip-adapter-f"].lr == 0.002
+    assert by_method["tip-adapter-f"].augment_views == 3 and by_method["tip-adapter-f"].step_lr == 0.002
     assert by_method["coop"].augment_views == AUGMENT_VIEWS.default
     assert config_from_dict(config.to_dict()).to_dict() == config.to_dict()
     # Tip-Adapter-F keeps its recipe's epochs in auto: with only cache methods, epochs is used by none.

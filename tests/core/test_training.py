@@ -29,7 +29,8 @@ def test_paper_schedule():
     assert config.lr_at(2) == pytest.approx(0.5 * 0.002 * (1 + math.cos(math.pi / 10)))
     assert config.lr_at(9) == pytest.approx(0.5 * 0.002 * (1 + math.cos(8 * math.pi / 10)))
     defaults = TrainConfig.of("upt")
-    assert (defaults.lr, defaults.momentum, defaults.weight_decay, defaults.step_batch_size) == (0.002, 0.9, 5e-4, 32)
+    assert (defaults.step_lr, defaults.momentum, defaults.weight_decay) == (0.002, 0.9, 5e-4)
+    assert defaults.step_batch_size == 32
 
 
 def test_few_shot_split_holds_out_validation(fashion_train):

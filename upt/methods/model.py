@@ -22,8 +22,11 @@ TEXT_CHUNK = 256  # prompts per text-encoder pass: bounds memory for 1000 classe
 
 
 @torch.no_grad()
-def template_classifier(backbone: Backbone, class_names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+def template_classifier(backbone: Backbone, class_names: list[str], templates: tuple[str, ...],
+                        normalize_each: bool = True) -> torch.Tensor:
     """Zero-shot classifier W (k, d): each class's template features averaged, then normalised.
+    `normalize_each`: each feature normalised before the mean (CLIP's ensemble); PromptSRC's frozen
+    targets average the unnormalised features.
 
     All class x template prompts go through the text encoder in a few passes, one per prompt length
     (split into chunks of TEXT_CHUNK): each pass is cut after its prompts' end-of-text token (see
@@ -37,7 +40,7 @@ def template_classifier(backbone: Backbone, class_names: list[str], templates: t
     lengths = tokens.argmax(dim=-1)  # the end-of-text token's position
     chunks = [chunk for length in lengths.unique()
               for chunk in (lengths == length).nonzero().squeeze(1).split(TEXT_CHUNK)]
-    encoded = torch.cat([encode_text(backbone.clip, tokens[chunk].to(backbone.device), normalize=True)
+    encoded = torch.cat([encode_text(backbone.clip, tokens[chunk].to(backbone.device), normalize=normalize_each)
                          for chunk in chunks])
     features = torch.empty_like(encoded)
     features[torch.cat(chunks).to(backbone.device)] = encoded  # back to class-major order

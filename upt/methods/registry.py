@@ -22,14 +22,19 @@ from ..options import (
     CTX_INIT,
     DEPTH,
     EPOCHS,
+    GPA_MEAN,
+    GPA_STD,
+    IMAGE_LOSS_WEIGHT,
     LR,
     N_CTX,
     OPTIONS,
     SEED,
     SHOTS,
+    TEXT_LOSS_WEIGHT,
     OptionSpec,
     UnusedOptionError,
 )
+from . import promptsrc
 from .cocoop import BATCH_SIZE as COCOOP_BATCH_SIZE
 from .cocoop import EPOCHS as COCOOP_EPOCHS
 from .cocoop import ConditionalContext
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
 
 TEXT, VISUAL, CACHE = "text", "visual", "cache"  # what a method learns
 DEFAULT_BATCH_SIZE = 32  # the paper's (CoOp's)
+DEFAULT_LR = 0.002  # the paper's (CoOp's)
 TIP_ADAPTER_F_EPOCHS = 20  # Tip-Adapter-F's paper (upt.methods.tip_adapter.CacheOptions.epochs)
 
 
@@ -56,6 +62,7 @@ class DepthRule:
     default: int | None = 1
     maximum: int | None = None
     advice: str = ""
+    capped: bool = False  # the default is cut to the towers' layers (PromptSRC's 9 on a smaller model)
 
     def layers(self, towers: Any) -> int:
         """The layers `depth` may reach on `towers` (anything with text_layers and vision_layers)."""
@@ -65,6 +72,8 @@ class DepthRule:
         """The depth used on `towers`; ConfigError (field depth) if it exceeds their layers."""
         layers = self.layers(towers)
         chosen = depth if depth is not None else self.default if self.default is not None else layers
+        if depth is None and self.capped:
+            chosen = min(chosen, layers)
         if chosen > layers:
             raise ConfigError(f"depth {chosen} exceeds the {layers} layers of the {' and '.join(self.towers)} "
                               f"encoder.", field="depth")
@@ -77,7 +86,8 @@ class DepthRule:
             return f"every {tower} layer"
         layers = f"{self.default} layer{'s' if self.default > 1 else ''}"
         towers = f"{tower} tower{'s' if len(self.towers) > 1 else ''}"
-        return f"{layers} of the {towers}{'' if self.maximum is None else f', at most {self.maximum}'}"
+        capped = ", or every layer of a tower with fewer" if self.capped else ""
+        return f"{layers} of the {towers}{capped}{'' if self.maximum is None else f', at most {self.maximum}'}"
 
 
 # (backbone, prompt config, context length, depth, ctx_init word embeddings) -> the learnable module
@@ -99,8 +109,12 @@ class MethodSpec:
     trains: bool = True  # False: no epochs at all (zero-shot, Tip-Adapter)
     epochs: int | None = None  # its default epochs; None: the paper's schedule by shots
     batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float = DEFAULT_LR  # its SGD learning rate after the warm-up
     context_init: str | None = None  # the words its default context starts from (CoCoOp's "a photo of a")
     recipe: str | None = None  # its own optimiser recipe: the SGD options are refused rather than ignored
+    # (model, TrainConfig, data set name) -> its own training objective (upt.training.CrossEntropy's
+    # methods: PromptSRC's self-regulation); None: the cross-entropy of the logits
+    objective: Callable[[Any, Any, str], Any] | None = None
 
     @property
     def learns_text(self) -> bool:
@@ -167,6 +181,12 @@ def _unified(mixer: Callable[[int, float], nn.Module] | None, split: bool = True
     return build
 
 
+def _independent(backbone, config, n_ctx, depth, init):
+    """Deep prompts of `depth` layers in each tower, learned independently (PromptSRC's IVLP prompts)."""
+    return JointPrompts(TextContext(n_ctx, backbone.text_width, depth, config.init_std, init),
+                        VisualPrompts(n_ctx, backbone.vision_width, depth, config.init_std))
+
+
 def _conditional_context(backbone, config, n_ctx, depth, init):
     return ConditionalContext(n_ctx, backbone.text_width, backbone.clip.visual.output_dim, config.init_std, init)
 
@@ -176,7 +196,21 @@ _BOTH_DEPTH = DepthRule(("text", "vision"))
 _VISION_ALL = DepthRule(("vision",), default=None)
 _SHALLOW = DepthRule(("vision",), default=1, maximum=1,
                      advice="vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
+_PROMPTSRC_DEPTH = DepthRule(("text", "vision"), default=promptsrc.DEPTH, capped=True)
 _CACHE_RECIPE = "Tip-Adapter's recipe (AdamW, lr 0.001, batch 256, cosine)"
+_FEW_SHOT_CONFIG = "its few-shot config's"
+_PROMPTSRC_OPTIONS = (
+    N_CTX, replace(DEPTH, help=f"layers that receive prompts (default: {_PROMPTSRC_DEPTH.describe()})"), CTX_INIT,
+    SHOTS, SEED, _default(EPOCHS, None, f"{promptsrc.EPOCHS}, {_FEW_SHOT_CONFIG}"),
+    _default(LR, None, f"{promptsrc.LR}, {_FEW_SHOT_CONFIG}"),
+    _default(BATCH_SIZE, None, f"{promptsrc.BATCH_SIZE}, {_FEW_SHOT_CONFIG}"),
+    _default(TEXT_LOSS_WEIGHT, promptsrc.TEXT_LOSS_WEIGHT, f"{promptsrc.TEXT_LOSS_WEIGHT:g}, {_FEW_SHOT_CONFIG}"),
+    _default(IMAGE_LOSS_WEIGHT, promptsrc.IMAGE_LOSS_WEIGHT, f"{promptsrc.IMAGE_LOSS_WEIGHT:g}, {_FEW_SHOT_CONFIG}"),
+    _default(GPA_MEAN, None, f"{promptsrc.GPA_MEAN:g}; {promptsrc.SHARP_GPA_MEAN:g} on Stanford Cars, Flowers, "
+                             f"Aircraft, DTD and EuroSAT, {_FEW_SHOT_CONFIG}"),
+    _default(GPA_STD, None, f"{promptsrc.GPA_STD:g}; {promptsrc.SHARP_GPA_STD:g} on Stanford Cars, Flowers, "
+                            f"Aircraft, DTD and EuroSAT, {_FEW_SHOT_CONFIG}"),
+)
 
 SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("zero-shot", "Zero-shot",
@@ -233,6 +267,13 @@ SPECS: tuple[MethodSpec, ...] = (
                         _default(BATCH_SIZE, None, f"{COCOOP_BATCH_SIZE}, the paper's")),
                build=_conditional_context, conditional=True, epochs=COCOOP_EPOCHS, batch_size=COCOOP_BATCH_SIZE,
                context_init="a photo of a"),
+    MethodSpec("promptsrc", "PromptSRC (self-regulating prompts)",
+               "Deep prompts in both towers kept close to frozen CLIP (its features and zero-shot predictions) and "
+               "averaged over the epochs (PromptSRC). Strong with few shots and keeps CLIP's generality; 50 "
+               "epochs at batch 4, three encoder passes per step.",
+               learns=(TEXT, VISUAL), options=_PROMPTSRC_OPTIONS, depth=_PROMPTSRC_DEPTH, build=_independent,
+               epochs=promptsrc.EPOCHS, batch_size=promptsrc.BATCH_SIZE, lr=promptsrc.LR,
+               context_init=promptsrc.CONTEXT_INIT, objective=promptsrc.self_regulation),
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in SPECS}
