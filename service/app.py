@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service.api.openapi import document_problems
-from service.api import classify, events, health, methods, tasks
+from service.api import classify, events, export, health, methods, tasks
 from service.batching import MicroBatcher
 from service.db import Database
 from service.errors import install_error_handlers
@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     install_error_handlers(app)
-    for module in (tasks, events, classify, health, methods):
+    for module in (tasks, events, classify, health, methods, export):
         app.include_router(module.router)
     document_problems(app)
     # After the API routes, so that they win over files of the same name.

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce(sub)
     _add_tiny_checkpoint(sub)
     _add_methods(sub)
+    _add_export(sub)
+    _add_remote(sub)
     _register_service_commands(sub)
     return parser
 
@@ -187,6 +189,14 @@ def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     path = write_tiny_checkpoint(args.path, seed=args.seed)
     return _emit(args, {"path": str(path), "model": TINY_MODEL, "seed": args.seed}, lambda d: (
         f"wrote random weights for {d['model']} to {d['path']} (use: --model {d['model']} --pretrained {d['path']})"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_artifact
+
+    files = export_artifact(args.artifact, args.format, args.out, pretrained=args.pretrained, device=args.device)
+    return _emit(args, {"format": args.format, "files": [str(path) for path in files]},
+                 lambda d: f"wrote {d['format']} model: {', '.join(d['files'])}")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -374,6 +384,24 @@ def _add_methods(sub) -> None:
                    help="classes × shots, for tip-adapter-f's count (one trainable key per training image)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
+
+
+def _add_export(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a trained artifact as one ONNX or OpenVINO model that runs without upt")
+    p.add_argument("--artifact", required=True, type=Path)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, type=Path,
+                   help="the model file: model.onnx, or model.xml for OpenVINO (its .bin is written beside it)")
+    _artifact_backbone_options(p)
+    p.set_defaults(func=cmd_export)
+
+
+def _add_remote(sub) -> None:
+    from .remote import register  # `upt remote`: the HTTP API's commands, in their own module
+
+    register(sub)
 
 
 def _positive_int(text: str) -> int:

@@ -38,6 +38,7 @@ WHY = {
     422: "Invalid input; `errors` names each field",
     429: "The tenant's quota of queued and running tasks is used up (Retry-After)",
     431: "Request headers too large (UPT_MAX_HEADER_BYTES)",
+    501: "This server cannot write that export format (its library is not installed)",
     503: "The database is unavailable or busy, or the backbone is not loaded yet (Retry-After where known)",
     507: "No space left on the storage volume, or the tenant's storage quota",
 }
@@ -54,6 +55,7 @@ PROBLEMS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/tasks/{task_id}/cancel"): COMMON + (404, 409),
     ("delete", "/tasks/{task_id}"): COMMON + (404,),
     ("get", "/tasks/{task_id}/artifact"): COMMON + (404, 409),
+    ("get", "/tasks/{task_id}/export"): COMMON + (404, 409, 422, 501, 507),
     ("post", "/classify"): UPLOAD + (404, 409),
 }
 

@@ -1,0 +1,86 @@
+"""GET /tasks/{id}/export: the task's model as ONNX (or OpenVINO IR, zipped), tenant-scoped, refused
+until the task has succeeded, written once per artifact; ONNX Runtime's top-1 equals /classify's."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from svc_helpers import images, settings_of, task_form, wait_for
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+    worker = stack.start_worker("export-worker")
+    try:
+        client = stack.client("acme")
+        data, files = task_form(per_class=2, method="vpt-deep", shots=2, epochs=1, depth=2)
+        created = client.post("/tasks", data=data, files=files)
+        assert created.status_code == 202, created.text
+        task = wait_for(client, created.json()["id"], {"succeeded", "failed"}, timeout=300)
+        assert task["status"] == "succeeded", worker.tail()
+        yield task
+    finally:
+        worker.stop()
+
+
+def _pixels(path, size: int) -> torch.Tensor:
+    transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                           T.ToTensor()])
+    return transform(Image.open(path).convert("RGB"))
+
+
+def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, trained):
+    client = stack.client("acme")
+    held_out = [path for _, path in images("test", 6)]
+    answered = client.get(f"/tasks/{trained['id']}/export", params={"format": "onnx"})
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["content-type"] == "application/octet-stream"
+    assert f'upt-{trained["id"]}.onnx' in answered.headers["content-disposition"]
+    session = ort.InferenceSession(answered.content, providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["class_names"]) == trained["class_names"] and metadata["method"] == "vpt-deep"
+    size = int(metadata["image_size"])
+    logits, = session.run(["logits"], {"pixels": torch.stack([_pixels(p, size) for p in held_out]).numpy()})
+    exported = [trained["class_names"][i] for i in logits.argmax(axis=1)]
+    classified = client.post("/classify", data={"task_id": trained["id"]},
+                             files=[("files", (p.name, p.read_bytes(), "image/png")) for p in held_out]).json()
+    assert classified["stage"] == "tuned"
+    assert exported == [p["labels"][0]["label"] for p in classified["predictions"]]
+
+    folder = settings_of(stack.env).storage_dir / "tasks" / trained["id"] / "exports"
+    written, = (p for p in folder.iterdir() if p.suffix == ".onnx")
+    stamp = written.stat().st_mtime_ns
+    again = client.get(f"/tasks/{trained['id']}/export")  # onnx is the default
+    assert again.content == answered.content and written.stat().st_mtime_ns == stamp  # served, not exported again
+
+
+def test_the_openvino_export_is_a_zip_of_its_xml_and_bin(stack, trained):
+    answered = stack.client("acme").get(f"/tasks/{trained['id']}/export", params={"format": "openvino"})
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["content-type"] == "application/zip"
+    assert sorted(zipfile.ZipFile(io.BytesIO(answered.content)).namelist()) == ["model.bin", "model.xml"]
+
+
+def test_export_problems(stack, trained):
+    acme, globex = stack.client("acme"), stack.client("globex")
+    unknown = acme.get(f"/tasks/{trained['id']}/export", params={"format": "tflite"})
+    assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "format"
+    assert unknown.headers["content-type"].startswith("application/problem+json")
+    assert globex.get(f"/tasks/{trained['id']}/export").status_code == 404  # another tenant's task is none
+    data, files = task_form(per_class=2, method="coop", shots=2, epochs=50)
+    busy = acme.post("/tasks", data=data, files=files).json()
+    try:
+        refused = acme.get(f"/tasks/{busy['id']}/export")
+        assert refused.status_code == 409 and refused.json()["type"].endswith("task-not-finished")
+    finally:
+        acme.delete(f"/tasks/{busy['id']}")

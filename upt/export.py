@@ -1,0 +1,192 @@
+"""Export a task's classifier as one self-contained model that ONNX Runtime or OpenVINO runs without upt.
+
+The graph is `Predictor.logits` traced with the task's tensors baked in as constants: the image
+tower with its visual prompts, the L2 normalisation, the classifier W (and a Tip-Adapter cache's
+votes, a few matrix products), then a softmax. Tracing the predictor itself, not a copy of its
+arithmetic, is what makes any method whose `Predictor` holds a fixed classifier exportable without a
+branch here, and its outputs equal to what `upt predict` and `/classify` answer.
+
+Input `pixels`: (batch, 3, size, size) float32 RGB in [0, 1], the image's shorter side resized to
+`size` (bicubic) and centre-cropped; the CLIP mean/std normalisation runs inside the graph. Outputs
+`logits` and `probabilities` (batch, classes). The class names and the preprocessing are in the
+model's metadata (ONNX `metadata_props`; OpenVINO `rt_info` under "upt"): text as is, lists and
+numbers as JSON (`class_names` is a JSON list, in the order of the outputs' columns).
+
+CoCoOp cannot be exported in this form: its class prompts are shifted by each image's features, so
+the text encoder runs per image and there is no classifier to fold in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifact import Artifact, load_serving_artifact, library_version
+from .backbone import Backbone, load_backbone
+from .errors import ConfigError, UptError
+from .methods.registry import REGISTRY
+from .predict import Predictor
+
+FORMATS = ("onnx", "openvino")
+INPUT = "pixels"
+OUTPUTS = ("logits", "probabilities")
+ONNX_OPSET = 17  # scaled dot-product attention and layer norm as single operators; ONNX Runtime ≥ 1.12
+METADATA_KEY = "upt"  # OpenVINO rt_info section holding the metadata
+PREPROCESSING = ("RGB; shorter side resized to {size} px (bicubic), centre crop {size}x{size}; "
+                 "float32 in [0, 1], layout NCHW (batch, 3, {size}, {size}); the mean/std normalisation "
+                 "runs inside the model")
+
+
+class ExportUnavailableError(UptError):
+    """The library that writes the format is not installed."""
+
+
+class NotExportableError(ConfigError):
+    """The predictor's logits are not a fixed function of the image features (CoCoOp)."""
+
+
+class _ExportedClassifier(nn.Module):
+    """pixels in [0, 1] -> (logits, probabilities): the image normalisation, then `Predictor.logits`."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+        spec, device = predictor.backbone.image, predictor.backbone.device
+        self.register_buffer("mean", torch.tensor(spec.mean, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.predictor.logits((pixels - self.mean) / self.std).float()
+        return logits, logits.softmax(dim=-1)
+
+
+def check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ConfigError(f"Unknown export format {format!r}; choose one of: {', '.join(FORMATS)}.", field="format")
+
+
+def export_key(artifact: Artifact, format: str) -> str:
+    """Names one export of one artifact: its tensors' sha256 (what the graph bakes in), the format,
+    and the library version (which wrote the graph)."""
+    return f"{artifact.config['tensors_sha256'][:16]}-{format}-upt{library_version()}"
+
+
+def check_exportable(predictor: Predictor, method: str | None = None) -> None:
+    """NotExportableError unless the predictor's logits are one fixed graph of the image: not for a
+    method the registry marks conditional (`method`, where known), nor for a predictor holding a
+    conditional context."""
+    spec = REGISTRY.get(method or "")
+    if predictor.conditional is not None or (spec is not None and spec.conditional):
+        name = spec.title if spec is not None else "CoCoOp"
+        raise NotExportableError(
+            f"{name} cannot be exported: its context is shifted by each image's features, so the text encoder "
+            "runs for every image and class and there is no fixed classifier to fold into the model. Serve it "
+            "with `upt predict` or the service, or export a CoOp task (the same prompts without the meta-net).",
+            field="method")
+
+
+def model_metadata(predictor: Predictor, artifact: Artifact | None = None) -> dict[str, str]:
+    """What a user of the exported model needs, as text: the class names (JSON list, in the order of
+    the outputs' columns), the preprocessing, and where the model came from."""
+    backbone = predictor.backbone
+    spec = backbone.image
+    metadata: dict[str, Any] = {
+        "class_names": predictor.class_names,
+        "input": INPUT,
+        "outputs": list(OUTPUTS),
+        "image_size": spec.size,
+        "preprocessing": PREPROCESSING.format(size=spec.size),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "backbone": backbone.name,
+        "backbone_weights_sha256": backbone.weights_sha256,
+        "upt_version": library_version(),
+    }
+    if artifact is not None:
+        metadata["method"] = artifact.config.get("method")
+        metadata["artifact_tensors_sha256"] = artifact.config.get("tensors_sha256")
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+
+
+def export_predictor(predictor: Predictor, format: str, out: str | Path,
+                     metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write the predictor as an ONNX file `out`, or as OpenVINO IR `out` (.xml) with its .bin beside
+    it; returns the files written. `metadata`: `model_metadata(predictor)` where not given."""
+    check_format(format)
+    check_exportable(predictor, (metadata or {}).get("method"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = metadata if metadata is not None else model_metadata(predictor)
+    module = _ExportedClassifier(predictor).eval()
+    size = predictor.backbone.image.size
+    example = torch.rand(2, 3, size, size, device=predictor.backbone.device)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer's notes on Python values taken from shapes (prompt depth and count): they are the
+        # task's, fixed in the graph; the batch stays dynamic.
+        warnings.simplefilter("ignore")
+        if format == "onnx":
+            return [_write_onnx(module, example, out, metadata)]
+        return _write_openvino(module, example, out, metadata)
+
+
+def export_artifact(artifact: Artifact | str | Path, format: str, out: str | Path, backbone: Backbone | None = None,
+                    pretrained: str | None = None, device: str | None = None) -> list[Path]:
+    """Export an artifact (or the one in that folder; see `export_predictor`) on `backbone`, or on the
+    one it records (`pretrained` overriding its weights' tag or path)."""
+    check_format(format)  # before the backbone loads: fail fast
+    if not isinstance(artifact, Artifact):
+        artifact = load_serving_artifact(artifact)
+    if backbone is None:
+        recorded = artifact.config["backbone"]
+        backbone = load_backbone(recorded["model"], pretrained or recorded["pretrained"], device)
+    predictor = Predictor.from_artifact(backbone, artifact)
+    return export_predictor(predictor, format, out, model_metadata(predictor, artifact))
+
+
+def _require(module: str, install: str):
+    """The runtime module the format is written with, or a UptError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ExportUnavailableError(f"Exporting to this format needs {module}, which is not installed: "
+                                     f"{install}") from error
+
+
+def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> Path:
+    onnx = _require("onnx", "pip install 'upt[export]'")
+
+    batch = {0: "batch"}
+    # The TorchScript exporter (dynamo=False): it traces the fixed-shape graph as is and needs no
+    # onnxscript; the dynamo exporter gives the same graph here with more dependencies.
+    torch.onnx.export(module, (example,), str(out), input_names=[INPUT], output_names=list(OUTPUTS),
+                      dynamic_axes={name: batch for name in (INPUT, *OUTPUTS)}, opset_version=ONNX_OPSET,
+                      dynamo=False)
+    model = onnx.load(str(out))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(out))
+    return out
+
+
+def _write_openvino(module: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, str]) -> list[Path]:
+    ov = _require("openvino", "pip install openvino (it comes with 'upt[service]')")
+
+    from .compiled import _save  # the atomic IR writer the compiled encoder's cache uses, weights in fp32
+
+    size = example.shape[-1]
+    model = ov.convert_model(module, example_input=(example,), input=[ov.PartialShape([-1, 3, size, size])])
+    model.inputs[0].get_tensor().set_names({INPUT})
+    for output, name in zip(model.outputs, OUTPUTS):
+        output.get_tensor().set_names({name})
+    for key, value in metadata.items():
+        model.set_rt_info(value, [METADATA_KEY, key])
+    xml = out if out.suffix == ".xml" else out.with_name(out.name + ".xml")
+    _save(ov, model, xml)
+    return [xml, xml.with_suffix(".bin")]
