@@ -25,6 +25,7 @@ from upt.encoders import encode_image
 from upt.errors import ConfigError
 from upt.methods import CACHE_METHODS, METHODS, REGISTRY, ZERO_SHOT, PromptConfig, PromptedCLIP, template_classifier
 from upt.methods.config import DEFAULT_TEMPLATE
+from upt.methods.lora import LoraCLIP, LoraOptions
 from upt.methods.tip_adapter import CacheOptions, build_keys, fine_tune_keys, one_hot_values, search_alpha_beta
 
 SHOTS, VAL_PER_CLASS = 16, 4  # the cache of a 16-shot task, α/β searched on 4 validation images per class
@@ -122,7 +123,10 @@ def main() -> None:
                 key_step(backbone, classifier, args.repeats)
             continue
         try:
-            model = PromptedCLIP(backbone, names, PromptConfig(method)).train()
+            if REGISTRY[method].learns_adapters:  # CLIP-LoRA: both towers with their adapters, every step
+                model = LoraCLIP(backbone, names, LoraOptions(), (DEFAULT_TEMPLATE,)).train()
+            else:
+                model = PromptedCLIP(backbone, names, PromptConfig(method)).train()
         except ConfigError as error:  # `auto` is not one prompt model
             print(f"{method:12s} not timed: {error}")
             continue

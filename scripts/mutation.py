@@ -76,6 +76,16 @@ PSRC_GPA = PROMPTSRC_TESTS + "::test_the_trained_prompts_are_the_gaussian_weight
 PSRC_RESUME = PROMPTSRC_TESTS + "::test_resume_from_an_epoch_checkpoint_gives_the_same_artifact"
 PSRC_DEFAULTS = PROMPTSRC_TESTS + "::test_its_few_shot_config_is_the_default"
 PSRC_PROMPTS = PROMPTSRC_TESTS + "::test_prompts_are_deep_in_both_towers_the_text_context_from_a_photo_of_a"
+LORA_TESTS = "tests/core/test_clip_lora.py"
+LORA_LOGITS = LORA_TESTS + "::test_logits_match_the_reference"
+LORA_EXPORT = LORA_TESTS + "::test_exported_and_reloaded_artifact_serves_the_reference_logits"
+LORA_ZERO_SHOT = LORA_TESTS + "::test_an_untrained_model_is_zero_shot_clip"
+LORA_DROPOUT = LORA_TESTS + "::test_dropout_drops_the_adapters_input_while_training_only"
+LORA_RECIPE = LORA_TESTS + "::test_the_optimiser_is_adamw_with_a_cosine_over_the_iterations"
+LORA_RESUME = LORA_TESTS + "::test_a_resumed_run_ends_with_the_same_artifact"
+LORA_SERVING = LORA_TESTS + "::test_a_lora_task_takes_a_pass_of_its_own_beside_the_shared_ones"
+LORA_PASSES = LORA_TESTS + "::test_grouped_passes_are_each_shuffled_and_the_last_epoch_cut"
+
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ PSRC = "upt/methods/promptsrc.py"
 PROMPTS, MODEL, ENC = "upt/methods/prompts.py", "upt/methods/model.py", "upt/encoders.py"
 REGISTRY = "upt/methods/registry.py"
 TRAIN, DATA, ART, PRED = "upt/training.py", "upt/data.py", "upt/artifact.py", "upt/predict.py"
+LORA, LORA_TRAIN = "upt/methods/lora.py", "upt/lora_training.py"
 
 MUTANTS: list[Mutant] = [
     # ---- the bugs listed in issue 13 -----------------------------------------------------------------
@@ -120,8 +131,8 @@ MUTANTS: list[Mutant] = [
       "visual prompts inserted before [CLS]", LOGITS, issue=True),
     m("prompt-outputs-pooled", ENC, "x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)", "x = x",
       "the prompt outputs kept in the pooled tokens", LOGITS, issue=True),
-    m("deep-text-prompts-one-too-far", ENC, "x = _run_blocks(clip.transformer, x, mask, context, start=1)",
-      "x = _run_blocks(clip.transformer, x, mask, context, start=2)",
+    m("deep-text-prompts-one-too-far", ENC, "x = _run_blocks(clip.transformer, x, mask, context, start=1, lora=lora)",
+      "x = _run_blocks(clip.transformer, x, mask, context, start=2, lora=lora)",
       "deep text prompts written one position too far", LOGITS, issue=True),
     m("one-placeholder-too-many", MODEL, '" ".join(["X"] * n_ctx)', '" ".join(["X"] * (n_ctx + 1))',
       "one X placeholder too many in every prompt", LOGITS, issue=True),
@@ -260,8 +271,8 @@ MUTANTS: list[Mutant] = [
       "an artifact served on another backbone", ARTIFACT),
     m("served-logits-unscaled", PRED, "logits = self.backbone.logit_scale * features @ self.classifier.T",
       "logits = features @ self.classifier.T", "served logits without the logit scale", EXPORT),
-    m("served-visual-prompts-ignored", PRED, "encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True)",
-      "encode_image(self.backbone.clip, batch, None, normalize=True)", "serving ignores the visual prompts", EXPORT),
+    m("served-visual-prompts-ignored", PRED, "encode_image(self.backbone.clip, batch, self.visual_prompts, normalize",
+      "encode_image(self.backbone.clip, batch, None, normalize", "serving ignores the visual prompts", EXPORT),
     m("evaluation-argmin", PRED, "predicted.append(self.logits(batch).argmax(dim=-1).cpu())",
       "predicted.append(self.logits(batch).argmin(dim=-1).cpu())", "evaluation predicts the least likely class", EVALUATION),
     m("rank-ascending", PRED, "values, indices = probabilities.topk(min(top_k, len(self.class_names)), dim=-1)",
@@ -340,6 +351,47 @@ MUTANTS: list[Mutant] = [
       "PromptSRC's default depth 9 refused on a smaller model instead of every layer", PSRC_DEFAULTS),
     m("psrc-text-prompts-shallow", REGISTRY, "return JointPrompts(TextContext(n_ctx, backbone.text_width, depth,",
       "return JointPrompts(TextContext(n_ctx, backbone.text_width, 1,", "PromptSRC's text prompts at the input only",
+      PSRC_PROMPTS),
+    # ---- methods/lora.py, lora_training.py and the encoders' adapters (CLIP-LoRA) ----------------------
+    m("lora-scale-dropped", ENC, "return self.scale * torch.einsum(", "return torch.einsum(",
+      "the adapters' updates not scaled by alpha / rank", LORA_LOGITS),
+    m("lora-scale-sqrt-rank", LORA, "return alpha / rank", "return alpha / math.sqrt(rank)",
+      "s = alpha / √rank (the released code's) instead of alpha / rank", LORA_LOGITS),
+    m("lora-wrong-projection", ENC, "down, up = self.down[layer, projections], self.up[layer, projections]",
+      "down, up = self.down[layer, projections].flip(0), self.up[layer, projections].flip(0)",
+      "the query's adapter put on the value projection and the value's on the query", LORA_LOGITS),
+    m("lora-last-block-unadapted", ENC, "        if lora is not None:\n            x = lora_block(",
+      "        if lora is not None and not last:\n            x = lora_block(",
+      "the image tower's last block ([CLS] only) runs without its adapters", LORA_LOGITS),
+    m("lora-b-starts-nonzero", LORA, "self.up = nn.Parameter(torch.zeros(layers, PROJECTIONS, width, options.rank))",
+      "self.up = nn.Parameter(0.01 * torch.randn(layers, PROJECTIONS, width, options.rank))",
+      "B initialised off zero: the untrained model is not zero-shot CLIP", LORA_ZERO_SHOT),
+    m("lora-a-not-kaiming", LORA, "nn.init.kaiming_uniform_(self.down[layer, projection], a=math.sqrt(5))",
+      "nn.init.normal_(self.down[layer, projection])", "A drawn N(0, 1) instead of Kaiming-uniform", LORA_ZERO_SHOT),
+    m("lora-dropout-on-base-input", ENC, "    normed = block.ln_1(x)\n    attn = block.attn\n",
+      "    normed = F.dropout(block.ln_1(x), lora.dropout, training=lora.dropout > 0)\n    attn = block.attn\n",
+      "dropout on the base projections' input too, not the adapters' alone", LORA_ZERO_SHOT),
+    m("lora-dropout-when-serving", LORA, "self.options.dropout if self.training else 0.0", "self.options.dropout",
+      "the adapters' dropout on in eval mode (export, serving)", LORA_DROPOUT, LORA_EXPORT),
+    m("lora-text-not-folded", LORA, '"classifier": self.classifier().to(self.visual.down.dtype).clone(),',
+      '"classifier": F.normalize(encode_text(self.backbone.clip, self.class_tokens, normalize=True).view('
+      'len(self.class_names), len(self.templates), -1).mean(dim=1), dim=-1).to(self.visual.down.dtype),',
+      "W exported without the text adapters folded in", LORA_EXPORT),
+    m("lora-served-unadapted", PRED, "normalize=True, lora=self.lora)", "normalize=True, lora=None)",
+      "serving ignores the image adapters", LORA_EXPORT),
+    m("lora-shares-the-prompt-pass", "upt/serving.py",
+      '    if predictor.lora is not None:\n        return id(predictor.backbone), ("lora", id(predictor))\n', "",
+      "a LoRA task's requests grouped into the other tasks' shared pass", LORA_SERVING),
+    m("lora-lr-per-epoch", LORA_TRAIN, "lr = self.lr_at(self.done)", "lr = self.lr_at(epoch * self.steps_per_epoch)",
+      "the cosine stepped per epoch instead of per iteration", LORA_RECIPE),
+    m("lora-sgd-weight-decay", LORA_TRAIN, "weight_decay=WEIGHT_DECAY)", "weight_decay=self.config.weight_decay)",
+      "AdamW with SGD's weight decay 5e-4 instead of the paper's 0.01", LORA_RECIPE),
+    m("lora-resume-restarts-schedule", LORA_TRAIN,
+      "self.first_step = min(start * self.steps_per_epoch, self.iterations)", "self.first_step = 0",
+      "a resumed run restarts the cosine from its first iteration", LORA_RESUME),
+    m("lora-passes-share-a-shuffle", LORA_TRAIN, "generator = _seed_everything(self.config.seed, index)",
+      "generator = _seed_everything(self.config.seed, epoch)",
+      "the passes grouped into one epoch draw the same batches and crops", LORA_PASSES),
 ]
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .backbone import Backbone
 from .errors import ArtifactError, BackboneMismatchError
 from .methods.cocoop import SERVING_TENSORS as COCOOP_TENSORS
+from .methods.lora import SERVING_TENSORS as LORA_TENSORS
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "prompts.safetensors"
@@ -36,6 +37,7 @@ FORMAT_VERSION = 1  # `tensor_sha256` was added without a new version: older rea
 # What /classify reads: W, the visual prompts, and a Tip-Adapter cache (keys, values, α, β).
 SERVING_TENSORS = ("classifier", "visual_prompts", "cache_keys", "cache_values", "cache_alpha", "cache_beta",
                    *COCOOP_TENSORS)  # CoCoOp's context and meta-net: serving shifts the context per image
+SERVING_TENSORS += LORA_TENSORS  # CLIP-LoRA's image adapters (its text adapters are folded into W)
 
 
 def library_version() -> str:

@@ -144,6 +144,15 @@ GPA_MEAN = OptionSpec("gpa_mean", float, "PromptSRC: the epoch at which the Gaus
                       "aggregation peak", minimum=0)
 GPA_STD = OptionSpec("gpa_std", float, "PromptSRC: the spread, in epochs, of the Gaussian weights of the prompt "
                      "aggregation", minimum=0, exclusive_minimum=True)
+# CLIP-LoRA's adapters and schedule (upt/methods/lora.py; its paper's values are the defaults there).
+LORA_RANK = OptionSpec("lora_rank", int, "CLIP-LoRA: the rank of the adapters on every query, key and value "
+                       "projection", minimum=1, maximum=64)
+LORA_ALPHA = OptionSpec("lora_alpha", float, "CLIP-LoRA: the adapters' alpha; their updates are scaled by "
+                        "alpha / rank", minimum=0, exclusive_minimum=True)
+LORA_DROPOUT = OptionSpec("lora_dropout", float, "CLIP-LoRA: dropout of the adapters' input while training",
+                          minimum=0, maximum=1, exclusive_maximum=True)
+ITERATIONS = OptionSpec("iterations", int, "CLIP-LoRA: optimiser steps in all (default: the method's own)",
+                        minimum=0, maximum=10_000_000)
 # ...and those only the Python API sets, checked the same way.
 DROPOUT = OptionSpec("dropout", float, "dropout in UPT's prompt Transformer (and the MLP ablation)", default=0.1,
                      minimum=0, maximum=1, exclusive_maximum=True)
@@ -155,7 +164,7 @@ WARMUP_LR = OptionSpec("warmup_lr", float, "the warm-up's learning rate", defaul
 
 OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     SHOTS, SEED, EPOCHS, N_CTX, DEPTH, CTX_INIT, LR, BATCH_SIZE, AUGMENT_VIEWS,
-    TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT, GPA_MEAN, GPA_STD,
+    TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT, GPA_MEAN, GPA_STD, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, ITERATIONS,
     DROPOUT, MOMENTUM, WEIGHT_DECAY, WARMUP_EPOCHS, WARMUP_LR)}
 
 

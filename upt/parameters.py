@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .backbone import random_backbone
 from .methods import SPECS, PromptConfig, build_prompt_generator
+from .methods.lora import adapter_parameters
 
 
 def trainable_parameters_by_method(model: str, cached_images: int | None = None) -> dict[str, int | None]:
@@ -17,6 +18,9 @@ def trainable_parameters_by_method(model: str, cached_images: int | None = None)
         if spec.uses_cache:  # trains its keys (Tip-Adapter-F), or nothing
             per_image = embedding_width(backbone) if spec.trains else 0
             counts[spec.name] = None if cached_images is None and per_image else (cached_images or 0) * per_image
+            continue
+        if spec.learns_adapters:  # CLIP-LoRA: its adapters at the paper's rank
+            counts[spec.name] = adapter_parameters(backbone)
             continue
         config = PromptConfig(spec.name)
         generator = build_prompt_generator(backbone, config, config.n_ctx)

@@ -14,10 +14,11 @@ from PIL import Image
 from .artifact import Artifact, load_serving_artifact
 from .backbone import Backbone
 from .data import LabelledImage, eval_transform, labelled_batches
-from .encoders import encode_image
+from .encoders import QkvLora, encode_image
 from .errors import DataError
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.cocoop import ConditionalContext, conditional_logits
+from .methods.lora import serving_lora
 from .methods.model import context_prompt_tokens, template_classifier
 from .methods.tip_adapter import CacheModel
 from .metrics import classification_report
@@ -46,12 +47,15 @@ class Predictor:
         visual_prompts: torch.Tensor | None = None,
         cache: CacheModel | None = None,
         conditional: ConditionalContext | None = None,
+        lora: QkvLora | None = None,
     ):
         self.backbone = backbone
         self.class_names = list(class_names)
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
         self.cache = None if cache is None else cache.to(backbone.device)
+        # CLIP-LoRA: the image tower's adapters (its text adapters are folded into the classifier)
+        self.lora = None if lora is None else _lora_on(lora, backbone.device)
         # CoCoOp: the context is shifted per image, so the class prompts are encoded per image
         self.conditional = None if conditional is None else conditional.to(backbone.device)
         self.conditional_tokens = None if conditional is None else context_prompt_tokens(
@@ -64,6 +68,8 @@ class Predictor:
         tensors = self.classifier.nbytes + (0 if self.visual_prompts is None else self.visual_prompts.nbytes)
         if self.cache is not None:
             tensors += self.cache.keys.nbytes + self.cache.values.nbytes
+        if self.lora is not None:
+            tensors += self.lora.down.nbytes + self.lora.up.nbytes
         if self.conditional is not None:
             tensors += sum(p.nbytes for p in self.conditional.parameters()) + self.conditional_tokens.nbytes
         return tensors + sum(len(name) + 64 for name in self.class_names) + 1024  # + object overheads
@@ -76,7 +82,8 @@ class Predictor:
             artifact = load_serving_artifact(artifact)
         artifact.check_backbone(backbone)
         return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts,
-                   CacheModel.from_tensors(artifact.tensors), ConditionalContext.from_tensors(artifact.tensors))
+                   CacheModel.from_tensors(artifact.tensors), ConditionalContext.from_tensors(artifact.tensors),
+                   lora=serving_lora(artifact.tensors))
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, class_names: list[str],
@@ -99,14 +106,21 @@ class Predictor:
         rows = torch.tensor([index[name] for name in class_names], device=self.classifier.device)
         cache = None if self.cache is None else dataclasses.replace(self.cache, values=self.cache.values[:, rows])
         return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts, cache,
-                         self.conditional)
+                         self.conditional, lora=self.lora)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.head(encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True))
+        return self.head(self.image_features(batch))
+
+    @torch.no_grad()
+    def image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised features of a preprocessed batch through the PyTorch tower, with this predictor's
+        visual prompts or image adapters."""
+        return encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True, lora=self.lora)
+
 
     @torch.no_grad()
     def head(self, features: torch.Tensor) -> torch.Tensor:
@@ -143,3 +157,7 @@ class Predictor:
         if not predicted:
             return classification_report(torch.empty(0), torch.empty(0), self.class_names)
         return classification_report(torch.cat(predicted), torch.cat(truth), self.class_names)
+
+
+def _lora_on(lora: QkvLora, device: torch.device) -> QkvLora:
+    return dataclasses.replace(lora, down=lora.down.to(device), up=lora.up.to(device))

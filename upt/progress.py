@@ -17,6 +17,7 @@ class EpochProgressBar(TrainCallbacks):
                         desc=description)
 
     def on_epoch_end(self, report: EpochReport) -> None:
+        self.bar.total = report.epochs  # CLIP-LoRA's epochs are known once its split is drawn
         self.bar.n = report.epoch
         self.bar.set_postfix(loss=f"{report.loss:.3f}", acc=f"{report.accuracy:.2f}", refresh=False)
         self.bar.refresh()

@@ -7,6 +7,9 @@ visual-prompt requests with the same number of prompt tokens share one pass with
 sample, whatever their depth (VPT-shallow, VPT-deep and UPT tasks together: each sample's prompts
 reach only its own task's layers). Each request's logits are then its own classifier applied to its
 rows, the same arithmetic as `Predictor.logits` (tests check the results are equal).
+
+A task with image adapters (CLIP-LoRA) changes the tower's weights, which neither the compiled graphs
+nor the other tasks' passes carry: its requests share a PyTorch pass of their own, with its adapters.
 """
 
 from __future__ import annotations
@@ -159,7 +162,10 @@ def calibration_images(backbone: Backbone, folder: str | Path, limit: int = CALI
 
 def encoder_need(predictor: Predictor) -> Hashable:
     """Requests with equal needs can share one encoder pass: the backbone, and the prompt tokens'
-    count and width (not their depth: `depths` tells each sample's)."""
+    count and width (not their depth: `depths` tells each sample's); or, with image adapters, the
+    predictor itself."""
+    if predictor.lora is not None:
+        return id(predictor.backbone), ("lora", id(predictor))
     prompts = predictor.visual_prompts
     shape = None if prompts is None else (tuple(prompts.shape[1:]), prompts.dtype)
     return id(predictor.backbone), shape
@@ -168,8 +174,11 @@ def encoder_need(predictor: Predictor) -> Hashable:
 def logits_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
     """Each request's logits, from one encoder pass over all their images (all must share one need)."""
     images = torch.cat([batch for _, batch in requests]) if len(requests) > 1 else requests[0][1]
-    prompts, depths = _prompts(requests)
-    features = encoder(images, prompts, depths=depths)
+    if requests[0][0].lora is not None:  # one CLIP-LoRA task's requests: its adapted PyTorch tower
+        features = requests[0][0].image_features(images)
+    else:
+        prompts, depths = _prompts(requests)
+        features = encoder(images, prompts, depths=depths)
     out, start = [], 0
     for predictor, batch in requests:
         out.append(predictor.head(features[start:start + len(batch)]))

@@ -29,6 +29,7 @@ from .data import FewShotSplit, ImageDataset, train_transform
 from .datasets import DataSource, few_shot_split, load_data
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import PromptConfig, PromptedCLIP
+from .methods import lora
 from .methods.cocoop import ConditionalContext
 from .methods.model import template_classifier
 from .methods.registry import MethodSpec, method_spec
@@ -51,6 +52,10 @@ from .options import (
     GPA_MEAN,
     GPA_STD,
     IMAGE_LOSS_WEIGHT,
+    ITERATIONS,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
     LR,
     MOMENTUM,
     SEED,
@@ -109,6 +114,11 @@ class TrainConfig(JsonOptions):
     image_loss_weight: float | None = IMAGE_LOSS_WEIGHT.default
     gpa_mean: float | None = GPA_MEAN.default
     gpa_std: float | None = GPA_STD.default
+    # CLIP-LoRA's adapters and iterations (upt.methods.lora.LoraOptions); None: its own defaults
+    lora_rank: int | None = LORA_RANK.default
+    lora_alpha: float | None = LORA_ALPHA.default
+    lora_dropout: float | None = LORA_DROPOUT.default
+    iterations: int | None = ITERATIONS.default
 
     options_kind = "training options"
 
@@ -178,12 +188,14 @@ class TrainConfig(JsonOptions):
         return self
 
     def _check_sgd_options_unused(self) -> None:
-        """A method with its own recipe (Tip-Adapter-F: AdamW) would ignore the SGD options given for it."""
+        """A method with its own recipe (Tip-Adapter-F: AdamW) would ignore the SGD options given for it,
+        but those it takes as its own (CLIP-LoRA's lr and batch size)."""
         recipe = self.spec.recipe
         if recipe is None:
             return
         defaults = TrainConfig.of(self.method)
-        changed = [name for name in SGD_OPTIONS if getattr(self, name) != getattr(defaults, name)]
+        changed = [name for name in SGD_OPTIONS
+                   if not self.spec.takes(name) and getattr(self, name) != getattr(defaults, name)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} apply to the prompt methods' SGD training; {self.method} "
                               f"follows {recipe}.", field=changed[0])
@@ -193,6 +205,8 @@ class TrainConfig(JsonOptions):
         spec = self.spec
         if not spec.trains:
             return 0
+        if spec.learns_adapters:  # CLIP-LoRA counts iterations; its epochs are passes over the shots
+            return lora.planned_epochs(self)
         if self.epochs is not None:
             return self.epochs
         return spec.epochs if spec.epochs is not None else epochs_for_shots(self.shots)
@@ -296,6 +310,10 @@ def train(
         return _train_cache_model(backbone, source, split, config, out_dir, callbacks, cache_encoder)
     if cache_encoder is not None:
         raise ConfigError(f"{config.method} trains through the backbone: it takes no cache encoder.")
+    if config.spec.learns_adapters:  # CLIP-LoRA: its own loop and artifact
+        from .lora_training import train_lora  # imports this module
+
+        return train_lora(backbone, source, split, config, out_dir, callbacks, checkpoint_dir)
     _seed_everything(config.seed, -1)  # prompt initialisation
     model = PromptedCLIP(backbone, source.class_names, config.prompt)
     objective = config.spec.objective(model, config, source.name) if config.spec.objective else CrossEntropy()

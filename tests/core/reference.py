@@ -12,6 +12,7 @@ The learned tensors are read by their artifact names (`prompt.<name>` in every s
     promptsrc    text.context (depth, m, text width), visual.prompts (depth, n, vision width)
     upt / mlp    unified (depth, 2m, text width), mixer.*, to_vision.*
     shared       unified (depth, m, text width), to_vision.*
+    clip-lora    text.down, visual.down (layers, 3, rank, width): A; text.up, visual.up (layers, 3, width, rank): B
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def multi_head_attention(x: Tensor, in_weight: Tensor, in_bias: Tensor, out_weig
     return mixed @ out_weight.T + out_bias
 
 
-def clip_block(x: Tensor, block: nn.Module, causal: bool) -> Tensor:
-    """One pre-norm residual block of CLIP: x + attn(LN1(x)), then + MLP(LN2(x))."""
+def clip_block(x: Tensor, block: nn.Module, causal: bool, in_weight_delta: Tensor | None = None) -> Tensor:
+    """One pre-norm residual block of CLIP: x + attn(LN1(x)), then + MLP(LN2(x)). `in_weight_delta`
+    (3·width, width) is added to the packed query/key/value weights (CLIP-LoRA's ΔW)."""
     assert isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity), "layer scale not modelled"
     attn = block.attn
-    x = x + multi_head_attention(ln(x, block.ln_1), attn.in_proj_weight, attn.in_proj_bias,
+    in_weight = attn.in_proj_weight if in_weight_delta is None else attn.in_proj_weight + in_weight_delta
+    x = x + multi_head_attention(ln(x, block.ln_1), in_weight, attn.in_proj_bias,
                                  attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, causal)
     activation = quick_gelu if type(block.mlp.gelu).__name__ == "QuickGELU" else gelu
     hidden = activation(ln(x, block.ln_2) @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias)
@@ -79,8 +82,9 @@ def clip_block(x: Tensor, block: nn.Module, causal: bool) -> Tensor:
 
 # ---- the two towers with prompts --------------------------------------------------------------------
 
-def text_feature(clip, token_ids: list[int], context: Tensor | None) -> Tensor:
-    """ψ of one unpadded token sequence [SOS] ... [EOS]; context (depth, m, width) takes positions 1..m.
+def text_feature(clip, token_ids: list[int], context: Tensor | None, deltas: list[Tensor] | None = None) -> Tensor:
+    """ψ of one unpadded token sequence [SOS] ... [EOS]; context (depth, m, width) takes positions 1..m;
+    `deltas`: each block's ΔW of its query/key/value weights (CLIP-LoRA).
 
     Layer 0's context replaces the word embeddings after [SOS] (before the positional embedding is
     added); before block i < depth the outputs at positions 1..m are replaced by layer i's context.
@@ -96,14 +100,15 @@ def text_feature(clip, token_ids: list[int], context: Tensor | None) -> Tensor:
     for index, block in enumerate(clip.transformer.resblocks):
         if context is not None and 0 < index < context.shape[0]:
             x = torch.cat([x[:, :1], context[index].to(x.dtype).unsqueeze(0), x[:, 1 + m:]], dim=1)
-        x = clip_block(x, block, causal=True)
+        x = clip_block(x, block, causal=True, in_weight_delta=None if deltas is None else deltas[index])
     x = ln(x, clip.ln_final)[0, len(token_ids) - 1]
     projection = clip.text_projection
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-def image_features(clip, images: Tensor, prompts: Tensor | None) -> Tensor:
-    """φ of a batch with visual prompts (depth, n, width) after [CLS], before the patch tokens.
+def image_features(clip, images: Tensor, prompts: Tensor | None, deltas: list[Tensor] | None = None) -> Tensor:
+    """φ of a batch with visual prompts (depth, n, width) after [CLS], before the patch tokens;
+    `deltas`: each block's ΔW of its query/key/value weights (CLIP-LoRA).
 
     Layer 0's prompts are inserted after the positional embeddings and before ln_pre; before block
     i < depth the outputs at the prompt positions are replaced by layer i's prompts. The prompt
@@ -123,7 +128,7 @@ def image_features(clip, images: Tensor, prompts: Tensor | None) -> Tensor:
     for index, block in enumerate(visual.transformer.resblocks):
         if prompts is not None and 0 < index < prompts.shape[0]:
             x = torch.cat([x[:, :1], prompts[index].to(x.dtype).expand(batch, -1, -1), x[:, 1 + n:]], dim=1)
-        x = clip_block(x, block, causal=False)
+        x = clip_block(x, block, causal=False, in_weight_delta=None if deltas is None else deltas[index])
     x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
     x = ln(x, visual.ln_post)
     pooled = x[:, 1:].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]
@@ -156,12 +161,13 @@ def prompted_classifier(clip, tokenizer, class_names: list[str], context: Tensor
     return F.normalize(torch.stack(rows), dim=-1)
 
 
-def template_classifier(clip, tokenizer, class_names: list[str], templates: tuple[str, ...]) -> Tensor:
+def template_classifier(clip, tokenizer, class_names: list[str], templates: tuple[str, ...],
+                        deltas: list[Tensor] | None = None) -> Tensor:
     """The zero-shot classifier: per class, the normalised features of every template averaged, and the
-    mean normalised again (CLIP's prompt ensemble)."""
+    mean normalised again (CLIP's prompt ensemble); `deltas`: the text tower's ΔW (CLIP-LoRA)."""
     rows = []
     for name in class_names:
-        features = [F.normalize(text_feature(clip, _until_eot(tokenizer([t.format(name)])[0]), None), dim=-1)
+        features = [F.normalize(text_feature(clip, _until_eot(tokenizer([t.format(name)])[0]), None, deltas), dim=-1)
                     for t in templates]
         rows.append(F.normalize(torch.stack(features).mean(dim=0), dim=-1))
     return torch.stack(rows)
@@ -296,3 +302,31 @@ def gaussian_prompt_aggregation(per_epoch: list[dict[str, Tensor]], mean: float,
     """Σ_e g_e θ_e over the prompts θ_e after each epoch e."""
     weights = gpa_weights(len(per_epoch), mean, std)
     return {name: sum(w * state[name] for w, state in zip(weights, per_epoch)) for name in per_epoch[0]}
+
+
+# ---- CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024): low-rank updates of the attention weights ------------
+
+def lora_weight_deltas(down: Tensor, up: Tensor, alpha: float, rank: int) -> list[Tensor]:
+    """Per block, LoRA's ΔW = (α / r) · B A for each of W_q, W_k, W_v, stacked as the packed in-projection
+    stacks them (3·width, width); A = down[layer, p] (r, width), B = up[layer, p] (width, r)."""
+    return [torch.cat([(alpha / rank) * up[layer, p] @ down[layer, p] for p in range(3)]) for layer in range(len(down))]
+
+
+def lora_classifier(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], templates: tuple[str, ...],
+                    alpha: float, rank: int) -> Tensor:
+    """W through the text tower whose query/key/value weights are W0 + ΔW."""
+    deltas = lora_weight_deltas(p["text.down"], p["text.up"], alpha, rank)
+    return template_classifier(clip, tokenizer, class_names, templates, deltas)
+
+
+def lora_image_features(clip, p: dict[str, Tensor], images: Tensor, alpha: float, rank: int) -> Tensor:
+    """Normalised φ(x) through the image tower whose query/key/value weights are W0 + ΔW."""
+    deltas = lora_weight_deltas(p["visual.down"], p["visual.up"], alpha, rank)
+    return F.normalize(image_features(clip, images, None, deltas), dim=-1)
+
+
+def lora_logits(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], images: Tensor,
+                templates: tuple[str, ...], alpha: float, rank: int) -> Tensor:
+    """logit_scale · cos(φ(x), W), both towers adapted (in eval mode: no dropout)."""
+    classifier = lora_classifier(clip, tokenizer, p, class_names, templates, alpha, rank)
+    return clip.logit_scale.exp() * lora_image_features(clip, p, images, alpha, rank) @ classifier.T

@@ -19,11 +19,15 @@ TRAIN_OPTIONS = ["--shots", "16", "--epochs", "100", "--lr", "0.05", "--batch-si
 SPLIT_OPTIONS = ["--shots", "16", "--seed", "1"]  # zero-shot and the cache methods: no SGD options (refused)
 # CoCoOp encodes the class prompts once per image: 20 epochs (its paper runs 10) keep it within the timeout.
 COCOOP_OPTIONS = ["--shots", "16", "--epochs", "20", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
+# CLIP-LoRA counts iterations (its paper's 500 x 16 would take an hour on a CPU): 100, at AdamW's lr 0.01.
+LORA_OPTIONS = ["--shots", "16", "--iterations", "100", "--lr", "0.01", "--batch-size", "16", "--seed", "1"]
 
 
 def train_options(method: str) -> list[str]:
     if method == "cocoop":
         return COCOOP_OPTIONS
+    if method == "clip-lora":
+        return LORA_OPTIONS
     return SPLIT_OPTIONS if method in CACHE_METHODS or method == "zero-shot" else TRAIN_OPTIONS
 
 

@@ -134,6 +134,8 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "tip-adapter-f": None,  # one key of the embedding width (512) per cached image: data-dependent
         # CoOp's context plus the meta-net: Linear(512 -> 512/16), ReLU, Linear(512/16 -> text width).
         "cocoop": m * d_t + (512 * 32 + 32) + (32 * d_t + d_t),
+        # rank-2 A (2 x width) and B (width x 2) on q, k and v of every block of both towers
+        "clip-lora": layers * 3 * (2 * 2 * d_t + 2 * 2 * d_v),
     }
     assert trainable_parameters_by_method("ViT-B-16") == expected
     assert trainable_parameters_by_method("ViT-B-16", cached_images=10 * 16)["tip-adapter-f"] == 10 * 16 * 512

@@ -17,7 +17,10 @@ ZERO_SHOT = "zero-shot"
 # Methods whose classifier adds a cache of the training images' features (upt/methods/tip_adapter.py)
 # to the zero-shot logits instead of learning prompts.
 CACHE_METHODS = frozenset(spec.name for spec in SPECS if spec.uses_cache)
-PROMPT_METHODS: tuple[str, ...] = tuple(spec.name for spec in SPECS if not spec.uses_cache)
+# Methods that adapt the towers' weights (CLIP-LoRA, upt/methods/lora.py): neither a cache nor prompts.
+ADAPTER_METHODS = frozenset(spec.name for spec in SPECS if spec.learns_adapters)
+PROMPT_METHODS: tuple[str, ...] = tuple(spec.name for spec in SPECS
+                                        if not spec.uses_cache and not spec.learns_adapters)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # The seven templates CLIP's authors selected for ImageNet, used for the zero-shot ensemble.
@@ -68,7 +71,7 @@ class PromptConfig(JsonOptions):
         N_CTX.check(self.n_ctx)
         DEPTH.check(self.depth)
         DROPOUT.check(self.dropout)
-        if spec.uses_cache:  # Tip-Adapter and -F learn no prompts: a prompt option would change nothing
+        if spec.uses_cache or spec.learns_adapters:  # they learn no prompts: a prompt option would change nothing
             given = [name for name, default in (("n_ctx", N_CTX.default), ("depth", None), ("ctx_init", None))
                      if getattr(self, name) != default]
             if given:

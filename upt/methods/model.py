@@ -192,6 +192,8 @@ def build_prompt_generator(backbone: Backbone, config: PromptConfig, n_ctx: int)
     spec = config.spec
     if spec.uses_cache:
         raise ConfigError(f"{spec.name} learns no prompts: it is a cache model (upt.methods.tip_adapter).")
+    if spec.learns_adapters:
+        raise ConfigError(f"{spec.name} learns no prompts: it adapts the towers' weights (upt.methods.lora).")
     if spec.build is None:
         return None
     init = _ctx_init_embeddings(backbone, config)

@@ -25,6 +25,10 @@ from ..options import (
     GPA_MEAN,
     GPA_STD,
     IMAGE_LOSS_WEIGHT,
+    ITERATIONS,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
     LR,
     N_CTX,
     OPTIONS,
@@ -34,7 +38,7 @@ from ..options import (
     OptionSpec,
     UnusedOptionError,
 )
-from . import promptsrc
+from . import lora, promptsrc
 from .cocoop import BATCH_SIZE as COCOOP_BATCH_SIZE
 from .cocoop import EPOCHS as COCOOP_EPOCHS
 from .cocoop import ConditionalContext
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from .config import PromptConfig
 
 TEXT, VISUAL, CACHE = "text", "visual", "cache"  # what a method learns
+ADAPTERS = "adapters"  # low-rank updates of the frozen towers' weights (CLIP-LoRA)
 DEFAULT_BATCH_SIZE = 32  # the paper's (CoOp's)
 DEFAULT_LR = 0.002  # the paper's (CoOp's)
 TIP_ADAPTER_F_EPOCHS = 20  # Tip-Adapter-F's paper (upt.methods.tip_adapter.CacheOptions.epochs)
@@ -127,6 +132,10 @@ class MethodSpec:
     @property
     def learns_prompts(self) -> bool:
         return self.build is not None
+
+    @property
+    def learns_adapters(self) -> bool:
+        return ADAPTERS in self.learns
 
     def option(self, name: str) -> OptionSpec | None:
         return next((option for option in self.options if option.name == name), None)
@@ -211,6 +220,15 @@ _PROMPTSRC_OPTIONS = (
     _default(GPA_STD, None, f"{promptsrc.GPA_STD:g}; {promptsrc.SHARP_GPA_STD:g} on Stanford Cars, Flowers, "
                             f"Aircraft, DTD and EuroSAT, {_FEW_SHOT_CONFIG}"),
 )
+_LORA_RECIPE = "CLIP-LoRA's recipe (AdamW, weight decay 0.01, cosine over its iterations)"
+_LORA_OPTIONS = (
+    SHOTS, SEED, _default(LORA_RANK, None, f"{lora.RANK}, the paper's"),
+    _default(LORA_ALPHA, None, f"{lora.ALPHA:g}, the paper's"),
+    _default(LORA_DROPOUT, None, f"{lora.DROPOUT:g}, the paper's"),
+    _default(ITERATIONS, None, f"{lora.ITERATIONS_PER_SHOT} × shots, the paper's"),
+    replace(LR, help=f"AdamW learning rate (default: {lora.LR:g}, the paper's)"),
+    replace(BATCH_SIZE, help=f"images per AdamW step (default: {DEFAULT_BATCH_SIZE}, the paper's)"),
+)
 
 SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("zero-shot", "Zero-shot",
@@ -274,6 +292,10 @@ SPECS: tuple[MethodSpec, ...] = (
                learns=(TEXT, VISUAL), options=_PROMPTSRC_OPTIONS, depth=_PROMPTSRC_DEPTH, build=_independent,
                epochs=promptsrc.EPOCHS, batch_size=promptsrc.BATCH_SIZE, lr=promptsrc.LR,
                context_init=promptsrc.CONTEXT_INIT, objective=promptsrc.self_regulation),
+    MethodSpec("clip-lora", "CLIP-LoRA (low-rank adapters)",
+               "Low-rank adapters on the queries, keys and values of every layer of both encoders (CLIP-LoRA). The "
+               "best published few-shot accuracy of these methods; 500 steps per shot, the longest to train.",
+               learns=(ADAPTERS,), options=_LORA_OPTIONS, lr=lora.LR, recipe=_LORA_RECIPE),
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in SPECS}
