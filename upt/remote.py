@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .auto import CANDIDATES
 from .client import API_KEY_ENV, DEFAULT_URL, URL_ENV, ApiError, Client, TaskFailedError
 from .export import FORMATS as EXPORT_FORMATS
 from .methods.registry import train_options
+from .options import OptionSpec
 
 
 def register(sub) -> None:
@@ -74,18 +76,23 @@ def _add_create(commands) -> None:
     p.add_argument("--data", required=True, type=Path, help="DIR/<class>/<image> (ImageFolder), or a .zip of it")
     p.add_argument("--method", default="coop", help="a method of `upt methods`, or auto (default: %(default)s)")
     p.add_argument("--class-names", default=None, help="comma-separated display names, in class-folder order")
-    for option in train_options():  # sent as typed: the API checks them against the method, as `upt train` does
+    for option in _create_options():  # sent as typed: the API checks them against the method, as `upt train` does
         p.add_argument(option.flag, dest=option.name, default=None, help=option.help)
     p.add_argument("--wait", action="store_true", help="wait until it has trained (a progress bar on stderr)")
     _connection(p)
 
     def run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         names = None if args.class_names is None else [n.strip() for n in args.class_names.split(",")]
-        options = {option.name: getattr(args, option.name) for option in train_options()}
+        options = {option.name: getattr(args, option.name) for option in _create_options()}
         task = client.create_task(args.data, args.method, names, **options)
         return client.wait(task["id"], progress=not args.json) if args.wait else task
 
     p.set_defaults(func=_command(run, _task_text))
+
+
+def _create_options() -> list[OptionSpec]:
+    """The `POST /tasks` option fields: every method's options, and auto's candidates."""
+    return [*train_options(), CANDIDATES]
 
 
 def _add_status(commands) -> None:

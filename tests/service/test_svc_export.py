@@ -39,9 +39,20 @@ def _pixels(path, size: int) -> torch.Tensor:
     return transform(Image.open(path).convert("RGB"))
 
 
+def _held_out() -> list:
+    return [path for _, path in images("test", 1000)]  # all of them (47)
+
+
+def _classified_top_1(client, task_id: str, paths: list) -> list[str]:
+    answer = client.post("/classify", data={"task_id": task_id},
+                         files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths]).json()
+    assert answer["stage"] == "tuned"
+    return [p["labels"][0]["label"] for p in answer["predictions"]]
+
+
 def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, trained):
     client = stack.client("acme")
-    held_out = [path for _, path in images("test", 6)]
+    held_out = _held_out()
     answered = client.get(f"/tasks/{trained['id']}/export", params={"format": "onnx"})
     assert answered.status_code == 200, answered.text
     assert answered.headers["content-type"] == "application/octet-stream"
@@ -52,10 +63,7 @@ def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, traine
     size = int(metadata["image_size"])
     logits, = session.run(["logits"], {"pixels": torch.stack([_pixels(p, size) for p in held_out]).numpy()})
     exported = [trained["class_names"][i] for i in logits.argmax(axis=1)]
-    classified = client.post("/classify", data={"task_id": trained["id"]},
-                             files=[("files", (p.name, p.read_bytes(), "image/png")) for p in held_out]).json()
-    assert classified["stage"] == "tuned"
-    assert exported == [p["labels"][0]["label"] for p in classified["predictions"]]
+    assert exported == _classified_top_1(client, trained["id"], held_out)
 
     folder = settings_of(stack.env).storage_dir / "tasks" / trained["id"] / "exports"
     written, = (p for p in folder.iterdir() if p.suffix == ".onnx")
@@ -64,11 +72,23 @@ def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, traine
     assert again.content == answered.content and written.stat().st_mtime_ns == stamp  # served, not exported again
 
 
-def test_the_openvino_export_is_a_zip_of_its_xml_and_bin(stack, trained):
-    answered = stack.client("acme").get(f"/tasks/{trained['id']}/export", params={"format": "openvino"})
+def test_the_openvino_export_is_a_zip_of_its_xml_and_bin_giving_classifys_top_1(stack, trained, tmp_path):
+    ov = pytest.importorskip("openvino")
+    client = stack.client("acme")
+    answered = client.get(f"/tasks/{trained['id']}/export", params={"format": "openvino"})
     assert answered.status_code == 200, answered.text
     assert answered.headers["content-type"] == "application/zip"
-    assert sorted(zipfile.ZipFile(io.BytesIO(answered.content)).namelist()) == ["model.bin", "model.xml"]
+    archive = zipfile.ZipFile(io.BytesIO(answered.content))
+    assert sorted(archive.namelist()) == ["model.bin", "model.xml"]
+    archive.extractall(tmp_path)
+    model = ov.Core().read_model(tmp_path / "model.xml")
+    assert json.loads(model.get_rt_info(["upt", "class_names"]).astype(str)) == trained["class_names"]
+    size = int(model.get_rt_info(["upt", "image_size"]).astype(str))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    held_out = _held_out()
+    logits = compiled([torch.stack([_pixels(p, size) for p in held_out]).numpy()])["logits"]
+    exported = [trained["class_names"][i] for i in logits.argmax(axis=1)]
+    assert exported == _classified_top_1(client, trained["id"], held_out)
 
 
 def test_export_problems(stack, trained):
