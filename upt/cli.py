@@ -8,6 +8,7 @@ serve, worker, migrate and keys): this module names none of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -75,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     source = load_data(args.data, args.dataset)
     config = _train_config(args, args.method, source).validate()  # before the backbone loads: fail fast
     backbone = _backbone(args)
-    with EpochProgressBar(total=config.total_epochs, enabled=not args.quiet) as progress:
+    planned = dataclasses.replace(config, class_names=source.class_names)  # CLIP-LoRA's epochs depend on them
+    with EpochProgressBar(total=planned.total_epochs, enabled=not args.quiet) as progress:
         result = train(backbone, source, config, args.out, progress, args.checkpoint_dir)
     payload = {"artifact": str(result.artifact_dir), "method": config.method, "backbone": backbone.describe(),
                "trainable_parameters": result.metrics["trainable_parameters"], "metrics": result.metrics}
