@@ -150,7 +150,8 @@ class Client:
         from tqdm.auto import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        task, etag = self.task(task_id), None
+        response = self._request("GET", f"/tasks/{task_id}")
+        task, etag = response.json(), response.headers.get("ETag")
         with tqdm(total=100, unit="%", desc=f"task {task_id[:8]}", disable=not progress, leave=True) as bar:
             while True:
                 _show(bar, task)
@@ -158,11 +159,11 @@ class Client:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"Task {task_id} is still {task['status']} after {timeout} s.")
+                time.sleep(_poll_delay(response, deadline))
                 response = self._request("GET", f"/tasks/{task_id}", headers={"If-None-Match": etag} if etag else {})
-                if response.status_code != 304:
+                if response.status_code != 304:  # 304: unchanged since the ETag, no body sent
                     task = response.json()
                 etag = response.headers.get("ETag", etag)
-                time.sleep(_poll_delay(response, deadline))
         if task["status"] != "succeeded":
             raise TaskFailedError(task)
         return task
