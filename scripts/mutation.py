@@ -65,7 +65,14 @@ ARTIFACT = "tests/core/test_artifact.py"
 SCHEDULE_TABLE = "tests/core/test_training.py::test_paper_schedule"
 TIP_CACHE = "tests/core/test_reference_tip_adapter.py::test_cache_holds_the_shots_normalised_keys_and_one_hot_labels"
 TIP_LOGITS = "tests/core/test_reference_tip_adapter.py::test_served_logits_are_the_papers_formula"
-TIP_SEARCH = "tests/core/test_reference_tip_adapter.py::test_alpha_and_beta_reach_the_best_validation_accuracy_of_the_grid"
+TIP_SEARCH = "tests/core/test_tip_adapter.py::test_search_picks_the_best_leave_one_out_accuracy_of_the_shots"
+TIP_CONFIGS = "tests/core/test_tip_adapter.py::test_released_configs_by_data_set"
+GDA_TESTS = "tests/core/test_gda.py"
+GDA_LINEAR = GDA_TESTS + "::test_w_and_b_are_the_papers_in_float64"
+GDA_ALPHA = GDA_TESTS + "::test_alpha_is_cross_fitted_on_the_shots"
+GDA_SERVED = GDA_TESTS + "::test_served_logits_are_the_papers_formula"
+AUTO_RULE = "tests/core/test_auto.py::test_a_costlier_candidate_must_win_by_more_than_one_paired_standard_error"
+DASSL_SPLIT = "tests/core/test_datasets.py::test_few_shot_split_draws_dassls_images_for_a_seed"
 COCOOP_LOGITS = (LOGITS, "-k", "cocoop")
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
 PROMPTSRC_TESTS = "tests/core/test_promptsrc.py"
@@ -85,7 +92,6 @@ LORA_RECIPE = LORA_TESTS + "::test_the_optimiser_is_adamw_with_a_cosine_over_the
 LORA_RESUME = LORA_TESTS + "::test_a_resumed_run_ends_with_the_same_artifact"
 LORA_SERVING = LORA_TESTS + "::test_a_lora_task_takes_a_pass_of_its_own_beside_the_shared_ones"
 LORA_PASSES = LORA_TESTS + "::test_grouped_passes_are_each_shuffled_and_the_last_epoch_cut"
-
 
 
 @dataclass(frozen=True)
@@ -290,9 +296,37 @@ MUTANTS: list[Mutant] = [
       "return F.one_hot(labels.roll(1), n_classes).float()", "cache values not the shots' own labels", TIP_CACHE),
     m("tip-search-ignores-beta", TIP, "votes = torch.exp(-beta * (1.0 - affinity)) @ values",
       "votes = torch.exp(-(1.0 - affinity)) @ values", "the α, β search scores every β as β = 1", TIP_SEARCH),
-    m("tip-search-without-zero-shot", TIP, "accuracy = float(((zero_shot_logits + alpha * votes)",
-      "accuracy = float(((alpha * votes)", "the search scores the cache alone, without the zero-shot logits",
+    m("tip-search-without-zero-shot", TIP, "hits.extend(int(((zero_shot_logits + alpha * votes)",
+      "hits.extend(int(((alpha * votes)", "the search scores the cache alone, without the zero-shot logits",
       TIP_SEARCH),
+    m("tip-search-keeps-own-key", TIP, "rows.to(keys.device)] = -math.inf", "rows.to(keys.device)] = 1.0",
+      "leave-one-out: each shot still votes for itself", TIP_SEARCH),
+    m("tip-config-imagenet-everywhere", TIP, "return RELEASED_CONFIGS.get(dataset, RELEASED_CONFIGS[\"imagenet\"])",
+      "return RELEASED_CONFIGS[\"imagenet\"]", "every data set searched on ImageNet's grid", TIP_CONFIGS),
+    # ---- methods/gda.py ---------------------------------------------------------------------------------
+    m("gda-no-shrinkage", "upt/methods/gda.py", "shrunk = (n - 1) * covariance + covariance.trace() * torch.eye(",
+      "shrunk = (n - 1) * covariance + 0 * covariance.trace() * torch.eye(", "the KS estimator without its tr(Σ) I",
+      GDA_LINEAR),
+    m("gda-precision-unscaled", "upt/methods/gda.py", "return width * torch.cholesky_inverse(",
+      "return torch.cholesky_inverse(", "the precision without its factor D", GDA_LINEAR),
+    m("gda-bias-sign", "upt/methods/gda.py", "math.log(1.0 / n_classes) - 0.5 * (weights * means)",
+      "math.log(1.0 / n_classes) + 0.5 * (weights * means)", "b_c = log π + ½ μᵀΣ⁻¹μ", GDA_LINEAR),
+    m("gda-views-averaged", "upt/methods/gda.py", "views = F.normalize(view_features.double(), dim=-1)",
+      "views = F.normalize(view_features.double().mean(dim=0, keepdim=True), dim=-1)",
+      "GDA fitted on the views' mean, not on every view", GDA_LINEAR),
+    m("gda-alpha-fitted-on-held-out", "upt/methods/gda.py", "fit, held = assignment != fold, assignment == fold",
+      "fit, held = assignment >= 0, assignment == fold", "α scored on shots the head was fitted on", GDA_ALPHA),
+    m("gda-served-without-head", PRED, "logits = logits + self.gda.logits(features)", "logits = logits",
+      "served GDA logits are zero-shot's", GDA_SERVED),
+    # ---- auto.py and few-shot splits ----------------------------------------------------------------------
+    m("auto-rule-plain-argmax", "upt/auto.py", "        if gap <= stderr:", "        if gap <= 0:",
+      "auto keeps the best validation accuracy whatever the noise", AUTO_RULE),
+    m("dassl-split-label-order", "upt/datasets/source.py", "    for group in groups.values():",
+      "    for _, group in sorted(groups.items()):", "classes sampled in label order, not first appearance",
+      DASSL_SPLIT),
+    m("dassl-split-exactly-k-unsampled", "upt/datasets/source.py", "k is not None and len(group) >= k else group",
+      "k is not None and len(group) > k else group", "a class of exactly K images kept in order, unsampled",
+      DASSL_SPLIT),
     m("tip-served-cache-only", PRED, "logits = logits + self.cache.logits(features)",
       "logits = self.cache.logits(features)", "served Tip-Adapter logits drop the zero-shot term", TIP_LOGITS),
     m("tip-classifier-first-template", TRAIN, "classifier = template_classifier(backbone, class_names, config.templates)",

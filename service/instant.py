@@ -1,11 +1,11 @@
-"""The instant stage: every task's training-free classifier (Tip-Adapter's cache), ready seconds after
-the task is created, whatever the queue holds.
+"""The instant stage: every task's training-free classifier (GDA by default, or Tip-Adapter's cache:
+UPT_INSTANT_METHOD), ready seconds after the task is created, whatever the queue holds.
 
 Where it is built, and why there: in the API process that stored the uploads, on a thread of its own
 (off the event loop), right after the task row is committed. Not by a worker: workers may be busy
 training other tasks for hours, and the time to a task's first answer must not depend on the queue.
 The API process already holds the backbone for /classify, and a cache is a few encoder passes over the
-shots, no training. The result is an ordinary `tip-adapter` artifact in the task's folder on the shared
+shots, no training. The result is an ordinary `gda` (or `tip-adapter`) artifact in the task's folder on the shared
 storage volume, so any API replica serves it; the task row holds the stage's state (building, ready,
 failed), so GET /tasks/{id} and its ETag change when it is ready.
 
@@ -41,7 +41,6 @@ from upt.training import TrainConfig, train
 
 log = logging.getLogger("upt.instant")
 BUILDING, READY, FAILED = "building", "ready", "failed"
-INSTANT_METHOD = "tip-adapter"
 
 
 def instant_key(task_id: str) -> str:
@@ -53,7 +52,7 @@ def instant_config(task: Task, settings: Settings):
     """The task's own split (shots, seed) and templates, with the training-free method."""
     own = config_from_dict(task.config)
     own = getattr(own, "base", own)  # method=auto: the options its candidates share
-    return TrainConfig.of(INSTANT_METHOD, shots=own.shots, seed=own.seed, templates=own.templates,
+    return TrainConfig.of(settings.instant_method, shots=own.shots, seed=own.seed, templates=own.templates,
                           class_names=list(task.class_names), augment_views=settings.instant_augment_views)
 
 
@@ -117,7 +116,7 @@ class InstantStages:
                 config = instant_config(task, self.settings)
                 class_count = len(task.class_names)
                 session.execute(update(Task).where(Task.id == task_id)
-                                .values(instant_status=BUILDING, instant_error=None))
+                                .values(instant_status=BUILDING, instant_error=None, instant_method=config.method))
             self._train_and_publish(task_id, config, class_count)
 
     def _train_and_publish(self, task_id: str, config, class_count: int) -> None:

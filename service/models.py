@@ -120,6 +120,8 @@ class Task(Base):
     instant_status: Mapped[str | None] = mapped_column(String(16))
     instant_accuracy: Mapped[float | None] = mapped_column(Float)
     instant_error: Mapped[str | None] = mapped_column(Text)
+    # Its method (UPT_INSTANT_METHOD when the build started); null while no build has started.
+    instant_method: Mapped[str | None] = mapped_column(String(32))
 
     events: Mapped[list[TaskEvent]] = relationship(
         back_populates="task", cascade="all, delete-orphan", passive_deletes=True, order_by="TaskEvent.id"

@@ -17,11 +17,11 @@ TUNED_STATES = {"queued": "queued", "running": "training", "cancelling": "traini
 
 
 class StageOut(BaseModel):
-    """One way a task can answer /classify: `instant` (Tip-Adapter's training-free cache, built
+    """One way a task can answer /classify: `instant` (a training-free method, GDA by default, built
     seconds after creation) or `tuned` (the task's method, once trained)."""
 
     state: str  # instant: pending | building | ready | failed; tuned: queued | training | ready | failed | cancelled
-    method: str
+    method: str | None  # instant: None until its build starts (UPT_INSTANT_METHOD then)
     val_accuracy: float | None
     error: str | None = None
 
@@ -29,7 +29,7 @@ class StageOut(BaseModel):
     def of(cls, task: Task) -> dict[str, "StageOut"]:
         metrics = task.metrics or {}
         return {
-            "instant": cls(state=task.instant_status or "pending", method="tip-adapter",
+            "instant": cls(state=task.instant_status or "pending", method=task.instant_method,
                            val_accuracy=task.instant_accuracy, error=task.instant_error),
             "tuned": cls(state=TUNED_STATES.get(task.status, task.status), method=task.method,
                          val_accuracy=metrics.get("val_accuracy"), error=task.error),

@@ -91,8 +91,10 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0)
     max_batch: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
-    # The training-free stage (Tip-Adapter's cache) built by the API right after a task's uploads are
-    # stored: augmented views averaged per training image (the paper's 10; fewer is faster on a CPU).
+    # The training-free stage built by the API right after a task's uploads are stored: its method (GDA,
+    # or Tip-Adapter's cache), and the augmented views of each training image it is fitted on (the
+    # papers' 10; fewer is faster on a CPU).
+    instant_method: Literal["gda", "tip-adapter"] = "gda"
     instant_augment_views: int = Field(10, ge=1, le=100)
     # A stage still `building` (or never started) this long after its task was created was left by an
     # API process that died; the sweeper builds it again.

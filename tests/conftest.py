@@ -58,7 +58,7 @@ def option_values() -> dict:
 
     values = {"shots": 1, "seed": 3, "epochs": 1, "n_ctx": 2, "depth": 1, "ctx_init": "a photo of a", "lr": 0.01,
               "batch_size": 4, "augment_views": 2, "text_loss_weight": 5.0, "image_loss_weight": 2.0, "gpa_mean": 3.0,
-              "gpa_std": 2.0, "lora_rank": 3, "lora_alpha": 2.0,
-              "lora_dropout": 0.1, "iterations": 2}
+              "gpa_std": 2.0, "lora_rank": 3, "lora_alpha": 2.0, "lora_dropout": 0.1, "iterations": 2,
+              "alpha_max": 4.0, "beta_max": 9.0, "init_alpha": 0.5, "init_beta": 2.0}
     assert set(values) == {option.name for option in train_options()}  # a new option needs a value here
     return {option.name: values[option.name] for option in train_options()}

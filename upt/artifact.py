@@ -36,7 +36,7 @@ FORMAT = "upt-prompts"
 FORMAT_VERSION = 1  # `tensor_sha256` was added without a new version: older readers ignore it
 # What /classify reads: W, the visual prompts, and a Tip-Adapter cache (keys, values, α, β).
 SERVING_TENSORS = ("classifier", "visual_prompts", "cache_keys", "cache_values", "cache_alpha", "cache_beta",
-                   *COCOOP_TENSORS)  # CoCoOp's context and meta-net: serving shifts the context per image
+                   "gda_weights", "gda_bias", "gda_alpha", *COCOOP_TENSORS)  # CoCoOp's context and meta-net: serving shifts the context per image
 SERVING_TENSORS += LORA_TENSORS  # CLIP-LoRA's image adapters (its text adapters are folded into W)
 
 
@@ -178,6 +178,7 @@ def _checked(artifact: Artifact, tensors_path: Path) -> Artifact:
     if classifier is None or classifier.shape[0] != len(artifact.config.get("class_names", [])):
         raise ArtifactError(f"{tensors_path} has no classifier matching the {CONFIG_FILE} class names.")
     _check_cache(artifact.tensors, tensors_path)
+    _check_gda(artifact.tensors, tensors_path)
     return artifact
 
 
@@ -191,6 +192,17 @@ def _check_cache(tensors: dict[str, torch.Tensor], tensors_path: Path) -> None:
     if (len(present) != len(names) or keys.dim() != 2 or keys.shape[1] != classifier.shape[1]
             or values.shape != (keys.shape[0], classifier.shape[0])):
         raise ArtifactError(f"{tensors_path} has an incomplete or inconsistent Tip-Adapter cache.")
+
+
+def _check_gda(tensors: dict[str, torch.Tensor], tensors_path: Path) -> None:
+    """GDA's head: weights as the classifier (classes, d), a bias per class, α."""
+    names = ("gda_weights", "gda_bias", "gda_alpha")
+    present = [name for name in names if name in tensors]
+    if not present:
+        return
+    weights, bias, classifier = tensors.get("gda_weights"), tensors.get("gda_bias"), tensors["classifier"]
+    if len(present) != len(names) or weights.shape != classifier.shape or bias.shape != classifier.shape[:1]:
+        raise ArtifactError(f"{tensors_path} has an incomplete or inconsistent GDA head.")
 
 
 def _atomic(path: Path, write) -> None:

@@ -135,6 +135,18 @@ BATCH_SIZE = OptionSpec("batch_size", int, "images per SGD step (default: the me
                         minimum=1, maximum=4096)
 AUGMENT_VIEWS = OptionSpec("augment_views", int, "augmented views averaged per cached training image",
                            default=10, minimum=1, maximum=100)
+# Tip-Adapter's search (upt/methods/tip_adapter.py); unset: its released config for the data set (ImageNet's for
+# an image folder).
+ALPHA_MAX = OptionSpec("alpha_max", float, "Tip-Adapter: the α search's upper end (default: the data set's "
+                       "released config, 3 on ImageNet and image folders)", minimum=0.1, exclusive_minimum=True,
+                       maximum=1000)
+BETA_MAX = OptionSpec("beta_max", float, "Tip-Adapter: the β search's upper end (default: the data set's released "
+                      "config, 7 on ImageNet and image folders)", minimum=0.1, exclusive_minimum=True, maximum=1000)
+INIT_ALPHA = OptionSpec("init_alpha", float, "Tip-Adapter: α before the search (Tip-Adapter-F trains at it; kept "
+                        "when nothing can be searched; default: the data set's released config, 1.17 on ImageNet)",
+                        minimum=0, maximum=1000)
+INIT_BETA = OptionSpec("init_beta", float, "Tip-Adapter: β before the search (default: 1, every released config's)",
+                       minimum=0, maximum=1000)
 # PromptSRC's self-regulation (upt/methods/promptsrc.py; its few-shot config's values are the defaults there).
 TEXT_LOSS_WEIGHT = OptionSpec("text_loss_weight", float, "PromptSRC: weight of the L1 distance of the prompted class "
                               "text features from frozen CLIP's", minimum=0)
@@ -163,7 +175,7 @@ WARMUP_LR = OptionSpec("warmup_lr", float, "the warm-up's learning rate", defaul
                        exclusive_minimum=True)
 
 OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
-    SHOTS, SEED, EPOCHS, N_CTX, DEPTH, CTX_INIT, LR, BATCH_SIZE, AUGMENT_VIEWS,
+    SHOTS, SEED, EPOCHS, N_CTX, DEPTH, CTX_INIT, LR, BATCH_SIZE, AUGMENT_VIEWS, ALPHA_MAX, BETA_MAX, INIT_ALPHA, INIT_BETA,
     TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT, GPA_MEAN, GPA_STD, LORA_RANK, LORA_ALPHA, LORA_DROPOUT, ITERATIONS,
     DROPOUT, MOMENTUM, WEIGHT_DECAY, WARMUP_EPOCHS, WARMUP_LR)}
 

@@ -18,8 +18,9 @@ from .encoders import QkvLora, encode_image
 from .errors import DataError
 from .methods.config import DEFAULT_TEMPLATE
 from .methods.cocoop import ConditionalContext, conditional_logits
-from .methods.lora import serving_lora
 from .methods.model import context_prompt_tokens, template_classifier
+from .methods.gda import GdaHead
+from .methods.lora import serving_lora
 from .methods.tip_adapter import CacheModel
 from .metrics import classification_report
 
@@ -47,6 +48,7 @@ class Predictor:
         visual_prompts: torch.Tensor | None = None,
         cache: CacheModel | None = None,
         conditional: ConditionalContext | None = None,
+        gda: GdaHead | None = None,
         lora: QkvLora | None = None,
     ):
         self.backbone = backbone
@@ -54,6 +56,7 @@ class Predictor:
         self.classifier = classifier.to(backbone.device)
         self.visual_prompts = None if visual_prompts is None else visual_prompts.to(backbone.device)
         self.cache = None if cache is None else cache.to(backbone.device)
+        self.gda = None if gda is None else gda.to(backbone.device)
         # CLIP-LoRA: the image tower's adapters (its text adapters are folded into the classifier)
         self.lora = None if lora is None else _lora_on(lora, backbone.device)
         # CoCoOp: the context is shifted per image, so the class prompts are encoded per image
@@ -68,6 +71,8 @@ class Predictor:
         tensors = self.classifier.nbytes + (0 if self.visual_prompts is None else self.visual_prompts.nbytes)
         if self.cache is not None:
             tensors += self.cache.keys.nbytes + self.cache.values.nbytes
+        if self.gda is not None:
+            tensors += self.gda.nbytes
         if self.lora is not None:
             tensors += self.lora.down.nbytes + self.lora.up.nbytes
         if self.conditional is not None:
@@ -83,7 +88,7 @@ class Predictor:
         artifact.check_backbone(backbone)
         return cls(backbone, artifact.class_names, artifact.classifier, artifact.visual_prompts,
                    CacheModel.from_tensors(artifact.tensors), ConditionalContext.from_tensors(artifact.tensors),
-                   lora=serving_lora(artifact.tensors))
+                   GdaHead.from_tensors(artifact.tensors), lora=serving_lora(artifact.tensors))
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, class_names: list[str],
@@ -105,8 +110,9 @@ class Predictor:
                             f"{' …' if len(unknown) > 5 else ''}; it knows {len(self.class_names)} classes.")
         rows = torch.tensor([index[name] for name in class_names], device=self.classifier.device)
         cache = None if self.cache is None else dataclasses.replace(self.cache, values=self.cache.values[:, rows])
+        gda = None if self.gda is None else self.gda.for_classes(rows)
         return Predictor(self.backbone, list(class_names), self.classifier[rows], self.visual_prompts, cache,
-                         self.conditional, lora=self.lora)
+                         self.conditional, gda, lora=self.lora)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(image.convert("RGB")) for image in images]).to(self.backbone.device)
@@ -121,7 +127,6 @@ class Predictor:
         visual prompts or image adapters."""
         return encode_image(self.backbone.clip, batch, self.visual_prompts, normalize=True, lora=self.lora)
 
-
     @torch.no_grad()
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from normalised image features (those of this predictor's visual prompts)."""
@@ -132,6 +137,8 @@ class Predictor:
         logits = self.backbone.logit_scale * features @ self.classifier.T
         if self.cache is not None:  # Tip-Adapter: the cache's votes added to the zero-shot logits
             logits = logits + self.cache.logits(features)
+        if self.gda is not None:  # GDA: its linear head added to the zero-shot logits
+            logits = logits + self.gda.logits(features)
         return logits
 
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
@@ -148,15 +155,16 @@ class Predictor:
             for row_p, row_i in zip(values, indices)
         ]
 
-    def evaluate(self, samples: list[LabelledImage], batch_size: int = 64) -> dict[str, Any]:
-        """Accuracy, per-class accuracy and confusion matrix over labelled images."""
+    def evaluate(self, samples: list[LabelledImage], batch_size: int = 64, per_sample: bool = False) -> dict[str, Any]:
+        """Accuracy, per-class accuracy and confusion matrix over labelled images; with `per_sample`, also
+        `correct`: 1 or 0 per image in `samples`' order (auto's paired comparison of candidates)."""
         predicted, truth = [], []
         for batch, labels in labelled_batches(samples, self.transform, batch_size, self.backbone.device):
             predicted.append(self.logits(batch).argmax(dim=-1).cpu())
             truth.append(labels)
         if not predicted:
-            return classification_report(torch.empty(0), torch.empty(0), self.class_names)
-        return classification_report(torch.cat(predicted), torch.cat(truth), self.class_names)
+            return classification_report(torch.empty(0), torch.empty(0), self.class_names, per_sample)
+        return classification_report(torch.cat(predicted), torch.cat(truth), self.class_names, per_sample)
 
 
 def _lora_on(lora: QkvLora, device: torch.device) -> QkvLora:

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,23 +27,29 @@ from .artifact import save_artifact
 from .backbone import Backbone
 from .data import FewShotSplit, ImageDataset, train_transform
 from .datasets import DataSource, few_shot_split, load_data
+from .datasets.source import FOLDER
 from .errors import ConfigError, DataError, TrainingCancelled
 from .methods import PromptConfig, PromptedCLIP
 from .methods import lora
 from .methods.cocoop import ConditionalContext
 from .methods.model import template_classifier
 from .methods.registry import MethodSpec, method_spec
+from .methods.gda import NAME as GDA
+from .methods.gda import GdaOptions
+from .methods.gda import fit as fit_gda
 from .methods.tip_adapter import (
     CacheEncoder,
     CacheModel,
     CacheOptions,
     KeyEpoch,
+    SearchResult,
     build_keys,
+    cross_fit_search,
     encode_views,
     fine_tune_keys,
+    leave_one_out_search,
     one_hot_values,
-    search_alpha_beta,
-    validation_features,
+    released_config,
 )
 from .options import (
     AUGMENT_VIEWS,
@@ -172,9 +178,20 @@ class TrainConfig(JsonOptions):
     def templates(self) -> tuple[str, ...]:
         return self.prompt.templates
 
-    def cache_options(self) -> CacheOptions:
-        """Tip-Adapter's settings: the paper's, with the views and (Tip-Adapter-F) epochs from here."""
-        return CacheOptions(augment_views=self.augment_views, epochs=self.total_epochs)
+    def cache_options(self, dataset: str = FOLDER) -> CacheOptions:
+        """Tip-Adapter's settings: its released config for `dataset` (ImageNet's for any other), with the
+        views and, where given, the search's range and start and Tip-Adapter-F's epochs from here."""
+        released = released_config(dataset)
+        epochs = self.epochs if self.epochs is not None else released.epochs
+
+        def given(value: float | None, default: float) -> float:
+            return value if value is not None else default
+
+        return CacheOptions(augment_views=self.augment_views, beta_max=given(self.beta_max, released.beta_max),
+                            alpha_max=given(self.alpha_max, released.alpha_max),
+                            init_alpha=given(self.init_alpha, released.init_alpha),
+                            init_beta=given(self.init_beta, CacheOptions.init_beta),
+                            epochs=epochs if self.spec.trains else 0)
 
     def validate(self) -> "TrainConfig":
         self.prompt.validate()  # a bad method or prompt option
@@ -335,58 +352,89 @@ def train(
 def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSplit, config: TrainConfig,
                        out_dir: str | Path, callbacks: TrainCallbacks,
                        cache_encoder: CacheEncoder | None = None) -> TrainResult:
-    """Tip-Adapter (training-free) or Tip-Adapter-F (keys fine-tuned): see upt/methods/tip_adapter.py.
+    """The methods fitted on cached features of the shots' augmented views: Tip-Adapter (training-free),
+    Tip-Adapter-F (keys fine-tuned; upt/methods/tip_adapter.py) and GDA (closed form; upt/methods/gda.py).
+    Their hyper-parameters are chosen on the shots (upt.methods.crossfit), so the validation images
+    score them as untouched as they score the prompt methods.
 
     No epoch checkpoints: the encoder passes dominate and Tip-Adapter-F's epochs over cached features
     take seconds, so a run that stopped simply starts again."""
     if not split.train:
         raise DataError("No training images after the few-shot split.")
     class_names = source.class_names
-    options = config.cache_options()
+    options = config.cache_options(source.name)
     started = time.monotonic()
     classifier = template_classifier(backbone, class_names, config.templates)
     labels = torch.tensor([sample.label for sample in split.train], dtype=torch.long)
     views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop, cache_encoder)
-    keys, values = build_keys(views), one_hot_values(labels, len(class_names)).to(backbone.device)
     history: list[dict[str, Any]] = []
-    trainable = 0
-    if config.spec.trains:  # Tip-Adapter-F: the keys are fine-tuned
-        def on_epoch(report: KeyEpoch) -> None:
-            done = report.epoch / report.epochs
-            elapsed = time.monotonic() - started
-            epoch = EpochReport(report.epoch, report.epochs, report.loss, report.accuracy, report.lr, elapsed,
-                                elapsed / done * (1 - done), done)
-            history.append(epoch.as_dict())
-            callbacks.on_epoch_end(epoch)
-
-        keys = fine_tune_keys(keys, values, views, labels, classifier, backbone.logit_scale, options, config.seed,
-                              on_epoch, callbacks.should_stop)
-        trainable = keys.numel()
-    val_features, val_labels = validation_features(backbone, split.val, cache_encoder)
-    search = search_alpha_beta(backbone.logit_scale * val_features @ classifier.T, val_features, val_labels,
-                               keys, values, options)
-    cache = CacheModel(keys, values, search.alpha, search.beta)
-    predictor = Predictor(backbone, class_names, classifier, cache=cache)
+    if config.method == GDA:
+        head, search = fit_gda(views, labels.to(views.device), classifier, backbone.logit_scale, GdaOptions())
+        fitted: dict[str, Any] = {"gda": head}
+        summary = {"alpha": head.alpha, "augment_views": options.augment_views,
+                   "searched_on": search.count, "held_out_accuracy": search.accuracy}
+        artifact_extra = {"gda": GdaOptions().to_dict() | {"alpha": head.alpha}}
+        trainable = 0
+    else:
+        cache, search_result, trainable = _fit_cache(backbone, views, labels, classifier, options, config,
+                                                     callbacks, history, started)
+        fitted = {"cache": cache}
+        summary = {"alpha": cache.alpha, "beta": cache.beta, "keys": len(cache.keys),
+                   "augment_views": options.augment_views, "searched_on": search_result.held_out_count,
+                   "held_out_accuracy": search_result.held_out_accuracy}
+        artifact_extra = {"cache": options.to_dict() | {"alpha": cache.alpha, "beta": cache.beta}}
+    predictor = Predictor(backbone, class_names, classifier, **fitted)
     metrics = _final_metrics(predictor, split, trainable, history)
-    metrics["cache"] = {"alpha": search.alpha, "beta": search.beta, "keys": len(keys),
-                        "augment_views": options.augment_views, "searched_on": search.val_count}
+    metrics["cache"] = summary
     metrics["variances"] = analyze_samples(backbone, class_names, split.train + split.val,
                                            config.templates).as_dict()
-    tensors = {"classifier": classifier} | cache.tensors()
-    artifact_options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(),
-                        "cache": options.to_dict() | {"alpha": search.alpha, "beta": search.beta},
+    head_tensors = fitted.get("gda") or fitted.get("cache")
+    tensors = {"classifier": classifier} | head_tensors.tensors()
+    artifact_options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(), **artifact_extra,
                         "metrics": metrics, "data": source.describe()}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=class_names,
                         tensors=tensors, options=artifact_options)
     return TrainResult(out, metrics, config, history)
 
 
+def _fit_cache(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+               options: CacheOptions, config: TrainConfig, callbacks: TrainCallbacks, history: list[dict[str, Any]],
+               started: float) -> tuple[CacheModel, SearchResult, int]:
+    """Tip-Adapter's cache with α, β searched on the shots; for Tip-Adapter-F its keys fine-tuned (once
+    per fold of the search, silently, then on every shot with progress reports)."""
+    device = backbone.device
+    labels = labels.to(device)
+    keys, values = build_keys(views), one_hot_values(labels, len(classifier)).to(device)
+    scale = backbone.logit_scale
+    if not config.spec.trains:
+        search = leave_one_out_search(views, labels, keys, values, classifier, scale, options)
+        return CacheModel(keys, values, search.alpha, search.beta), search, 0
+
+    def tuned(mask: torch.Tensor, on_epoch: Callable[[KeyEpoch], None] = lambda report: None) -> torch.Tensor:
+        return fine_tune_keys(keys[mask], values[mask], views[:, mask], labels[mask], classifier, scale, options,
+                              config.seed, on_epoch, callbacks.should_stop)
+
+    search = cross_fit_search(views, labels, values, classifier, scale, options, tuned)
+
+    def on_epoch(report: KeyEpoch) -> None:
+        done = report.epoch / report.epochs
+        elapsed = time.monotonic() - started
+        epoch = EpochReport(report.epoch, report.epochs, report.loss, report.accuracy, report.lr, elapsed,
+                            elapsed / done * (1 - done), done)
+        history.append(epoch.as_dict())
+        callbacks.on_epoch_end(epoch)
+
+    keys = tuned(torch.ones(len(labels), dtype=torch.bool, device=device), on_epoch)
+    return CacheModel(keys, values, search.alpha, search.beta), search, keys.numel()
+
+
 def _final_metrics(predictor: Predictor, split: FewShotSplit, trainable_parameters: int,
                    history: list) -> dict[str, Any]:
-    report = predictor.evaluate(split.val)
+    report = predictor.evaluate(split.val, per_sample=True)
     return {
         "val_accuracy": report["accuracy"],
         "val_count": report["count"],
+        "val_correct": report["correct"],  # per validation image, in split order: auto's paired comparison
         "per_class_accuracy": report["per_class_accuracy"],
         "confusion_matrix": report["confusion_matrix"],
         "class_names": report["class_names"],

@@ -26,7 +26,8 @@ def test_stages_try_it_early_and_the_auto_leaderboard(real_service, open_page, f
     # The training-free stage answers first; Try it is enabled then, and says which stage answered.
     instant = page.locator('[data-stage="instant"][data-state="ready"]')
     instant.wait_for(timeout=120_000)
-    assert re.search(r"Answers now: training-free, \d+\s?% on validation", instant.inner_text()), instant.inner_text()
+    assert re.search(r"Answers now: GDA \(no training\), \d+\s?% on validation",
+                     instant.inner_text()), instant.inner_text()
     page.locator("#s-try").scroll_into_view_if_needed()
     page.locator("form.classify .dz-input").set_input_files(images(fixture_images, "test", "sneaker", 1))
     page.locator(".result-card").wait_for()
@@ -53,7 +54,7 @@ def test_stages_try_it_early_and_the_auto_leaderboard(real_service, open_page, f
     board = page.locator('[data-role="leaderboard"]')
     board.wait_for()
     methods = [li.get_attribute("data-method") for li in board.locator("li").all()]
-    assert methods == ["tip-adapter-f", "coop", "vpt-deep", "upt"]
+    assert methods == ["gda", "tip-adapter-f", "coop", "vpt-deep", "upt"]
     assert board.locator("li.winner").count() == 1
     # 4 images per class, of which half are held out: 2 per class, 8 in all, the same for every candidate.
     assert "on 8 held-out images" in board.locator('[data-role="val-count"]').inner_text()

@@ -224,6 +224,80 @@ def method_prompts(method: str, p: dict[str, Tensor], n_ctx: int) -> ReferencePr
 TEXT_LEARNING = {"coop", "joint", "upt", "mlp", "shared", "promptsrc"}
 
 
+# ---- the training-free heads: GDA and Tip-Adapter's leave-one-out search --------------------------
+
+def gda_linear(view_features: Tensor, labels: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """GDA's W, b (paper, eq. for LDA with the KS precision) from raw view features (views, n, d).
+
+    Every view is a sample x_j (normalised), with its shot's label; μ_c the class means;
+    Σ̂ = Σ_j (x_j − μ_{y_j})(x_j − μ_{y_j})ᵀ / (N − 1); Σ⁻¹ = d · ((N − 1) Σ̂ + tr(Σ̂) I)⁻¹;
+    w_c = Σ⁻¹ μ_c; b_c = log(1/C) − ½ μ_cᵀ Σ⁻¹ μ_c."""
+    views, n, d = view_features.shape
+    x = view_features.reshape(views * n, d)
+    x = x / x.norm(dim=-1, keepdim=True)
+    y = labels.repeat(views)
+    means = torch.stack([x[y == c].sum(dim=0) / int((y == c).sum()) for c in range(n_classes)])
+    centred = x - means[y]
+    scatter = sum(torch.outer(row, row) for row in centred)  # (N − 1) Σ̂
+    covariance = scatter / (len(x) - 1)
+    precision = d * torch.linalg.inv(scatter + torch.trace(covariance) * torch.eye(d, dtype=x.dtype))
+    weights = torch.stack([precision @ mean for mean in means])
+    bias = torch.tensor([math.log(1.0 / n_classes) - 0.5 * float(mean @ precision @ mean) for mean in means],
+                        dtype=x.dtype)
+    return weights, bias
+
+
+def gda_logits(features: Tensor, classifier: Tensor, weights: Tensor, bias: Tensor, alpha: float,
+               scale: float) -> Tensor:
+    """s · f Wᵀ_clip + α (f Wᵀ + b), f the normalised image features."""
+    return scale * features @ classifier.T + alpha * (features @ weights.T + bias)
+
+
+def shot_folds(labels: Tensor, n_classes: int, max_folds: int = 4) -> list[int]:
+    """Each shot's fold: its rank within its class modulo k, k = min(smallest class, 4) (0: no folds)."""
+    k = min(min(int((labels == c).sum()) for c in range(n_classes)), max_folds)
+    if k < 2:
+        return []
+    seen = [0] * n_classes
+    folds = []
+    for label in labels.tolist():
+        folds.append(seen[label] % k)
+        seen[label] += 1
+    return folds
+
+
+def gda_cross_fit_alpha(view_features: Tensor, labels: Tensor, classifier: Tensor, scale: float,
+                        alphas: tuple[float, ...]) -> tuple[int | None, list[int]]:
+    """The first α of the grid with the most hits of held-out shots (each fold fitted on the others;
+    a shot queried by its normalised mean view): (its index, the hits per α)."""
+    folds = shot_folds(labels, classifier.shape[0])
+    if not folds:
+        return None, []
+    mean_view = view_features.mean(dim=0)
+    queries = mean_view / mean_view.norm(dim=-1, keepdim=True)
+    hits = [0] * len(alphas)
+    for fold in sorted(set(folds)):
+        fit = torch.tensor([f != fold for f in folds])
+        weights, bias = gda_linear(view_features[:, fit], labels[fit], classifier.shape[0])
+        for i in (~fit).nonzero().flatten().tolist():
+            for a, alpha in enumerate(alphas):
+                logits = gda_logits(queries[i:i + 1], classifier, weights, bias, alpha, scale)
+                hits[a] += int(int(logits.argmax()) == int(labels[i]))
+    return hits.index(max(hits)), hits
+
+
+def tip_leave_one_out_hits(keys: Tensor, values: Tensor, labels: Tensor, classifier: Tensor, scale: float,
+                           alpha: float, beta: float) -> int:
+    """Shots that Tip-Adapter classifies right when each is scored by the cache without its own key."""
+    hits = 0
+    for i in range(len(keys)):
+        others = [j for j in range(len(keys)) if j != i]
+        votes = torch.exp(-beta * (1 - keys[i] @ keys[others].T)) @ values[others]
+        logits = scale * keys[i] @ classifier.T + alpha * votes
+        hits += int(int(logits.argmax()) == int(labels[i]))
+    return hits
+
+
 def cocoop_logits(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], images: Tensor) -> Tensor:
     """CoCoOp: image i's context is v + h(x_i), h = Linear → ReLU → Linear on the normalised feature x_i;
     its own classifier W(x_i) is built from that context, and scored against x_i."""

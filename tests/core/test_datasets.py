@@ -76,7 +76,11 @@ def test_imagenet_and_its_variants_map_classes_as_coop(tiny, tmp_path):
     root = imagenet_root(tmp_path)
     imagenet = load_data(root, "imagenet")
     assert imagenet.class_names == ["handbag", "pullover sweater", "sneaker shoe", "pair of trousers"]  # wnid order
-    assert imagenet.val == imagenet.test and len(imagenet.train) == 64
+    assert imagenet.val is None and len(imagenet.train) == 64 and len(imagenet.test) == 40
+    split = few_shot_split(imagenet, 4, seed=2)  # validation held out of train: never a test image
+    assert len(split.train) == 16 and len(split.val) == 16
+    assert not {s.path for s in split.val} & {s.path for s in imagenet.test}
+    assert not {s.path for s in split.val} & {s.path for s in split.train}
     adversarial = load_data(root, "imagenet_a")
     assert adversarial.class_names == ["handbag", "sneaker shoe"] and not adversarial.train  # README.txt skipped
     assert {s.label for s in adversarial.test if s.path.parent.name == "n03"} == {1}
@@ -127,3 +131,33 @@ def test_tokenizer_without_a_start_token_is_refused_for_text_context(tiny):
     with pytest.raises(ConfigError, match="no start token"):
         PromptedCLIP(backbone, ["cat", "dog"], PromptConfig("coop"))
     PromptedCLIP(backbone, ["cat", "dog"], PromptConfig("vpt-shallow"))  # no text context: fine
+
+
+def _dassl_few_shot(items: list, k: int) -> list:
+    """Dassl's DatasetBase.generate_fewshot_dataset, written out: classes in order of first appearance,
+    random.sample(items, k) whenever a class has at least k (the global generator, seeded before)."""
+    import random
+    from collections import defaultdict
+
+    tracker = defaultdict(list)
+    for item in items:
+        tracker[item.label].append(item)
+    dataset = []
+    for _, group in tracker.items():
+        dataset.extend(random.sample(group, k) if len(group) >= k else group)
+    return dataset
+
+
+@pytest.mark.parametrize("shots, seed", [(1, 1), (4, 2), (16, 3)])
+def test_few_shot_split_draws_dassls_images_for_a_seed(tmp_path, shots, seed):
+    import random
+
+    root = coop_root(tmp_path, "oxford_pets", "images", "split_zhou_OxfordPets.json")
+    source = load_data(root / "oxford_pets", "oxford_pets")
+    source = dataclasses.replace(source, train=source.train[::-1])  # labels not in order: first appearance counts
+    split = few_shot_split(source, shots, seed)
+    random.seed(seed)  # Dassl's set_random_seed before building the data set
+    train = _dassl_few_shot(source.train, shots)
+    val = _dassl_few_shot(source.val, min(shots, 4))
+    assert [s.path for s in split.train] == [s.path for s in train]
+    assert [s.path for s in split.val] == [s.path for s in val]

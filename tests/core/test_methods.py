@@ -132,6 +132,7 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "mlp": 2 * m * d_t + 2 * (d_t * d_t + d_t) + to_vision,
         "tip-adapter": 0,
         "tip-adapter-f": None,  # one key of the embedding width (512) per cached image: data-dependent
+        "gda": 0,  # a closed form: its W and b are computed, not trained
         # CoOp's context plus the meta-net: Linear(512 -> 512/16), ReLU, Linear(512/16 -> text width).
         "cocoop": m * d_t + (512 * 32 + 32) + (32 * d_t + d_t),
         # rank-2 A (2 x width) and B (width x 2) on q, k and v of every block of both towers

@@ -37,7 +37,7 @@ EVERY_METHOD_MODULE = {"coop": prompts.TextContext, "vpt-shallow": prompts.Visua
 def test_every_method_has_one_spec_and_the_name_lists_derive_from_it():
     assert METHODS == tuple(spec.name for spec in SPECS) and set(REGISTRY) == set(METHODS)
     assert len(set(METHODS)) == len(METHODS)
-    assert CACHE_METHODS == {"tip-adapter", "tip-adapter-f"}
+    assert CACHE_METHODS == {"tip-adapter", "tip-adapter-f", "gda"}
     assert set(PROMPT_METHODS) == set(METHODS) - CACHE_METHODS - {"clip-lora"}  # it adapts weights, learns no prompts
     for spec in SPECS:
         assert spec.title and spec.description and "\n" not in spec.description

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference as ref
+
 from upt.artifact import load_artifact
 from upt.data import eval_transform, read_image_file, sample_few_shot, scan_image_folder
 from upt.encoders import encode_image
@@ -19,7 +21,7 @@ from upt.methods.tip_adapter import (
     encode_views,
     fine_tune_keys,
     one_hot_values,
-    search_alpha_beta,
+    leave_one_out_search,
 )
 from upt.predict import Predictor
 from upt.training import TrainConfig, train
@@ -71,27 +73,48 @@ def test_keys_are_normalised_means_of_the_augmented_views(tiny, fashion_train):
     assert torch.allclose(keys.norm(dim=-1), torch.ones(len(samples)))
 
 
-def test_grid_search_picks_the_best_validation_accuracy(tiny, fashion_train, fashion_test):
-    train_samples = _val_images(scan_image_folder(fashion_train), per_class=4)
-    folder = scan_image_folder(fashion_test)
-    val = _val_images(folder, per_class=5)
+def test_search_picks_the_best_leave_one_out_accuracy_of_the_shots(tiny, fashion_train):
+    folder = scan_image_folder(fashion_train.parent.parent / "fashion_mnist_visual_shift" / "train")
+    train_samples = _val_images(folder, per_class=4)
     options = CacheOptions(alpha_steps=6, beta_steps=8, augment_views=2)
-    keys = build_keys(encode_views(tiny, train_samples, options, seed=1))
-    values = one_hot_values(torch.tensor([s.label for s in train_samples]), 4)
-    features = encode_samples(tiny, val, eval_transform(tiny.image), normalize=True)
-    labels = torch.tensor([s.label for s in val])
-    zero_shot = tiny.logit_scale * features @ template_classifier(tiny, folder.class_names, TEMPLATES).T
-    result = search_alpha_beta(zero_shot, features, labels, keys, values, options)
+    views = encode_views(tiny, train_samples, options, seed=1)
+    keys = build_keys(views)
+    labels = torch.tensor([s.label for s in train_samples])
+    values = one_hot_values(labels, 4)
+    classifier = template_classifier(tiny, folder.class_names, TEMPLATES)
+    result = leave_one_out_search(views, labels, keys, values, classifier, tiny.logit_scale, options)
 
-    def accuracy(alpha: float, beta: float) -> float:
-        logits = zero_shot + CacheModel(keys, values, alpha, beta).logits(features)
-        return float((logits.argmax(dim=-1) == labels).float().mean())
+    def hits(alpha: float, beta: float) -> int:  # each shot scored by the cache without its own key
+        return ref.tip_leave_one_out_hits(keys, values, labels, classifier, tiny.logit_scale, alpha, beta)
 
-    grid = {(a, b): accuracy(a, b) for b in options.betas() for a in options.alphas()}
+    grid = {(a, b): hits(a, b) for b in options.betas() for a in options.alphas()}
     assert len(grid) == 6 * 8 and len(set(grid.values())) > 1  # the grid matters here
-    assert result.val_accuracy == max(grid.values()) == accuracy(result.alpha, result.beta)
-    assert result.val_count == len(val)
-    assert options.betas()[0] == pytest.approx(0.1) and options.betas()[-1] < 7.0  # the released code's grid
+    first_best = next(point for point, count in grid.items() if count == max(grid.values()))
+    assert (result.alpha, result.beta) == first_best
+    assert result.held_out_accuracy == max(grid.values()) / len(labels) and result.held_out_count == len(labels)
+
+
+def test_released_configs_by_data_set(tiny):
+    imagenet, flowers = TrainConfig.of("tip-adapter-f").cache_options(), TrainConfig.of("tip-adapter-f")
+    assert (imagenet.beta_max, imagenet.alpha_max, imagenet.init_alpha, imagenet.epochs) == (7, 3, 1.17, 20)
+    flowers = flowers.cache_options("oxford_flowers")
+    assert (flowers.beta_max, flowers.alpha_max, flowers.init_alpha) == (50, 50, 10)
+    eurosat = TrainConfig.of("tip-adapter-f").cache_options("eurosat")
+    assert eurosat.epochs == 100 and TrainConfig.of("tip-adapter-f", epochs=3).cache_options("eurosat").epochs == 3
+    assert options_grid_ends(TrainConfig.of("tip-adapter").cache_options("fgvc_aircraft")) == (30, 30)
+    given = TrainConfig.of("tip-adapter", alpha_max=4, beta_max=9, init_alpha=0.5, init_beta=2).cache_options("dtd")
+    assert (given.alpha_max, given.beta_max, given.init_alpha, given.init_beta) == (4, 9, 0.5, 2)
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.of("coop", alpha_max=4)  # a prompt method does not search α
+    assert refused.value.field == "alpha_max"
+
+
+def options_grid_ends(options: CacheOptions) -> tuple[float, float]:
+    """The released code's grid: from 0.1 towards the maximum, which it never reaches."""
+    betas, alphas = options.betas(), options.alphas()
+    assert betas[0] == pytest.approx(0.1) and alphas[0] == pytest.approx(0.1)
+    step_b, step_a = betas[1] - betas[0], alphas[1] - alphas[0]
+    return round(betas[-1] + step_b), round(alphas[-1] + step_a)
 
 
 def test_tip_adapter_f_trains_only_the_keys(tiny, fashion_train):
@@ -149,7 +172,7 @@ def test_a_cache_encoder_encodes_the_cache_and_nothing_else_changes(tiny, fashio
     a, b = load_artifact(plain.artifact_dir).tensors, load_artifact(through.artifact_dir).tensors
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     assert through.metrics["cache"] == plain.metrics["cache"]
-    assert sum(calls) == 2 * 16 + 16  # two views of the 16 shots, then the 16 validation images
+    assert sum(calls) == 2 * 16  # two views of the 16 shots: the search needs no other image
 
 
 def test_a_cache_encoder_shifted_by_a_constant_shifts_the_keys(tiny, fashion_train, tmp_path):

@@ -1,6 +1,7 @@
-"""The instant stage of an API that serves with OpenVINO: its Tip-Adapter cache is encoded by the
-compiled encoder (service/instant.py), and with exact fp32 it is the cache that the PyTorch tower
-builds from the same stored shots, to float rounding."""
+"""The instant stage of an API that serves with OpenVINO: its Tip-Adapter cache (UPT_INSTANT_METHOD, not
+the default GDA: the cache's keys are the encoder's features themselves) is encoded by the compiled
+encoder (service/instant.py), and with exact fp32 it is the cache that the PyTorch tower builds from the
+same stored shots, to float rounding."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
     from upt.training import TrainConfig, train
 
     env = base_env(tmp_path / "data", tiny_checkpoint, UPT_SERVE_RUNTIME="openvino", UPT_SERVE_PRECISION="fp32",
-                   UPT_INSTANT_AUGMENT_VIEWS="3")
+                   UPT_INSTANT_AUGMENT_VIEWS="3", UPT_INSTANT_METHOD="tip-adapter")
     with api_process(env, tmp_path / "serve.log") as url:
         encoder = wait_until(lambda: (detail := httpx.get(f"{url}/readyz", timeout=30).json()
                                       ["checks"]["image_encoder"]["detail"]).startswith("openvino") and detail,

@@ -54,13 +54,14 @@ def read_split(spec: CoOpDataset, folder: Path) -> DataSource:
 
 def read_imagenet(spec: CoOpDataset, folder: Path) -> DataSource:
     """CoOp's ImageNet: labels follow the sorted wnid folders of images/train; images/val is the test
-    set and, as in CoOp, also the validation split (ImageNet has no other)."""
+    set. CoOp validates on it too; here it has no validation split, so the validation images are held
+    out of train (`few_shot_split`), never taken from the test images."""
     names = read_classnames(_classnames_path(folder))
     wnids = _subfolders(folder / spec.images / "train")
     class_names = [_lookup(names, wnid, folder) for wnid in wnids]
     train = _by_folder(folder / spec.images / "train", wnids)
     test = _by_folder(folder / spec.images / "val", wnids)
-    return DataSource(spec.name, folder, class_names, train, test, test, spec.template)
+    return DataSource(spec.name, folder, class_names, train, None, test, spec.template)
 
 
 def read_imagenet_by_index(spec: CoOpDataset, folder: Path) -> DataSource:

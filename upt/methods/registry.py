@@ -17,7 +17,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..options import (
+    ALPHA_MAX,
     AUGMENT_VIEWS,
+    BETA_MAX,
     BATCH_SIZE,
     CTX_INIT,
     DEPTH,
@@ -25,6 +27,8 @@ from ..options import (
     GPA_MEAN,
     GPA_STD,
     IMAGE_LOSS_WEIGHT,
+    INIT_ALPHA,
+    INIT_BETA,
     ITERATIONS,
     LORA_ALPHA,
     LORA_DROPOUT,
@@ -42,6 +46,7 @@ from . import lora, promptsrc
 from .cocoop import BATCH_SIZE as COCOOP_BATCH_SIZE
 from .cocoop import EPOCHS as COCOOP_EPOCHS
 from .cocoop import ConditionalContext
+from .gda import NAME as GDA
 from .prompts import JointPrompts, PromptMLP, TextContext, UnifiedPrompts, UnifiedTransformerLayer, VisualPrompts
 
 if TYPE_CHECKING:
@@ -207,6 +212,7 @@ _SHALLOW = DepthRule(("vision",), default=1, maximum=1,
                      advice="vpt-shallow prompts only the first layer; use vpt-deep for depth > 1.")
 _PROMPTSRC_DEPTH = DepthRule(("text", "vision"), default=promptsrc.DEPTH, capped=True)
 _CACHE_RECIPE = "Tip-Adapter's recipe (AdamW, lr 0.001, batch 256, cosine)"
+_SEARCH = (ALPHA_MAX, BETA_MAX, INIT_ALPHA, INIT_BETA)  # Tip-Adapter's search: the released config's by default
 _FEW_SHOT_CONFIG = "its few-shot config's"
 _PROMPTSRC_OPTIONS = (
     N_CTX, replace(DEPTH, help=f"layers that receive prompts (default: {_PROMPTSRC_DEPTH.describe()})"), CTX_INIT,
@@ -220,6 +226,7 @@ _PROMPTSRC_OPTIONS = (
     _default(GPA_STD, None, f"{promptsrc.GPA_STD:g}; {promptsrc.SHARP_GPA_STD:g} on Stanford Cars, Flowers, "
                             f"Aircraft, DTD and EuroSAT, {_FEW_SHOT_CONFIG}"),
 )
+_GDA_RECIPE = "GDA's closed form (no optimiser)"
 _LORA_RECIPE = "CLIP-LoRA's recipe (AdamW, weight decay 0.01, cosine over its iterations)"
 _LORA_OPTIONS = (
     SHOTS, SEED, _default(LORA_RANK, None, f"{lora.RANK}, the paper's"),
@@ -270,13 +277,18 @@ SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("tip-adapter", "Tip-Adapter (no training)",
                "No training: a cache of the training images' features votes next to zero-shot (Tip-Adapter). "
                "Ready seconds after the task is created.",
-               learns=(CACHE,), options=(SHOTS, SEED, AUGMENT_VIEWS), trains=False, recipe=_CACHE_RECIPE),
+               learns=(CACHE,), options=(SHOTS, SEED, AUGMENT_VIEWS, *_SEARCH), trains=False, recipe=_CACHE_RECIPE),
     MethodSpec("tip-adapter-f", "Tip-Adapter-F",
                "Tip-Adapter's cache keys fine-tuned for 20 quick epochs over cached features (Tip-Adapter-F). "
                "Usually better than Tip-Adapter, still done in seconds to minutes.",
                learns=(CACHE,), options=(SHOTS, SEED, _default(EPOCHS, None, f"{TIP_ADAPTER_F_EPOCHS}, the paper's"),
-                                         AUGMENT_VIEWS),
+                                         AUGMENT_VIEWS, *_SEARCH),
                epochs=TIP_ADAPTER_F_EPOCHS, recipe=_CACHE_RECIPE),
+    MethodSpec(GDA, "GDA (no training)",
+               "No training: a Gaussian per class over the shots' image features, with one shared covariance, "
+               "added to zero-shot (GDA). Ready seconds after the task is created; usually well above "
+               "Tip-Adapter from 2 shots on.",
+               learns=(CACHE,), options=(SHOTS, SEED, AUGMENT_VIEWS), trains=False, recipe=_GDA_RECIPE),
     MethodSpec("cocoop", "CoCoOp (conditional prompt)",
                "CoOp's context shifted per image by a small meta-net (CoCoOp). Generalises better to unseen domains "
                "than CoOp; the text encoder runs once per image, so training and serving are slower.",

@@ -12,10 +12,15 @@ with W the zero-shot classifier and s CLIP's logit scale. The released code writ
 number on those weights and keeps `α = 0` equal to our zero-shot logits on any backbone. The cache term
 is not multiplied by s: α alone weighs it, as in the paper and the released code.
 
-α and β are chosen on the validation images over the released code's grid (β in [0.1, 7), α in
-[0.1, 3), 200 × 20 steps), the first best accuracy wins. Tip-Adapter-F makes K trainable and
-fine-tunes it with AdamW (lr 0.001, eps 1e-4, cosine per step, 20 epochs, batch 256) at the initial
-α, β, then searches again. Its training images pass through the frozen encoder once per augmented
+α and β are chosen over the released code's grid (β in [0.1, β_max), α in [0.1, α_max), 200 × 20
+steps; the first best accuracy wins), with its per-data-set ranges, initial α, β and epochs where a
+CoOp data set is named (`RELEASED_CONFIGS`; ImageNet's otherwise). Unlike the released code, which
+searches on the validation images and reports accuracy on them (on the test images for ImageNet),
+the search never sees the images that score it: Tip-Adapter's α, β are chosen on the shots by
+leave-one-out (each shot scored by the cache without its own key), Tip-Adapter-F's by cross-fitting
+(keys fine-tuned on the other folds of the shots score each fold; upt.methods.crossfit), and the
+method is then refitted on every shot. Tip-Adapter-F makes K trainable and fine-tunes it with AdamW
+(lr 0.001, eps 1e-4, cosine per step, 20 epochs, batch 256) at the initial α, β, then searches. Its training images pass through the frozen encoder once per augmented
 view, cached here; each epoch takes one random view per image, so the backbone never runs per step.
 Unlike the released code, which keeps the epoch with the best *test* accuracy, the last epoch is kept
 (the project's protocol reports the last epoch and never looks at test images while training).
@@ -36,6 +41,7 @@ from ..data import LabelledImage, eval_transform, labelled_batches
 from ..encoders import encode_image
 from ..errors import ConfigError, TrainingCancelled
 from ..options import AUGMENT_VIEWS, JsonOptions
+from .crossfit import first_best, fold_count, held_out_queries, stratified_folds
 from .registry import TIP_ADAPTER_F_EPOCHS
 
 ENCODE_BATCH = 64
@@ -51,7 +57,7 @@ class CacheOptions(JsonOptions):
 
     augment_views: int = AUGMENT_VIEWS.default
     crop_scale: float = 0.5  # RandomResizedCrop's lower scale bound for the cache views (released code)
-    init_alpha: float = 1.0
+    init_alpha: float = 1.17  # ImageNet's released config, as the grid and epochs below
     init_beta: float = 1.0
     alpha_max: float = 3.0
     alpha_steps: int = 20
@@ -85,6 +91,37 @@ class CacheOptions(JsonOptions):
 
     def betas(self) -> list[float]:
         return _grid(self.beta_max, self.beta_steps)
+
+
+@dataclass(frozen=True)
+class ReleasedConfig:
+    """One data set's settings in Tip-Adapter's released configs (`configs/<data set>.yaml`)."""
+
+    beta_max: float  # search_scale[0]
+    alpha_max: float  # search_scale[1]
+    init_alpha: float
+    epochs: int = TIP_ADAPTER_F_EPOCHS  # train_epoch (Tip-Adapter-F)
+
+
+# By the project's names of CoOp's data sets (upt.datasets.catalogue); init_beta is 1 in every one.
+RELEASED_CONFIGS: dict[str, ReleasedConfig] = {
+    "imagenet": ReleasedConfig(7, 3, 1.17),
+    "caltech101": ReleasedConfig(12, 5, 3),
+    "dtd": ReleasedConfig(13, 13, 2),
+    "eurosat": ReleasedConfig(12, 10, 2, epochs=100),
+    "fgvc_aircraft": ReleasedConfig(30, 30, 5),
+    "food101": ReleasedConfig(10, 10, 1.17),
+    "oxford_flowers": ReleasedConfig(50, 50, 10),
+    "oxford_pets": ReleasedConfig(7, 3, 1.17),
+    "stanford_cars": ReleasedConfig(20, 10, 3),
+    "sun397": ReleasedConfig(12, 10, 1.17),
+    "ucf101": ReleasedConfig(7, 3, 3),
+}
+
+
+def released_config(dataset: str) -> ReleasedConfig:
+    """The named data set's released settings; ImageNet's for any other (an image folder)."""
+    return RELEASED_CONFIGS.get(dataset, RELEASED_CONFIGS["imagenet"])
 
 
 def _grid(maximum: float, steps: int) -> list[float]:
@@ -177,30 +214,92 @@ def one_hot_values(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return F.one_hot(labels, n_classes).float()
 
 
+# Held-out queries scored at each grid point, at most: the search's cost is queries × keys × classes per
+# β, so a 1000-class task queries 4 shots of each class (as many images as its validation split) and a
+# 10-class task every shot.
+MAX_SEARCH_QUERIES = 4096
+
+
 @dataclass(frozen=True)
 class SearchResult:
     alpha: float
     beta: float
-    val_accuracy: float | None  # None when there were no validation images (α, β stay at their initial values)
-    val_count: int
+    held_out_accuracy: float | None  # None: no shot could be held out (one per class); α, β stay initial
+    held_out_count: int
+
+
+def _grid_hits(zero_shot_logits: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
+               options: CacheOptions) -> torch.Tensor:
+    """Hits of each (β, α) of the grid, β outer and α inner, flattened in that order."""
+    hits = []
+    for beta in options.betas():
+        votes = torch.exp(-beta * (1.0 - affinity)) @ values
+        hits.extend(int(((zero_shot_logits + alpha * votes).argmax(dim=-1) == labels).sum())
+                    for alpha in options.alphas())
+    return torch.tensor(hits)
+
+
+def _chosen(hits: torch.Tensor, count: int, options: CacheOptions) -> SearchResult:
+    best = first_best(hits, count)
+    alphas = options.alphas()
+    return SearchResult(alphas[best.index % len(alphas)], options.betas()[best.index // len(alphas)],
+                        best.accuracy, count)
+
+
+def _unsearched(options: CacheOptions) -> SearchResult:
+    return SearchResult(options.init_alpha, options.init_beta, None, 0)
+
+
+def search_queries(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The shots held out in turn: the first q of each class in split order (itself random), q as many
+    as MAX_SEARCH_QUERIES allows, at least one."""
+    per_class = max(1, MAX_SEARCH_QUERIES // max(1, n_classes))
+    rank = torch.zeros_like(labels)
+    for label in labels.unique():
+        where = (labels == label).nonzero().flatten()
+        rank[where] = torch.arange(len(where), device=labels.device)
+    return (rank < per_class).nonzero().flatten()
 
 
 @torch.no_grad()
-def search_alpha_beta(zero_shot_logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                      keys: torch.Tensor, values: torch.Tensor, options: CacheOptions) -> SearchResult:
-    """The grid search of the released code on validation features: β outer, α inner, first best wins."""
-    if len(labels) == 0:
-        return SearchResult(options.init_alpha, options.init_beta, None, 0)
-    labels = labels.to(features.device)
-    affinity = features @ keys.T
-    best = (-1.0, options.init_alpha, options.init_beta)
-    for beta in options.betas():
-        votes = torch.exp(-beta * (1.0 - affinity)) @ values
-        for alpha in options.alphas():
-            accuracy = float(((zero_shot_logits + alpha * votes).argmax(dim=-1) == labels).float().mean())
-            if accuracy > best[0]:
-                best = (accuracy, alpha, beta)
-    return SearchResult(best[1], best[2], best[0], len(labels))
+def leave_one_out_search(view_features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, classifier: torch.Tensor, logit_scale: float,
+                         options: CacheOptions) -> SearchResult:
+    """Tip-Adapter's α, β on the shots, each scored by the cache without its own key (leave-one-out):
+    the validation images never choose them. A shot's query is its own key (its views' mean)."""
+    if fold_count(labels, classifier.shape[0]) == 0:
+        return _unsearched(options)
+    rows = search_queries(labels, classifier.shape[0])
+    queries = held_out_queries(view_features[:, rows].to(keys.device))
+    affinity = queries @ keys.T
+    affinity[torch.arange(len(rows), device=keys.device), rows.to(keys.device)] = -math.inf  # its own key: no vote
+    hits = _grid_hits(logit_scale * queries @ classifier.T, affinity, values, labels[rows].to(keys.device), options)
+    return _chosen(hits, len(rows), options)
+
+
+def cross_fit_search(view_features: torch.Tensor, labels: torch.Tensor, values: torch.Tensor,
+                     classifier: torch.Tensor, logit_scale: float, options: CacheOptions,
+                     fit_keys: Callable[[torch.Tensor], torch.Tensor]) -> SearchResult:
+    """Tip-Adapter-F's α, β: for each fold of the shots, keys fitted on the others (`fit_keys(mask)`,
+    fine-tuned there) score the fold's shots over the grid; the most hits in all folds win."""
+    n_classes = classifier.shape[0]
+    folds = fold_count(labels, n_classes)
+    if folds == 0:
+        return _unsearched(options)
+    assignment = stratified_folds(labels, folds)
+    asked = torch.zeros(len(labels), dtype=torch.bool)
+    asked[search_queries(labels, n_classes)] = True
+    hits, count = None, 0
+    for fold in range(folds):
+        fit, held = assignment != fold, (assignment == fold) & asked
+        keys = fit_keys(fit)  # fine-tuned: with gradients
+        with torch.no_grad():
+            queries = held_out_queries(view_features[:, held].to(keys.device))
+            fold_hits = _grid_hits(logit_scale * queries @ classifier.T, queries @ keys.T,
+                                   values[fit.to(values.device)], labels[held].to(keys.device), options)
+        hits = fold_hits if hits is None else hits + fold_hits
+        count += int(held.sum())
+    return _chosen(hits, count, options)
 
 
 @dataclass(frozen=True)
@@ -248,9 +347,3 @@ def fine_tune_keys(keys: torch.Tensor, values: torch.Tensor, view_features: torc
             correct += int((logits.argmax(dim=-1) == target).sum())
         on_epoch(KeyEpoch(epoch + 1, options.epochs, loss_sum / n, correct / n, scheduler.get_last_lr()[0]))
     return trained.detach()
-
-
-def validation_features(backbone: Backbone, samples: list[LabelledImage],
-                        encoder: CacheEncoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    features = encode_samples(backbone, samples, eval_transform(backbone.image), normalize=True, encoder=encoder)
-    return features, torch.tensor([s.label for s in samples], dtype=torch.long)

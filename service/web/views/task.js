@@ -128,7 +128,7 @@ export function taskView(root, { id }) {
     const acc = (v) => (v === null || v === undefined ? "" : `, ${pct(v, 0)} on validation`);
     const running = [].concat(task.metrics?.auto?.running || []).map(methodName).join(", "); // auto: candidates training now
     const instantText = {
-      ready: `Answers now: training-free${acc(i.val_accuracy)}`,
+      ready: `Answers now: ${methodName(i.method)}${acc(i.val_accuracy)}`,
       failed: `Training-free stage failed: ${i.error || "unknown error"}`,
     }[i.state] || "Preparing a training-free answer…";
     const name = methodName(tu.method) + (running ? ` (now ${running})` : "");
