@@ -92,6 +92,7 @@ LORA_RECIPE = LORA_TESTS + "::test_the_optimiser_is_adamw_with_a_cosine_over_the
 LORA_RESUME = LORA_TESTS + "::test_a_resumed_run_ends_with_the_same_artifact"
 LORA_SERVING = LORA_TESTS + "::test_a_lora_task_takes_a_pass_of_its_own_beside_the_shared_ones"
 LORA_PASSES = LORA_TESTS + "::test_grouped_passes_are_each_shuffled_and_the_last_epoch_cut"
+LORA_UPDATE = LORA_TESTS + "::test_an_update_is_the_scaled_low_rank_product_and_dropout_masks_each_projection_unbiased"
 
 
 @dataclass(frozen=True)
@@ -405,6 +406,13 @@ MUTANTS: list[Mutant] = [
     m("lora-dropout-on-base-input", ENC, "    normed = block.ln_1(x)\n    attn = block.attn\n",
       "    normed = F.dropout(block.ln_1(x), lora.dropout, training=lora.dropout > 0)\n    attn = block.attn\n",
       "dropout on the base projections' input too, not the adapters' alone", LORA_ZERO_SHOT),
+    m("lora-one-mask-for-every-projection", ENC,
+      "dropped = F.dropout(x.unsqueeze(0).expand(len(down), *x.shape), self.dropout, training=True)",
+      "dropped = F.dropout(x, self.dropout, training=True).unsqueeze(0).expand(len(down), *x.shape)",
+      "one dropout mask shared by the q, k and v adapters (the paper's code draws one each)", LORA_UPDATE),
+    m("lora-dropout-not-rescaled", ENC, "self.dropout, training=True)\n",
+      "self.dropout, training=True) * (1 - self.dropout)\n",
+      "the adapters' dropped input not rescaled by 1 / (1 - p): updates biased low while training", LORA_UPDATE),
     m("lora-dropout-when-serving", LORA, "self.options.dropout if self.training else 0.0", "self.options.dropout",
       "the adapters' dropout on in eval mode (export, serving)", LORA_DROPOUT, LORA_EXPORT),
     m("lora-text-not-folded", LORA, '"classifier": self.classifier().to(self.visual.down.dtype).clone(),',

@@ -176,11 +176,13 @@ class QkvLora:
         """The updates of `projections` (slice(0, 3): q, k, v; slice(1, 3): k, v) at `layer` for x
         (..., width), packed as the in-projection's outputs are: (..., count · width)."""
         down, up = self.down[layer, projections], self.up[layer, projections]  # (p, rank, width), (p, width, rank)
-        inputs = x.unsqueeze(0).expand(len(down), *x.shape)
+        down = down.to(x.dtype)
         if self.dropout:
-            inputs = F.dropout(inputs, self.dropout, training=True)
-        low = torch.einsum("p...w,prw->p...r", inputs, down.to(x.dtype))
-        return self.scale * torch.einsum("p...r,pwr->...pw", low, up.to(x.dtype)).flatten(-2)
+            dropped = F.dropout(x.unsqueeze(0).expand(len(down), *x.shape), self.dropout, training=True)
+            low = torch.einsum("p...w,prw->...pr", dropped, down)
+        else:  # one product for every projection's A, no copy of x per projection
+            low = (x @ down.flatten(0, 1).T).unflatten(-1, (len(down), -1))
+        return self.scale * torch.einsum("...pr,pwr->...pw", low, up.to(x.dtype)).flatten(-2)
 
 
 def lora_block(block: ResidualAttentionBlock, x: torch.Tensor, lora: QkvLora, layer: int,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import reference as ref
 from asymmetric import ASYMMETRIC, float64_backbone
 from upt.artifact import TENSORS_FILE, load_artifact, load_serving_artifact, save_artifact
+from upt.encoders import QkvLora
 from upt.errors import ArtifactError, ConfigError, TrainingCancelled
 import upt.lora_training as upt_lora_training
 from upt.lora_training import LoraLoop
@@ -133,6 +134,23 @@ def test_dropout_drops_the_adapters_input_while_training_only(backbone):
         trained = model.train()(images)
     torch.testing.assert_close(evaluated, reference_logits(backbone, model, images), atol=1e-6, rtol=0)
     assert (trained - evaluated).abs().max() > 1e-3
+
+
+def test_an_update_is_the_scaled_low_rank_product_and_dropout_masks_each_projection_unbiased():
+    torch.manual_seed(0)
+    width, rank = 16, 2
+    down, up = torch.randn(1, 3, rank, width), torch.randn(1, 3, width, rank)
+    down[0, 1], up[0, 1] = down[0, 0], up[0, 0]  # the query and the key share one adapter
+    x = torch.randn(4, width)
+    exact = QkvLora(down, up, 0.5).update(0, x, slice(0, 3))
+    expected = torch.cat([0.5 * x @ (up[0, p] @ down[0, p]).T for p in range(3)], dim=-1)
+    torch.testing.assert_close(exact, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(QkvLora(down, up, 0.5).update(0, x, slice(1, 3)), expected[:, width:], atol=1e-5,
+                               rtol=0)
+    dropped = QkvLora(down, up, 0.5, dropout=0.25)
+    draws = torch.stack([dropped.update(0, x, slice(0, 3)) for _ in range(4000)])
+    assert not torch.allclose(draws[..., :width], draws[..., width:2 * width])  # a mask of its own per projection
+    torch.testing.assert_close(draws.mean(dim=0), exact, atol=0.05 * float(exact.abs().max()), rtol=0)
 
 
 def test_mixed_precision_forward_and_backward(tiny):
