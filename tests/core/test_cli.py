@@ -49,8 +49,10 @@ def zero_shot_accuracy(tiny_checkpoint, fashion_train, fashion_test, tmp_path_fa
     return train_and_evaluate("zero-shot", tiny_checkpoint, fashion_train, fashion_test, out)["eval"]["accuracy"]
 
 
+# PromptSRC is pulled towards frozen CLIP's zero-shot predictions, chance here: it stays at chance on random
+# weights (tests/core/test_promptsrc.py shows it beating zero-shot on the pretrained tiny CLIP).
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "zero-shot"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("zero-shot", "promptsrc")])
 def test_each_tuned_method_beats_zero_shot(method, tiny_checkpoint, fashion_train, fashion_test, tmp_path,
                                            zero_shot_accuracy):
     result = train_and_evaluate(method, tiny_checkpoint, fashion_train, fashion_test, tmp_path / method)
