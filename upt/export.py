@@ -3,8 +3,10 @@
 The graph is `Predictor.logits` traced with the task's tensors baked in as constants: the image
 tower with its visual prompts, the L2 normalisation, the classifier W (and a Tip-Adapter cache's
 votes, a few matrix products), then a softmax. Tracing the predictor itself, not a copy of its
-arithmetic, is what makes any method whose `Predictor` holds a fixed classifier exportable without a
-branch here, and its outputs equal to what `upt predict` and `/classify` answer.
+arithmetic, is what makes every method exportable without a branch here (a new one too, whatever its
+`Predictor` holds: prompts, image adapters, a cache, a head), and its outputs equal to what
+`upt predict` and `/classify` answer. What the trace needs of that code: no Python loop or branch on
+the batch's size or values (CoCoOp's chunking loop runs as one pass under `torch.jit.is_tracing()`).
 
 Input `pixels`: (batch, 3, size, size) float32 RGB in [0, 1], the image's shorter side resized to
 `size` (bicubic) and centre-cropped; the CLIP mean/std normalisation runs inside the graph. Outputs
@@ -12,8 +14,9 @@ Input `pixels`: (batch, 3, size, size) float32 RGB in [0, 1], the image's shorte
 model's metadata (ONNX `metadata_props`; OpenVINO `rt_info` under "upt"): text as is, lists and
 numbers as JSON (`class_names` is a JSON list, in the order of the outputs' columns).
 
-CoCoOp cannot be exported in this form: its class prompts are shifted by each image's features, so
-the text encoder runs per image and there is no classifier to fold in.
+CoCoOp has no fixed classifier (its context is shifted by each image's features): its graph holds the
+text encoder too, run over every class's prompt for each image, as `Predictor.head` does, so it is
+slower than the others by about a text-encoder pass per class.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from torch import nn
 from .artifact import Artifact, load_serving_artifact, library_version
 from .backbone import Backbone, load_backbone
 from .errors import ConfigError, UptError
-from .methods.registry import REGISTRY
 from .predict import Predictor
 
 FORMATS = ("onnx", "openvino")
@@ -45,10 +47,6 @@ PREPROCESSING = ("RGB; shorter side resized to {size} px (bicubic), centre crop 
 
 class ExportUnavailableError(UptError):
     """The library that writes the format is not installed."""
-
-
-class NotExportableError(ConfigError):
-    """The predictor's logits are not a fixed function of the image features (CoCoOp)."""
 
 
 class _ExportedClassifier(nn.Module):
@@ -75,20 +73,6 @@ def export_key(artifact: Artifact, format: str) -> str:
     """Names one export of one artifact: its tensors' sha256 (what the graph bakes in), the format,
     and the library version (which wrote the graph)."""
     return f"{artifact.config['tensors_sha256'][:16]}-{format}-upt{library_version()}"
-
-
-def check_exportable(predictor: Predictor, method: str | None = None) -> None:
-    """NotExportableError unless the predictor's logits are one fixed graph of the image: not for a
-    method the registry marks conditional (`method`, where known), nor for a predictor holding a
-    conditional context."""
-    spec = REGISTRY.get(method or "")
-    if predictor.conditional is not None or (spec is not None and spec.conditional):
-        name = spec.title if spec is not None else "CoCoOp"
-        raise NotExportableError(
-            f"{name} cannot be exported: its context is shifted by each image's features, so the text encoder "
-            "runs for every image and class and there is no fixed classifier to fold into the model. Serve it "
-            "with `upt predict` or the service, or export a CoOp task (the same prompts without the meta-net).",
-            field="method")
 
 
 def model_metadata(predictor: Predictor, artifact: Artifact | None = None) -> dict[str, str]:
@@ -119,7 +103,6 @@ def export_predictor(predictor: Predictor, format: str, out: str | Path,
     """Write the predictor as an ONNX file `out`, or as OpenVINO IR `out` (.xml) with its .bin beside
     it; returns the files written. `metadata`: `model_metadata(predictor)` where not given."""
     check_format(format)
-    check_exportable(predictor, (metadata or {}).get("method"))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = metadata if metadata is not None else model_metadata(predictor)

@@ -24,8 +24,7 @@ from service.models import TaskStatus
 from service.storage import Storage
 from upt.artifact import load_serving_artifact
 from upt.errors import ArtifactError
-from upt.export import (FORMATS, ExportUnavailableError, NotExportableError, check_exportable, export_key,
-                        export_predictor, model_metadata)
+from upt.export import FORMATS, ExportUnavailableError, export_key, export_predictor, model_metadata
 
 router = APIRouter(tags=["tasks"])
 EXPORTS_FOLDER = "exports"
@@ -39,8 +38,8 @@ SUFFIXES = {"onnx": ".onnx", "openvino": "-openvino.zip"}
                              "content": {media: {} for media in MEDIA_TYPES.values()}}})
 def export_task(task_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep, serving: ServingDep,
                 format: Annotated[str, Query(description=f"one of {', '.join(FORMATS)}")] = "onnx") -> FileResponse:
-    """The task's trained model with its visual prompts and classifier folded in, for ONNX Runtime
-    or OpenVINO. 409 until the task has succeeded, and for CoCoOp (its text encoder runs per image)."""
+    """The task's trained model with its visual prompts and classifier folded in (CoCoOp: with the
+    text encoder, which it runs per image), for ONNX Runtime or OpenVINO. 409 until the task has succeeded."""
     if format not in FORMATS:
         raise invalid("format", f"one of {', '.join(FORMATS)}, not {format!r}.")
     task = tenant_task(session, tenant, task_id)
@@ -64,10 +63,6 @@ def _export(task_id: str, format: str, storage: Storage, serving) -> Path:
     if path.is_file():
         return path
     predictor = serving.tuned_predictor(task_id, artifact_dir)  # 503 while the backbone loads, 409 on a mismatch
-    try:
-        check_exportable(predictor, artifact.config.get("method"))
-    except NotExportableError as error:
-        raise Problem(409, "Not exportable", str(error), type="not-exportable")
     try:
         _write(predictor, artifact, format, path)
     except ExportUnavailableError as error:

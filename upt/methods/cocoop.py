@@ -66,15 +66,20 @@ def conditional_logits(clip, class_tokens: torch.Tensor, module: ConditionalCont
     """(batch, classes) logits: each image against the class prompts built with its own context.
 
     All images' class prompts go through the text encoder together (per-sample context), a few images
-    at a time so that one pass holds about SEQUENCES_PER_PASS prompts."""
-    classes = class_tokens.shape[0]
-    per_pass = max(1, SEQUENCES_PER_PASS // classes)
-    rows = []
-    for start in range(0, image_features.shape[0], per_pass):
-        features = image_features[start:start + per_pass]
-        contexts = module.contexts(features)  # (b, m, width)
-        b = features.shape[0]
-        per_sample = contexts.repeat_interleave(classes, dim=0).unsqueeze(0)  # depth 1, (b·k, m, width)
-        text = encode_text(clip, class_tokens.repeat(b, 1), per_sample, normalize=True).view(b, classes, -1)
-        rows.append(logit_scale * torch.einsum("bd,bkd->bk", features.to(text.dtype), text))
-    return torch.cat(rows)
+    at a time so that one pass holds about SEQUENCES_PER_PASS prompts; traced for export (upt.export),
+    the whole batch in one pass, since a traced loop would keep the example batch's count of chunks."""
+    if torch.jit.is_tracing():
+        return _conditional_pass(clip, class_tokens, module, image_features, logit_scale)
+    per_pass = max(1, SEQUENCES_PER_PASS // class_tokens.shape[0])
+    return torch.cat([_conditional_pass(clip, class_tokens, module, image_features[start:start + per_pass],
+                                        logit_scale) for start in range(0, image_features.shape[0], per_pass)])
+
+
+def _conditional_pass(clip, class_tokens: torch.Tensor, module: ConditionalContext, features: torch.Tensor,
+                      logit_scale: float) -> torch.Tensor:
+    """(b, classes) logits of b images in one text-encoder pass over their b·classes prompts."""
+    classes, b = class_tokens.shape[0], features.shape[0]
+    contexts = module.contexts(features)  # (b, m, width)
+    per_sample = contexts.repeat_interleave(classes, dim=0).unsqueeze(0)  # depth 1, (b·k, m, width)
+    text = encode_text(clip, class_tokens.repeat(b, 1), per_sample, normalize=True).view(b, classes, -1)
+    return logit_scale * torch.einsum("bd,bkd->bk", features.to(text.dtype), text)
