@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import reference as ref
 from asymmetric import ASYMMETRIC, float64_backbone
 from upt.artifact import TENSORS_FILE, load_artifact
-from upt.auto import method_listing
+from upt.auto import base_config, candidate_config, method_listing
 from upt.cli import build_parser
 from upt.data import eval_transform, read_image_file
 from upt.datasets import load_data
@@ -73,6 +73,17 @@ def test_its_options_are_listed_flagged_checked_and_refused_by_the_other_methods
         with pytest.raises(ConfigError) as raised:
             TrainConfig.of("promptsrc", **{name: bad}).validate()
         assert raised.value.field == name
+
+
+def test_as_an_auto_candidate_it_keeps_its_own_recipe_unless_told_otherwise():
+    """auto's shared options leave lr, batch size and epochs unset: each candidate keeps its own."""
+    base = base_config(("coop", "promptsrc"), shots=2)
+    coop, promptsrc = (candidate_config(base, method) for method in ("coop", "promptsrc"))
+    assert (coop.step_lr, coop.step_batch_size, promptsrc.step_lr, promptsrc.step_batch_size) == (0.002, 32, 0.0025, 4)
+    assert promptsrc.total_epochs == 50
+    told = base_config(("coop", "promptsrc"), lr=0.01, gpa_mean=5.0)
+    assert candidate_config(told, "promptsrc").step_lr == candidate_config(told, "coop").step_lr == 0.01
+    assert candidate_config(told, "promptsrc").gpa_mean == 5.0 and candidate_config(told, "coop").gpa_mean is None
 
 
 def test_prompts_are_deep_in_both_towers_the_text_context_from_a_photo_of_a(tiny):
@@ -150,6 +161,21 @@ def test_the_frozen_targets_do_not_move_with_the_prompts(backbone):
     torch.testing.assert_close(objective.frozen_text, before, atol=0, rtol=0)
     expected = ref.frozen_text_targets(backbone.clip, backbone.tokenizer, CLASSES, TEMPLATES)
     torch.testing.assert_close(objective.frozen_text, expected, atol=1e-6, rtol=0)
+
+
+def test_the_loss_under_autocast_is_finite_and_close_to_float32(tiny):
+    """As on a GPU (bfloat16 autocast on the CPU here): the terms are computed from widened features."""
+    torch.manual_seed(0)
+    model = PromptedCLIP(tiny, CLASSES, PromptConfig("promptsrc")).train()
+    objective = SelfRegulation(model, Regulation(), epochs=1)
+    images, labels = torch.randn(4, 3, tiny.image.size, tiny.image.size), torch.tensor([0, 1, 2, 0])
+    exact, _ = objective.loss(model, images, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms, logits = objective.terms(model, images, labels)
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert float(sum(terms.values()).detach()) == pytest.approx(float(exact.detach()), rel=0.05)
 
 
 @pytest.mark.parametrize("epochs, mean, std", [(50, 30.0, 30.0), (50, 45.0, 5.0), (7, 3.0, 2.0), (4, 1.0, 0.5)])

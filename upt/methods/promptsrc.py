@@ -142,8 +142,8 @@ class SelfRegulation:
             frozen_image = _wide(encode_image(model.clip, images, None, normalize=True))
             frozen_text = self.frozen_text.to(frozen_image.dtype)
             zero_shot_logits = scale * frozen_image @ frozen_text.T
-        return self_regulating_terms(logits, zero_shot_logits, text, frozen_text, image, frozen_image, labels,
-                                     self.regulation), logits
+        return self_regulating_terms(_wide(logits), _wide(zero_shot_logits), text, frozen_text, image, frozen_image,
+                                     labels, self.regulation), logits
 
     def loss(self, model: "PromptedCLIP", images: torch.Tensor,
              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +176,8 @@ class SelfRegulation:
 
 
 def _wide(features: torch.Tensor) -> torch.Tensor:
-    """float32 at least: the terms are computed from half-precision features under autocast on a GPU."""
+    """float32 at least: under autocast (a GPU's float16) features and products come in half precision,
+    and the terms are computed in float32 from them."""
     return features if features.dtype == torch.float64 else features.float()
 
 
