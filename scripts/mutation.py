@@ -74,6 +74,9 @@ GDA_SERVED = GDA_TESTS + "::test_served_logits_are_the_papers_formula"
 AUTO_RULE = "tests/core/test_auto.py::test_a_costlier_candidate_must_win_by_more_than_one_paired_standard_error"
 DASSL_SPLIT = "tests/core/test_datasets.py::test_few_shot_split_draws_dassls_images_for_a_seed"
 COCOOP_LOGITS = (LOGITS, "-k", "cocoop")
+MODEL_EXPORT = "tests/core/test_export.py"
+MODEL_EXPORT_PREDICTOR = MODEL_EXPORT + "::test_a_predictor_built_in_python_exports_too"
+MODEL_EXPORT_COCOOP = (MODEL_EXPORT + "::test_the_onnx_model_gives_the_predictors_top_1_and_logits", "-k", "cocoop")
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
 PROMPTSRC_TESTS = "tests/core/test_promptsrc.py"
 PSRC_LOSS = PROMPTSRC_TESTS + "::test_the_loss_terms_logits_and_gradients_are_the_papers"
@@ -345,6 +348,13 @@ MUTANTS: list[Mutant] = [
     m("cocoop-classifiers-of-other-images", COCOOP, 'torch.einsum("bd,bkd->bk", features.to(text.dtype), text)',
       'torch.einsum("bd,bkd->bk", features.flip(0).to(text.dtype), text)',
       "each image scored against another image's classifier", *COCOOP_LOGITS),
+    m("cocoop-export-chunked", COCOOP, "if torch.jit.is_tracing():", "if False:",
+      "CoCoOp's exported graph keeps the chunk count of the batch it was traced on", *MODEL_EXPORT_COCOOP),
+    # ---- export.py (ONNX / OpenVINO export) -------------------------------------------------------------
+    m("export-pixels-unnormalised", "upt/export.py",
+      "logits = self.predictor.logits((pixels - self.mean) / self.std).float()",
+      "logits = self.predictor.logits(pixels).float()", "the exported graph skips CLIP's mean/std normalisation",
+      MODEL_EXPORT_PREDICTOR),
     # ---- methods/promptsrc.py (PromptSRC) ------------------------------------------------------------
     m("psrc-cross-entropy-dropped", PSRC, '"cross_entropy": F.cross_entropy(logits, labels),',
       '"cross_entropy": 0 * F.cross_entropy(logits, labels),', "PromptSRC's loss without its cross-entropy", PSRC_LOSS),
