@@ -78,8 +78,8 @@ class LoraLoop(_Loop):
                  checkpoint_dir: str | Path | None):
         super().__init__(model, split, config, callbacks, checkpoint_dir)
         self.lr = config.step_lr
+        # the paper's AdamW in place of the prompt methods' SGD
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
-        self.batch = min(config.step_batch_size, len(self.dataset))
         self.plan = EpochPlan.of(lora_iterations(config, split), len(self.dataset), config.step_batch_size)
         self.iterations, self.steps_per_epoch, self.epochs = self.plan.iterations, self.plan.steps_per_epoch, \
             self.plan.epochs
