@@ -69,10 +69,10 @@ def check_format(format: str) -> None:
         raise ConfigError(f"Unknown export format {format!r}; choose one of: {', '.join(FORMATS)}.", field="format")
 
 
-def export_key(artifact: Artifact, format: str) -> str:
-    """Names one export of one artifact: its tensors' sha256 (what the graph bakes in), the format,
-    and the library version (which wrote the graph)."""
-    return f"{artifact.config['tensors_sha256'][:16]}-{format}-upt{library_version()}"
+def export_key(artifact: Artifact) -> str:
+    """Names the exports of one artifact: its tensors' sha256 (what the graphs bake in) and the
+    library version (which wrote them)."""
+    return f"{artifact.config['tensors_sha256'][:16]}-upt{library_version()}"
 
 
 def model_metadata(predictor: Predictor, artifact: Artifact | None = None) -> dict[str, str]:

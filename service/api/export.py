@@ -1,8 +1,9 @@
 """GET /tasks/{id}/export: a finished task's model as one ONNX file or OpenVINO IR (zipped), which runs
 without upt (see upt.export for what the graph holds and takes).
 
-An export is written once per artifact and format under the task's folder (exports/, removed with the
-task): a second GET streams the same file. A new artifact of the task (another key) replaces it.
+An export is written once per artifact and format, under the task's folder (exports/<artifact key>/,
+removed with the task): a second GET streams the same file. The exports of an earlier artifact of the
+task go once one of a new artifact is written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from upt.export import FORMATS, ExportUnavailableError, export_key, export_predi
 router = APIRouter(tags=["tasks"])
 EXPORTS_FOLDER = "exports"
 MEDIA_TYPES = {"onnx": "application/octet-stream", "openvino": "application/zip"}
-SUFFIXES = {"onnx": ".onnx", "openvino": "-openvino.zip"}
+SUFFIXES = {"onnx": ".onnx", "openvino": "-openvino.zip"}  # of the files kept and of the names downloaded
 
 
 @router.get("/tasks/{task_id}/export", response_class=FileResponse,
@@ -58,8 +59,8 @@ def _export(task_id: str, format: str, storage: Storage, serving) -> Path:
         artifact = load_serving_artifact(artifact_dir)
     except ArtifactError as error:
         raise Problem(409, "Artifact unusable", str(error), type="artifact-unusable")
-    folder = storage.task_dir(task_id) / EXPORTS_FOLDER
-    path = folder / (export_key(artifact, format) + SUFFIXES[format])
+    exports = storage.task_dir(task_id) / EXPORTS_FOLDER
+    path = exports / export_key(artifact) / f"model{SUFFIXES[format]}"
     if path.is_file():
         return path
     predictor = serving.tuned_predictor(task_id, artifact_dir)  # 503 while the backbone loads, 409 on a mismatch
@@ -71,9 +72,9 @@ def _export(task_id: str, format: str, storage: Storage, serving) -> Path:
         if is_disk_full(error):
             raise disk_full()
         raise
-    for other in folder.iterdir():  # exports of an earlier artifact of the task are never served again
-        if other != path and not other.name.startswith("."):
-            other.unlink(missing_ok=True)
+    for other in exports.iterdir():  # an earlier artifact's exports are never served again
+        if other != path.parent:
+            shutil.rmtree(other, ignore_errors=True)
     return path
 
 

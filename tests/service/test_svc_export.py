@@ -65,11 +65,14 @@ def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, traine
     exported = [trained["class_names"][i] for i in logits.argmax(axis=1)]
     assert exported == _classified_top_1(client, trained["id"], held_out)
 
-    folder = settings_of(stack.env).storage_dir / "tasks" / trained["id"] / "exports"
-    written, = (p for p in folder.iterdir() if p.suffix == ".onnx")
+    exports = settings_of(stack.env).storage_dir / "tasks" / trained["id"] / "exports"
+    written, = exports.rglob("*.onnx")
     stamp = written.stat().st_mtime_ns
+    assert client.get(f"/tasks/{trained['id']}/export", params={"format": "openvino"}).status_code == 200
     again = client.get(f"/tasks/{trained['id']}/export")  # onnx is the default
-    assert again.content == answered.content and written.stat().st_mtime_ns == stamp  # served, not exported again
+    # Served, not exported again, and kept beside the other format's export of the same artifact.
+    assert again.content == answered.content and written.stat().st_mtime_ns == stamp
+    assert [len(list(exports.rglob(pattern))) for pattern in ("*.onnx", "*.zip")] == [1, 1]
 
 
 def test_the_openvino_export_is_a_zip_of_its_xml_and_bin_giving_classifys_top_1(stack, trained, tmp_path):
