@@ -27,6 +27,7 @@ from service.recovery import Sweeper
 from service.serving_cache import ServingCache
 from service.settings import Settings
 from service.storage import Storage
+from service.stream_slots import StreamSlots
 from service.timeouts import RequestBoundsMiddleware
 from service.uploads import configure_pillow
 
@@ -49,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
         # The API sweeps too, so a dead worker's task is taken out of `running` even while no worker
         # is up; sweeps are compare-and-set, so any number of API replicas and workers can run them.
         sweeper = Sweeper(settings, app.state.database, app.state.queue,
-                          chores=[app.state.instant.resume_unfinished])
+                          chores=[app.state.instant.resume_unfinished,
+                                  lambda: events.purge_used_tokens(app.state.database)])
         sweeper.start()
         yield
         sweeper.stop()
@@ -64,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.storage = Storage.from_settings(settings)
     app.state.queue = TrainingQueue(settings)
     app.state.metrics = Metrics(app.state.database)
+    app.state.streams = StreamSlots(settings.tenant_max_streams)
     app.state.instant = InstantStages(settings, app.state.storage, app.state.serving, app.state.database)
     app.state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.max_batch,
                                      observe=app.state.metrics.observe_encoder_pass,

@@ -122,6 +122,10 @@ class Task(Base):
     instant_error: Mapped[str | None] = mapped_column(Text)
     # Its method (UPT_INSTANT_METHOD when the build started); null while no build has started.
     instant_method: Mapped[str | None] = mapped_column(String(32))
+    # The build that holds the stage (claimed by compare-and-set, so one replica builds it) and when it
+    # was claimed; once ready, the stage's folder is `instant-<build>` (null: the folder `instant`).
+    instant_build: Mapped[str | None] = mapped_column(String(32))
+    instant_claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     events: Mapped[list[TaskEvent]] = relationship(
         back_populates="task", cascade="all, delete-orphan", passive_deletes=True, order_by="TaskEvent.id"
@@ -189,3 +193,13 @@ class TaskCandidate(Base):
     fraction: Mapped[float] = mapped_column(Float, default=0.0)
     # Once succeeded: its leaderboard row (upt.auto.LeaderboardRow).
     row: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class StreamTokenUse(Base):
+    """A stream token that has opened its stream: each opens one (a URL in a log or a Referer header is
+    no key to the stream). Kept until the token expires, then swept."""
+
+    __tablename__ = "stream_token_uses"
+
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

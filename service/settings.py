@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = []
     # Lifetime of a token made by POST /tasks/{id}/events/token; only the connection must start in time.
     stream_token_ttl_s: float = Field(60.0, gt=0)
+    # Event streams one tenant may hold open on one API process (0: no limit): each polls the database.
+    tenant_max_streams: int = Field(20, ge=0)
 
     # Upload limits, enforced while the request body streams in.
     max_files: int = Field(2000, ge=1)

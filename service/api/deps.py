@@ -30,6 +30,7 @@ from service.queue import TrainingQueue
 from service.serving_cache import ServingCache
 from service.settings import Settings
 from service.storage import Storage
+from service.stream_slots import StreamSlots
 
 
 async def get_settings(request: Request) -> Settings:
@@ -72,6 +73,10 @@ async def get_queue(request: Request) -> TrainingQueue:
     return request.app.state.queue
 
 
+async def get_streams(request: Request) -> StreamSlots:
+    return request.app.state.streams
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -81,6 +86,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 InstantDep = Annotated[InstantStages, Depends(get_instant)]
 QueueDep = Annotated[TrainingQueue, Depends(get_queue)]
+StreamsDep = Annotated[StreamSlots, Depends(get_streams)]
 
 
 def presented_key(request: Request) -> str | None:

@@ -22,16 +22,16 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.api.tasks import tenant_task
-from service.api.deps import DatabaseDep, SessionDep, SettingsDep, TenantDep, current_tenant, presented_key
+from service.api.deps import DatabaseDep, SessionDep, SettingsDep, StreamsDep, TenantDep, current_tenant, presented_key
 from service.auth import hash_key
-from service.db import Database, is_integer_literal
+from service.db import Database, db_now, is_integer_literal
 from service.errors import Problem, invalid
-from service.models import FINAL_STATUSES, ApiKey, Task, TaskEvent, Tenant
+from service.models import FINAL_STATUSES, ApiKey, StreamTokenUse, Task, TaskEvent, Tenant
 from service.schemas import EventOut, EventPage, StreamTokenOut, TaskOut
 from service.stream_tokens import InvalidToken, StreamToken, mint, verify
 
@@ -42,6 +42,8 @@ log = logging.getLogger("upt.events")
 STREAM_POLL_S = 0.5
 RECONNECT_MS = 2000
 KEEPALIVE_S = 15.0
+# How often an open stream checks that its API key is still active: a revoked key's streams close.
+KEY_CHECK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,55 @@ class Cursor:
         return f"{self.version}.{self.epoch}" + (".end" if self.ended else "")
 
 
-def stream_tenant(request: Request, task_id: str, session: SessionDep, settings: SettingsDep,
-                  token: Annotated[str | None, Query(max_length=200)] = None) -> Tenant:
-    """The tenant of an API key in a header, as everywhere, or of a token made for this task's events."""
+@dataclass(frozen=True)
+class StreamAccess:
+    """Who opens a stream: the tenant, and the API key it came with (None where keys are not required),
+    which the stream checks again while it is open: a revoked key's streams close."""
+
+    tenant: Tenant
+    key_id: int | None
+
+
+def stream_access(request: Request, task_id: str, session: SessionDep, settings: SettingsDep,
+                  token: Annotated[str | None, Query(max_length=200)] = None) -> StreamAccess:
+    """The tenant of an API key in a header, as everywhere, or of a token made for this task's events;
+    a token opens one stream (or one history read), once."""
     if token is None:
-        return current_tenant(request, session, settings)
+        tenant = current_tenant(request, session, settings)
+        key = presented_key(request)
+        return StreamAccess(tenant, None if key is None else session.scalar(
+            select(ApiKey.id).where(ApiKey.key_hash == hash_key(key))))
     try:
-        key_id = StreamToken.parse(token).key_id
+        parsed = StreamToken.parse(token)
         row = session.execute(select(ApiKey.key_hash, Tenant).join(Tenant)
-                              .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))).first()
+                              .where(ApiKey.id == parsed.key_id, ApiKey.revoked_at.is_(None))).first()
         if row is None:
             raise InvalidToken("the API key this token was made with is unknown or revoked")
         verify(token, row.key_hash, task_id, now=time.time())
+        _use_once(session, token, parsed.expires)
     except InvalidToken as error:
         raise Problem(401, "Unauthorized", str(error), headers={"WWW-Authenticate": "Bearer"}) from None
-    return row.Tenant
+    return StreamAccess(row.Tenant, parsed.key_id)
+
+
+def _use_once(session: Session, token: str, expires: int) -> None:
+    """Records the token's use; a second use is refused. EventSource reconnects with the same URL after a
+    dropped connection: that reconnection is refused, and the web client makes a new token."""
+    try:
+        with session.begin_nested():
+            session.add(StreamTokenUse(signature=token.rsplit(".", 1)[1],
+                                       expires_at=datetime.fromtimestamp(expires, timezone.utc)))
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise InvalidToken("this token has opened its stream already: make a new one with "
+                           "POST /tasks/{id}/events/token") from None
+
+
+def purge_used_tokens(database: Database) -> int:
+    """Removes the records of tokens that have expired (a sweeper chore): they cannot be used anyway."""
+    with database.scope() as session:
+        return session.execute(delete(StreamTokenUse).where(StreamTokenUse.expires_at < db_now(session))).rowcount
 
 
 @router.post("/tasks/{task_id}/events/token", response_model=StreamTokenOut)
@@ -106,20 +142,38 @@ def make_stream_token(task_id: str, request: Request, tenant: TenantDep, session
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "JSON history, or with `Accept: text/event-stream` a live stream."},
                        204: {"description": "Stream only: the task ended and the client has seen everything."}})
-async def task_events(task_id: str, request: Request, tenant: Annotated[Tenant, Depends(stream_tenant)],
-                      session: SessionDep, database: DatabaseDep, last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+async def task_events(task_id: str, request: Request, access: Annotated[StreamAccess, Depends(stream_access)],
+                      session: SessionDep, database: DatabaseDep, streams: StreamsDep,
+                      last_event_id: Annotated[str | None, Header(max_length=40)] = None,
                       after: Annotated[str | None, Query(max_length=40, description="as Last-Event-ID")] = None):
     """Epoch history (JSON). With `Accept: text/event-stream`: `epoch`, `progress` and `end` events, live."""
-    task = await run_in_threadpool(tenant_task, session, tenant, task_id)
+    task = await run_in_threadpool(tenant_task, session, access.tenant, task_id)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return await run_in_threadpool(_history, session, task)
     cursor = Cursor.parse(last_event_id or after)
-    tenant_id = tenant.id
+    tenant_id = access.tenant.id
     session.close()  # hand the connection back: the stream reads with short sessions of its own
     if cursor.ended:  # a finished task's stream has nothing more to say, ever
         return Response(status_code=204)
-    return StreamingResponse(_stream(database, task.id, tenant_id, cursor), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    streams.take(tenant_id)  # a 429 past UPT_TENANT_MAX_STREAMS
+    return _SlotStream(_stream(database, task.id, tenant_id, cursor, access.key_id),
+                       release=lambda: streams.give_back(tenant_id), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _SlotStream(StreamingResponse):
+    """A stream that gives its tenant's slot back however it ends: finished, or its client gone (then
+    Starlette may cancel it before its generator ever ran, and no `finally` of that would run)."""
+
+    def __init__(self, content, release, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def _history(session: Session, task: Task) -> EventPage:
@@ -157,11 +211,23 @@ def _changes(database: Database, task_id: str, tenant_id: int, cursor: Cursor) -
         return chunks, cursor, task.status if task.status in FINAL_STATUSES else None
 
 
-async def _stream(database: Database, task_id: str, tenant_id: int, cursor: Cursor) -> AsyncIterator[str]:
+def _key_active(database: Database, key_id: int) -> bool:
+    with database.session() as session:
+        return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
+
+
+async def _stream(database: Database, task_id: str, tenant_id: int, cursor: Cursor,
+                  key_id: int | None = None) -> AsyncIterator[str]:
     yield f"retry: {RECONNECT_MS}\n\n"
-    quiet_since = time.monotonic()
+    quiet_since = key_checked = time.monotonic()
     while True:
         try:
+            if key_id is not None and time.monotonic() - key_checked >= KEY_CHECK_S:
+                if not await run_in_threadpool(_key_active, database, key_id):
+                    # Closed without `end`: EventSource reconnects, and is refused (401) for good.
+                    log.info("event stream of task %s closed: its API key was revoked", task_id)
+                    return
+                key_checked = time.monotonic()
             changes = await run_in_threadpool(_changes, database, task_id, tenant_id, cursor)
         except SQLAlchemyError as error:  # the client reconnects with its Last-Event-ID
             log.warning("event stream of task %s closed: database error %s", task_id, type(error).__name__)

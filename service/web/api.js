@@ -146,27 +146,46 @@ export async function pollGet(path, { params, signal } = {}) {
 /**
  * Follows a task live over server-sent events: handlers.progress(task), .epoch(event), .end(status),
  * and .lost() once the stream cannot go on (the caller then polls). EventSource cannot send the key,
- * so the stream's URL carries a short-lived token made for it. Resolves to a function that closes the
- * stream, or null where the browser has no EventSource (or the service no stream): poll instead.
+ * so the stream's URL carries a short-lived token made for it. A token opens one stream: when the
+ * connection drops, the browser's own reconnection (same URL) is refused, so a new token is made and
+ * the stream resumes after the last event seen (`after`), up to RESUMES times without an event between.
+ * Resolves to a function that closes the stream, or null where the browser has no EventSource (or the
+ * service no stream): poll instead.
  */
+const RESUMES = 3;
+
 export async function followTask(id, handlers, signal) {
   if (typeof EventSource !== "function") return null;
-  let made;
-  try { made = await request("POST", `tasks/${encodeURIComponent(id)}/events/token`, { signal }); }
-  catch (err) { if (err.name === "AbortError") throw err; return null; }
-  if (!made || typeof made.url !== "string") return null;
-  const source = new EventSource(apiUrl(made.url));
-  const on = (kind, fn) => source.addEventListener(kind, (e) => {
-    let data;
-    try { data = JSON.parse(e.data); } catch { return; }
-    fn(data);
-  });
-  on("progress", handlers.progress);
-  on("epoch", handlers.epoch);
-  on("end", (d) => { source.close(); handlers.end(d.status); });
-  // CONNECTING: the browser reconnects by itself, with Last-Event-ID. CLOSED: refused (an expired token).
-  source.addEventListener("error", () => { if (source.readyState === EventSource.CLOSED) handlers.lost(); });
-  return () => source.close();
+  let source = null, closed = false, lastId = "", failures = 0;
+  const open = async () => {
+    let made;
+    try { made = await request("POST", `tasks/${encodeURIComponent(id)}/events/token`, { signal }); }
+    catch (err) { if (err.name === "AbortError") throw err; return false; }
+    if (closed || !made || typeof made.url !== "string") return false;
+    const sep = made.url.includes("?") ? "&" : "?";
+    source = new EventSource(apiUrl(lastId ? `${made.url}${sep}after=${encodeURIComponent(lastId)}` : made.url));
+    const on = (kind, fn) => source.addEventListener(kind, (e) => {
+      if (e.lastEventId) lastId = e.lastEventId;
+      failures = 0;
+      let data;
+      try { data = JSON.parse(e.data); } catch { return; }
+      fn(data);
+    });
+    on("progress", handlers.progress);
+    on("epoch", handlers.epoch);
+    on("end", (d) => { closed = true; source.close(); handlers.end(d.status); });
+    // CONNECTING: the browser reconnects by itself (refused: the token was used). CLOSED: make a new one.
+    source.addEventListener("error", () => {
+      if (source.readyState !== EventSource.CLOSED && !lastId) return;
+      source.close();
+      if (closed) return;
+      if (++failures > RESUMES) { handlers.lost(); return; }
+      open().then((ok) => { if (!ok && !closed) handlers.lost(); }, () => {});
+    });
+    return true;
+  };
+  if (!(await open())) return null;
+  return () => { closed = true; if (source) source.close(); };
 }
 
 export const api = {

@@ -103,8 +103,8 @@ def test_eventsource_tokens_follow_keys_and_tenants(stack):
     assert status(f"/tasks/{other}/events?token={token['token']}") == 401  # made for another task
     forged = token["token"][:-2] + ("AA" if not token["token"].endswith("AA") else "BB")
     assert status(f"/tasks/{mine}/events?token={forged}") == 401
-    key_id, expires, signature = token["token"].split(".")
-    assert status(f"/tasks/{mine}/events?token={key_id}.{int(expires) + 3600}.{signature}") == 401  # extended
+    key_id, expires, nonce, signature = token["token"].split(".")
+    assert status(f"/tasks/{mine}/events?token={key_id}.{int(expires) + 3600}.{nonce}.{signature}") == 401  # extended
     assert globex.post(f"/tasks/{mine}/events/token").status_code == 404  # another tenant's task
     theirs_token = globex.post(f"/tasks/{theirs}/events/token").json()["token"]
     assert status(f"/tasks/{mine}/events?token={theirs_token}") == 401

@@ -8,6 +8,7 @@ next round of hostile testing starts from every case found before.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -77,14 +78,14 @@ def api(tmp_path, tiny_checkpoint) -> Iterator[Api]:
     yield from make_api(tmp_path, tiny_checkpoint, max_request_pixels=1_200_000)
 
 
-def add_task(api: Api, status: str = "running") -> str:
-    """A task row of the key's tenant (acme), as a worker would have left it: no uploads, no build."""
+def add_task(api: Api, status: str = "running", tenant: str = "acme") -> str:
+    """A task row of `tenant` (acme: the key of `api.headers`), as a worker left it: no uploads, no build."""
     from service.auth import get_or_create_tenant
     from service.models import Task, new_task_id, utcnow
 
     task_id = new_task_id()
     with api.app.state.database.scope() as session:
-        session.add(Task(id=task_id, tenant_id=get_or_create_tenant(session, "acme").id, method="coop", config={},
+        session.add(Task(id=task_id, tenant_id=get_or_create_tenant(session, tenant).id, method="coop", config={},
                          class_names=CLASSES[:2], num_images=2, model="upt-tiny", pretrained="p", status=status,
                          heartbeat_at=utcnow()))
     return task_id
@@ -241,3 +242,93 @@ def test_an_int8_misconfiguration_serves_pytorch_and_takes_tasks(tmp_path, tiny_
         created = api.post("/tasks", data=task_data(), files=image_files(PNG, PNG))
         assert created.status_code == 202, created.text
         assert api.post("/classify", data={"class_names": CLASSES}, files=image_files(PNG)).status_code == 200
+
+
+def _revoke(api: Api, headers: dict) -> None:
+    from sqlalchemy import update
+
+    from service.auth import hash_key
+    from service.models import ApiKey, utcnow
+
+    key = headers["Authorization"].removeprefix("Bearer ")
+    with api.app.state.database.scope() as session:
+        session.execute(update(ApiKey).where(ApiKey.key_hash == hash_key(key)).values(revoked_at=utcnow()))
+
+
+def test_a_stream_token_opens_one_stream(api):
+    task_id = add_task(api)
+    made = api.post(f"/tasks/{task_id}/events/token").json()
+    assert api.client.get(made["url"]).status_code == 200
+    assert_problem(api.client.get(made["url"]), 401, "already")
+    # Each new token opens its own.
+    again = api.post(f"/tasks/{task_id}/events/token").json()
+    assert api.client.get(again["url"]).status_code == 200
+
+
+def _end_task(api: Api, task_id: str) -> None:
+    """The task succeeds: its open streams send `end` and close (a TestClient stream cannot be closed
+    from the client's side while the server still writes to it)."""
+    from sqlalchemy import update
+
+    from service.models import Task
+
+    with api.app.state.database.scope() as session:
+        session.execute(update(Task).where(Task.id == task_id).values(status="succeeded"))
+
+
+@pytest.mark.parametrize("by", ["header", "token"])
+def test_a_revoked_keys_open_stream_closes_within_ten_seconds(api, by):
+    import time
+
+    task_id = add_task(api)  # running: its stream would stay open until it ends
+    if by == "token":
+        url, headers = api.post(f"/tasks/{task_id}/events/token").json()["url"], {}
+    else:
+        url, headers = f"/tasks/{task_id}/events", api.headers
+    with api.client.stream("GET", url, headers={**headers, "Accept": "text/event-stream"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        while not next(lines).startswith("event: progress"):
+            pass
+        _revoke(api, api.headers)
+        revoked = time.monotonic()
+        try:
+            rest = []
+            for line in lines:  # until the server closes the stream, or a keep-alive after 10 s
+                rest.append(line)
+                if time.monotonic() - revoked > 10:
+                    break
+            took = time.monotonic() - revoked
+        finally:
+            _end_task(api, task_id)
+    assert took < 10, f"the stream stayed open {took:.1f}s after its key was revoked"
+    assert not any(line.startswith("event: end") for line in rest)  # closed, not "the task ended"
+
+
+def test_event_streams_per_tenant_are_bounded(tmp_path, tiny_checkpoint):
+    from svc_helpers import wait_until
+
+    for api in make_api(tmp_path, tiny_checkpoint, tenant_max_streams=1):
+        task_id = add_task(api)
+        stream = {"Accept": "text/event-stream"}
+        with api.client.stream("GET", f"/tasks/{task_id}/events", headers={**api.headers, **stream}) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            next(lines)
+            # Were a second stream let in, it would last as long as the task: the task ends after 5 s.
+            ending = threading.Timer(5, _end_task, (api, task_id))
+            ending.start()
+            second = api.client.get(f"/tasks/{task_id}/events", headers={**api.headers, **stream})
+            ending.cancel()
+            body = assert_problem(second, 429, "UPT_TENANT_MAX_STREAMS")
+            assert body["type"].endswith("/tenant-stream-limit")
+            # The history (JSON) is no stream; another tenant's streams are its own.
+            assert api.client.get(f"/tasks/{task_id}/events", headers=api.headers).status_code == 200
+            theirs = add_task(api, status="succeeded", tenant="globex")
+            answer = api.client.get(f"/tasks/{theirs}/events", headers={**api.other, **stream})
+            assert answer.status_code == 200 and "event: end" in answer.text
+            _end_task(api, task_id)  # its stream says so and closes
+            assert any(line.startswith("event: end") for line in lines)
+        wait_until(lambda: api.app.state.streams.open_streams(1) == 0, "the closed stream's slot to come back", 15)
+        again = api.client.get(f"/tasks/{task_id}/events", headers={**api.headers, **stream})
+        assert again.status_code == 200 and "event: end" in again.text
