@@ -9,12 +9,17 @@ shots, no training. The result is an ordinary `gda` (or `tip-adapter`) artifact 
 storage volume, so any API replica serves it; the task row holds the stage's state (building, ready,
 failed), so GET /tasks/{id} and its ETag change when it is ready.
 
-If the process that was building it died (the row says building, or nothing), the stage is built again
-in two ways: /classify builds it on demand (`ensure`), and the API's sweeper resumes every such stage
-older than UPT_INSTANT_RESUME_AFTER_S (`resume_unfinished`), so a task nobody asks about still becomes
-ready and GET /tasks/{id} does not show `building` for ever. Both are guarded by a lock per task in this
-process; two replicas building at once write the same artifact (same seed and data) and publish it with
-an atomic rename, so either result is the one.
+One build per task across replicas: a build claims the stage in the task row by compare-and-set
+(`instant_build`, `instant_claimed_at`), and only the claimant builds. It writes to a folder of its own
+and publishes by renaming it to a fresh name, `instant-<build>`, then committing that build as the
+ready one in the row (again only if it still holds the claim): nothing is ever deleted or replaced
+under a reader, which finds the folder the row names.
+
+If the process that was building it died (the row says building, claimed long ago, or nothing), the
+stage is built again in two ways: /classify builds it on demand (`ensure`), and the API's sweeper
+resumes every such stage older than UPT_INSTANT_RESUME_AFTER_S (`resume_unfinished`), so a task nobody
+asks about still becomes ready and GET /tasks/{id} does not show `building` for ever. A build that
+failed for a transient reason (the volume full) is left unclaimed, so it is built again the same ways.
 """
 
 from __future__ import annotations
@@ -22,16 +27,18 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-
 from datetime import timedelta
+from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 
 from service.db import Database, db_now
-from service.errors import Problem
+from service.errors import NO_SPACE, Problem, disk_full, is_disk_full, not_found
 from service.models import Task
+from service.quotas import folder_bytes
 from service.serving_cache import ServingCache
 from service.settings import Settings
 from service.storage import Storage
@@ -41,6 +48,10 @@ from upt.training import TrainConfig, train
 
 log = logging.getLogger("upt.instant")
 BUILDING, READY, FAILED = "building", "ready", "failed"
+PAUSED = "Paused"  # how a stage left unclaimed by a transient failure says so in its error
+# How long /classify waits for a build that another process holds, and how often it looks.
+ENSURE_WAIT_S = 30.0
+ENSURE_POLL_S = 0.5
 
 
 def instant_key(task_id: str) -> str:
@@ -63,7 +74,6 @@ class InstantStages:
         self.settings, self.storage, self.serving, self.database = settings, storage, serving, database
         # One build at a time: each is a burst of encoder passes, and /classify shares the device.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instant-stage")
-        self._locks: dict[str, threading.Lock] = {}
         self._scheduled: set[str] = set()  # waiting in or running on the pool: never submitted twice
         self._guard = threading.Lock()
 
@@ -76,89 +86,140 @@ class InstantStages:
         return self._pool.submit(self._build_logged, task_id)
 
     def resume_unfinished(self, limit: int = 20) -> list[str]:
-        """Schedules the stages left unbuilt by a process that died: rows that say `building`, or
-        nothing yet, for longer than UPT_INSTANT_RESUME_AFTER_S (a build in progress on another replica
-        is younger than that; if one is not, both builds publish the same artifact). A failed stage
-        stays failed: its error is shown, and retrying it every sweep would only fail again."""
+        """Schedules the stages left unbuilt: rows that say nothing yet, or `building` under a claim
+        older than UPT_INSTANT_RESUME_AFTER_S (its process died; a build in progress is younger), for
+        tasks created longer ago than that. A failed stage stays failed: its error is shown, and
+        retrying it every sweep would only fail again."""
         with self.database.scope() as session:
             older_than = db_now(session) - timedelta(seconds=self.settings.instant_resume_after_s)
             candidates = session.scalars(
-                select(Task.id).where(or_(Task.instant_status.is_(None), Task.instant_status == BUILDING),
-                                      Task.created_at < older_than)
+                select(Task.id).where(self._claimable(older_than), Task.created_at < older_than)
                 .order_by(Task.created_at).limit(limit)).all()
-        resumed = [task_id for task_id in candidates
-                   if not self.storage.has_instant(task_id) and self.schedule(task_id) is not None]
+        resumed = [task_id for task_id in candidates if self.schedule(task_id) is not None]
         if resumed:
             log.info("resuming the instant stage of %d task(s) left unbuilt: %s", len(resumed), ", ".join(resumed))
         return resumed
 
-    def ensure(self, task_id: str) -> None:
-        """The stage's artifact exists when this returns, or a problem says why it cannot (409: the
-        build failed, and is not retried for every request; 503: the backbone is not loaded yet)."""
-        if self.storage.has_instant(task_id):
-            return
-        self.build(task_id, retry_failed=False)
-        if not self.storage.has_instant(task_id):
-            with self.database.scope() as session:
-                task = session.get(Task, task_id)
-                error = task.instant_error if task is not None else "the task was deleted"
-            raise Problem(409, "Instant stage unavailable", f"Task {task_id} has no training-free stage: {error}",
-                          type="instant-stage-unavailable")
+    def ensure(self, task_id: str) -> Path:
+        """The stage's folder, ready, or a problem that says why not: 404, the task is gone (deleted on
+        another replica, say); 409, its build failed (not retried for every request); 503, the backbone
+        is not loaded yet, or another process builds it still after ENSURE_WAIT_S; 507, the volume is full."""
+        deadline, built = time.monotonic() + ENSURE_WAIT_S, False
+        while True:
+            row = self._row(task_id)
+            if row is None:
+                raise not_found(f"Task {task_id}")
+            lost = None
+            if row.instant_status == READY:
+                folder = self.storage.instant_dir(task_id, row.instant_build)
+                if self.storage.has_instant(task_id, row.instant_build):
+                    return folder
+                if self._row(task_id) is None:  # deleted while we looked
+                    raise not_found(f"Task {task_id}")
+                lost = row  # its folder lost (a volume restored from a backup): built again
+            if row.instant_status == FAILED or built:
+                raise self._unavailable(task_id, row.instant_error)
+            built = self.build(task_id, retry_failed=False, lost=lost)  # False: another process holds the claim
+            if not built and time.monotonic() > deadline:
+                raise Problem(503, "Instant stage building", f"Task {task_id}'s training-free stage is being built "
+                              "by another API process; retry in a few seconds.", type="instant-stage-building",
+                              headers={"Retry-After": "5"})
+            if not built:
+                time.sleep(ENSURE_POLL_S)
 
-    def build(self, task_id: str, retry_failed: bool = True) -> None:
-        with self._lock_of(task_id):
-            if self.storage.has_instant(task_id):
-                return
-            with self.database.scope() as session:
-                task = session.get(Task, task_id)
-                if task is None or (task.instant_status == FAILED and not retry_failed):
-                    return
-                config = instant_config(task, self.settings)
-                class_count = len(task.class_names)
-                session.execute(update(Task).where(Task.id == task_id)
-                                .values(instant_status=BUILDING, instant_error=None, instant_method=config.method))
-            self._train_and_publish(task_id, config, class_count)
+    def build(self, task_id: str, retry_failed: bool = True, lost=None) -> bool:
+        """Claims the stage and builds it; False if it was not this call's to build (ready, failed and
+        not to be retried, deleted, or claimed by a build in progress elsewhere). `lost`: the row of a
+        ready stage whose folder is gone, claimed again only if no other build has replaced it since."""
+        build = uuid.uuid4().hex
+        with self.database.scope() as session:
+            now = db_now(session)
+            claimable = self._claimable(now - timedelta(seconds=self.settings.instant_resume_after_s))
+            if retry_failed:
+                claimable = or_(claimable, Task.instant_status == FAILED)
+            if lost is not None:
+                same = Task.instant_build.is_(None) if lost.instant_build is None else Task.instant_build == lost.instant_build
+                claimable = or_(claimable, and_(Task.instant_status == READY, same))
+            claimed = session.execute(update(Task).where(Task.id == task_id, claimable).values(
+                instant_status=BUILDING, instant_build=build, instant_claimed_at=now, instant_error=None,
+                instant_method=self.settings.instant_method)).rowcount
+            task = session.get(Task, task_id) if claimed else None
+            if task is None:
+                return False
+            config = instant_config(task, self.settings)
+            class_count = len(task.class_names)
+        self._train_and_publish(task_id, build, config, class_count)
+        return True
 
-    def _train_and_publish(self, task_id: str, config, class_count: int) -> None:
+    @staticmethod
+    def _claimable(stale_before):
+        """Rows whose stage nobody builds: never claimed (or left unclaimed after a transient failure), or
+        claimed before `stale_before` by a process that has died since."""
+        return or_(Task.instant_status.is_(None),
+                   and_(Task.instant_status == BUILDING,
+                        or_(Task.instant_claimed_at.is_(None), Task.instant_claimed_at < stale_before)))
+
+    def _row(self, task_id: str):
+        with self.database.scope() as session:
+            return session.execute(select(Task.instant_status, Task.instant_build, Task.instant_error)
+                                   .where(Task.id == task_id)).first()
+
+    def _unavailable(self, task_id: str, error: str | None) -> Problem:
+        if error and error.startswith(PAUSED):
+            return disk_full()
+        return Problem(409, "Instant stage unavailable", f"Task {task_id} has no training-free stage: {error}",
+                       type="instant-stage-unavailable")
+
+    def _train_and_publish(self, task_id: str, build: str, config, class_count: int) -> None:
         try:
             backbone = self.serving.backbone()
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
-            self._mark(task_id, instant_status=None)
+            self._mark(task_id, build, instant_status=None, instant_claimed_at=None)
             raise
         # The serving encoder (compiled, bf16 on CPUs with bf16 units) encodes the cache: no gradient
         # is needed, and its features are those the stage will be asked about. Its background passes
         # go in slices that yield to /classify's (service.shared_encoder).
         encoder = self.serving.image_encoder(backbone)
-        partial = self.storage.task_dir(task_id) / f"instant.partial-{uuid.uuid4().hex}"
+        partial = self.storage.task_dir(task_id) / f"instant.partial-{build}"
         try:
             result = train(backbone, self.storage.data_dir(task_id), config, partial,
                            class_folders=self.storage.task_class_folders(task_id, class_count),
                            cache_encoder=lambda images: encoder.background(images, normalize=False))
-        except UptError as error:
-            shutil.rmtree(partial, ignore_errors=True)
-            self._mark(task_id, instant_status=FAILED, instant_error=str(error))
-            return
+            published = self.storage.instant_dir(task_id, build)
+            partial.rename(published)  # a fresh name: nothing a reader may hold is replaced
         except Exception as error:
             shutil.rmtree(partial, ignore_errors=True)
-            log.exception("instant stage of task %s failed", task_id)
-            self._mark(task_id, instant_status=FAILED, instant_error=f"Internal error: {type(error).__name__}: {error}")
+            self._failed(task_id, build, error)
             return
         with self.database.scope() as session:
-            # Published in the transaction that marks it ready: a reader that sees `ready` finds the folder.
-            marked = session.execute(update(Task).where(Task.id == task_id).values(
-                instant_status=READY, instant_accuracy=result.metrics["val_accuracy"], instant_error=None)).rowcount
-            if marked:
-                shutil.rmtree(self.storage.instant_dir(task_id), ignore_errors=True)
-                partial.rename(self.storage.instant_dir(task_id))
-        if not marked:  # deleted meanwhile: leave nothing behind
-            shutil.rmtree(partial, ignore_errors=True)
-            self.storage.delete_task(task_id)
+            # Ready in the row only once the folder it names is in place, and only for the claim's holder.
+            marked = session.execute(update(Task).where(Task.id == task_id, Task.instant_build == build).values(
+                instant_status=READY, instant_accuracy=result.metrics["val_accuracy"], instant_error=None,
+                stored_bytes=Task.stored_bytes + folder_bytes(published))).rowcount
+        if not marked:
+            shutil.rmtree(published, ignore_errors=True)
+            if self._row(task_id) is None:  # deleted meanwhile: leave nothing behind
+                self.storage.delete_task(task_id)
 
-    def _mark(self, task_id: str, instant_status: str | None, instant_error: str | None = None) -> None:
-        """The instant stage's own columns only: the task's `status` is service.task_state's."""
+    def _failed(self, task_id: str, build: str, error: Exception) -> None:
+        """A transient failure (the volume full) leaves the stage unclaimed, to be built again by the
+        sweeper or /classify once space is freed; any other is the stage's error, shown and kept."""
+        if is_disk_full(error):
+            log.error("instant stage of task %s paused: %s", task_id, NO_SPACE)
+            self._mark(task_id, build, instant_status=None, instant_claimed_at=None,
+                       instant_error=f"{PAUSED}: {NO_SPACE}; it is built again once space was freed.")
+        elif isinstance(error, UptError):
+            self._mark(task_id, build, instant_status=FAILED, instant_error=str(error))
+        else:
+            log.error("instant stage of task %s failed", task_id, exc_info=error)
+            self._mark(task_id, build, instant_status=FAILED,
+                       instant_error=f"Internal error: {type(error).__name__}: {error}")
+
+    def _mark(self, task_id: str, build: str, **values) -> None:
+        """The instant stage's own columns only (the task's `status` is service.task_state's), and only
+        while this build holds the claim."""
         with self.database.scope() as session:
-            session.execute(update(Task).where(Task.id == task_id)
-                            .values(instant_status=instant_status, instant_error=instant_error))
+            session.execute(update(Task).where(Task.id == task_id, Task.instant_build == build).values(**values))
 
     def _build_logged(self, task_id: str) -> None:
         try:
@@ -170,10 +231,6 @@ class InstantStages:
         finally:
             with self._guard:
                 self._scheduled.discard(task_id)
-
-    def _lock_of(self, task_id: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(task_id, threading.Lock())
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

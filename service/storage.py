@@ -10,8 +10,8 @@
                         and <method>/, the finished candidate's artifact, renamed into place
     storage/tasks/<task id>/artifact/                   adapter_config.json + prompts.safetensors; written
                         as artifact.partial-<lease>/ and renamed into place when the task succeeds
-    storage/tasks/<task id>/instant/                    the training-free stage's artifact (same format),
-                        written as instant.partial-<random>/
+    storage/tasks/<task id>/instant-<build>/            the training-free stage's artifact (same format),
+                        written as instant.partial-<build>/ and renamed; the row names the build
     storage/tmp/upload-<random>/                        a request's uploads while it is parsed and checked
 
 In production the storage folder is a volume shared by the API replicas and the workers. The task
@@ -65,11 +65,15 @@ class Storage:
     def has_artifact(self, task_id: str) -> bool:
         return (self.artifact_dir(task_id) / "adapter_config.json").is_file()
 
-    def instant_dir(self, task_id: str) -> Path:
-        return self.task_dir(task_id) / "instant"
+    def instant_dir(self, task_id: str, build: str | None = None) -> Path:
+        """The instant stage published by `build` (the task row's `instant_build`); None: the folder of
+        a stage published before builds were named."""
+        if build is not None and not build.isalnum():
+            raise ValueError(f"bad build id {build!r}")
+        return self.task_dir(task_id) / ("instant" if build is None else f"instant-{build}")
 
-    def has_instant(self, task_id: str) -> bool:
-        return (self.instant_dir(task_id) / "adapter_config.json").is_file()
+    def has_instant(self, task_id: str, build: str | None = None) -> bool:
+        return (self.instant_dir(task_id, build) / "adapter_config.json").is_file()
 
     def delete_task(self, task_id: str) -> None:
         shutil.rmtree(self.task_dir(task_id), ignore_errors=True)

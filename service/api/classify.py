@@ -6,6 +6,7 @@ import logging
 
 import torch
 from fastapi import APIRouter, Request
+from sqlalchemy import select
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import (BatcherDep, InstantDep, MetricsDep, ServingDep, SessionDep, SettingsDep, StorageDep,
@@ -13,7 +14,7 @@ from service.api.deps import (BatcherDep, InstantDep, MetricsDep, ServingDep, Se
 from service.api.forms import CLASSIFY_FORM
 from service.api.tasks import tenant_task
 from service.db import release_connection
-from service.errors import Problem, invalid
+from service.errors import Problem, invalid, not_found
 from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
@@ -53,17 +54,34 @@ def _top_k(raw: str | None, maximum: int) -> int:
     return value
 
 
-def _task_predictor(task: Task, stage: str | None, serving, storage, instant: InstantStages):
-    """The best ready stage (tuned once the training succeeded, else instant), or the one pinned."""
+def _task_predictor(task: Task, stage: str | None, serving, storage, instant: InstantStages, session):
+    """The best ready stage (tuned once the training succeeded, else instant), or the one pinned. A task
+    deleted meanwhile (on another replica: its files go first, then nothing names them) is a 404."""
     tuned_ready = task.status == TaskStatus.succeeded.value and storage.has_artifact(task.id)
     if stage == "tuned" or (stage is None and tuned_ready):
         if not tuned_ready:
+            _unless_gone(session, task)
             raise Problem(409, "Task not finished", f"Task {task.id} is {task.status}; its tuned stage answers once "
                           "it has succeeded (poll GET /tasks/{id}); its instant stage answers now.",
                           type="task-not-finished")
-        return serving.tuned_predictor(task.id, storage.artifact_dir(task.id)), "tuned"
-    instant.ensure(task.id)  # built right after creation; built here if that build was lost
-    return serving.tuned_predictor(instant_key(task.id), storage.instant_dir(task.id)), "instant"
+        try:
+            return serving.tuned_predictor(task.id, storage.artifact_dir(task.id)), "tuned"
+        except FileNotFoundError:
+            _unless_gone(session, task)
+            raise
+    folder = instant.ensure(task.id)  # built right after creation; built here if that build was lost
+    try:
+        return serving.tuned_predictor(instant_key(task.id), folder), "instant"
+    except FileNotFoundError:
+        _unless_gone(session, task)
+        raise
+
+
+def _unless_gone(session, task: Task) -> None:
+    """A 404 if the task's row is gone by now (deleted while this request looked at its files)."""
+    if session.scalar(select(Task.id).where(Task.id == task.id)) is None:
+        raise not_found(f"Task {task.id}")
+    release_connection(session)
 
 
 def _preprocessed(predictor, upload: UploadedFile, limits: ImageLimits) -> torch.Tensor:
@@ -102,7 +120,7 @@ def _classify(form, tenant, session, settings, serving, storage, metrics, batche
     limits = ImageLimits.of(settings, input_side=serving.backbone().image.size)
     check_request_pixels([(f.path, f.filename, "files") for f in files], limits)
     if task is not None:
-        predictor, stage = _task_predictor(task, stage, serving, storage, instant)
+        predictor, stage = _task_predictor(task, stage, serving, storage, instant, session)
     else:
         predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,

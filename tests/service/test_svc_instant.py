@@ -12,6 +12,12 @@ from svc_helpers import classify_with_task as classify, task_form, wait_for, wai
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 
+def published(stack, task_id: str):
+    """The task's published instant stage: one folder, named by its build (the row says which)."""
+    folder, = (stack.tmp / "data" / "storage" / "tasks" / task_id).glob("instant-*")
+    return folder
+
+
 def test_a_task_answers_before_any_worker_and_switches_stage_when_trained(stack):
     client = stack.client("acme")
     data, files = task_form(per_class=4, method="coop", shots=2, epochs=3, batch_size=4)
@@ -33,8 +39,8 @@ def test_a_task_answers_before_any_worker_and_switches_stage_when_trained(stack)
     assert pinned.status_code == 409 and pinned.json()["type"].endswith("task-not-finished")
     assert classify(client, task_id, stage="later").status_code == 422
 
-    # The instant stage's folder lost (a replica died mid-build, a volume restored): built on demand.
-    shutil.rmtree(stack.tmp / "data" / "storage" / "tasks" / task_id / "instant")
+    # The instant stage's folder lost (a volume restored from a backup): built on demand.
+    shutil.rmtree(published(stack, task_id))
     rebuilt = classify(client, task_id)
     assert rebuilt.status_code == 200 and rebuilt.json()["stage"] == "instant"
     assert rebuilt.json()["predictions"] == answered.json()["predictions"]  # the same cache again
@@ -66,12 +72,12 @@ def test_a_stage_left_building_by_a_dead_api_is_resumed_without_a_classify(stack
     url = stack.env["UPT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url, autocommit=True) as conn:  # what a build interrupted by a crash leaves
         conn.execute("UPDATE tasks SET instant_status = 'building', instant_accuracy = NULL WHERE id = %s", (task_id,))
-    shutil.rmtree(stack.tmp / "data" / "storage" / "tasks" / task_id / "instant")
+    shutil.rmtree(published(stack, task_id))
     assert client.get(f"/tasks/{task_id}").json()["stages"]["instant"]["state"] == "building"
 
     task = wait_for_stage(client, task_id, "instant", {"ready", "failed"}, timeout=60)  # GET only, no /classify
     assert task["stages"]["instant"]["state"] == "ready", (task, stack.api.tail())
-    assert (stack.tmp / "data" / "storage" / "tasks" / task_id / "instant" / "adapter_config.json").is_file()
+    assert (published(stack, task_id) / "adapter_config.json").is_file()
     assert "resuming the instant stage" in stack.api.tail(400)
     assert client.delete(f"/tasks/{task_id}").status_code == 204
 

@@ -37,7 +37,8 @@ def test_an_openvino_api_encodes_the_instant_stage_with_its_compiled_encoder(tmp
         assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
 
     storage = Storage.from_settings(settings_of(env))
-    served = load_artifact(storage.instant_dir(task_id))
+    published, = storage.task_dir(task_id).glob("instant-*")  # the one build, under the name its row holds
+    served = load_artifact(published)
     config = TrainConfig.from_dict(served.config["train"])
     rebuilt = train(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"), storage.data_dir(task_id), config,
                     tmp_path / "pytorch", class_folders=storage.task_class_folders(task_id, len(config.class_names)))

@@ -332,3 +332,101 @@ def test_event_streams_per_tenant_are_bounded(tmp_path, tiny_checkpoint):
         wait_until(lambda: api.app.state.streams.open_streams(1) == 0, "the closed stream's slot to come back", 15)
         again = api.client.get(f"/tasks/{task_id}/events", headers={**api.headers, **stream})
         assert again.status_code == 200 and "event: end" in again.text
+
+
+# --- deletes, replicas and the instant stage ---------------------------------------------------------
+
+def _delete_row(api: Api, task_id: str) -> None:
+    from sqlalchemy import delete
+
+    from service.models import Task
+
+    with api.app.state.database.scope() as session:
+        session.execute(delete(Task).where(Task.id == task_id))
+
+
+def _created_without_instant_build(api: Api, monkeypatch) -> str:
+    """A task created over HTTP whose instant stage nobody has started (the creating replica died)."""
+    monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
+    created = api.post("/tasks", data=task_data(), files=image_files(PNG, PNG))
+    assert created.status_code == 202, created.text
+    return created.json()["id"]
+
+
+def test_classify_of_a_task_deleted_on_another_replica_is_a_404_never_a_500_or_409(api, monkeypatch):
+    serving, storage = api.app.state.serving, api.app.state.storage
+    # The artifact vanishes between the check that it is there and its reading (upt/artifact.py).
+    task_id = add_task(api, status="succeeded")
+    monkeypatch.setattr(storage, "has_artifact", lambda task: True)
+
+    def deleted_while_reading(key, folder):
+        _delete_row(api, task_id)
+        raise FileNotFoundError(folder / "prompts.safetensors")
+
+    monkeypatch.setattr(serving, "tuned_predictor", deleted_while_reading)
+    assert_problem(api.post("/classify", data={"task_id": task_id}, files=image_files(PNG)), 404)
+    # Succeeded, but the artifact is gone because the task is: not "its tuned stage answers once it has succeeded".
+    task_id = add_task(api, status="succeeded")
+    monkeypatch.setattr(storage, "has_artifact", lambda task: _delete_row(api, task_id) or False)
+    assert_problem(api.post("/classify", data={"task_id": task_id, "stage": "tuned"}, files=image_files(PNG)), 404)
+
+
+def test_classify_by_instant_stage_of_a_task_deleted_meanwhile_is_a_404(api, monkeypatch):
+    from service.instant import InstantStages
+
+    task_id = _created_without_instant_build(api, monkeypatch)
+    monkeypatch.setattr(InstantStages, "_train_and_publish", lambda self, task, *args: _delete_row(api, task))
+    assert_problem(api.post("/classify", data={"task_id": task_id}, files=image_files(PNG)), 404)
+
+
+def test_replicas_build_a_tasks_instant_stage_once_and_publish_it_under_a_fresh_name(api, monkeypatch):
+    import service.instant as instant_module
+    from service.instant import InstantStages
+
+    task_id = _created_without_instant_build(api, monkeypatch)
+    state = api.app.state
+    replicas = [state.instant, InstantStages(api.settings, state.storage, state.serving, state.database)]
+    builds, original = [], instant_module.train
+    barrier = threading.Barrier(2)
+
+    def counted(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(instant_module, "train", counted)
+
+    def classify_on(replica) -> None:
+        barrier.wait()
+        replica.ensure(task_id)
+
+    threads = [threading.Thread(target=classify_on, args=(replica,)) for replica in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(builds) == 1, builds
+    folders = sorted(p.name for p in state.storage.task_dir(task_id).iterdir() if p.name.startswith("instant"))
+    assert len(folders) == 1 and folders[0].startswith("instant-"), folders
+    answer = api.post("/classify", data={"task_id": task_id}, files=image_files(PNG))
+    assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
+
+
+def test_an_instant_stage_that_found_the_volume_full_is_built_again(api, monkeypatch):
+    import errno
+
+    import service.instant as instant_module
+
+    task_id = _created_without_instant_build(api, monkeypatch)
+    original = instant_module.train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(instant_module, "train", full)
+    api.app.state.instant.build(task_id)
+    stage = api.client.get(f"/tasks/{task_id}", headers=api.headers).json()["stages"]["instant"]
+    assert stage["state"] != "failed" and "space" in stage["error"], stage
+    assert_problem(api.post("/classify", data={"task_id": task_id}, files=image_files(PNG)), 507)
+    monkeypatch.setattr(instant_module, "train", original)  # space was freed
+    answer = api.post("/classify", data={"task_id": task_id}, files=image_files(PNG))
+    assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
