@@ -7,8 +7,8 @@ base weights stay frozen. Dropout (0.25) drops the adapters' input while trainin
 as in the LoRA paper (the paper's released code scales by alpha / √rank: 0.71 instead of 0.5 at its
 defaults; `lora_scale` is the one place that says which).
 
-The class prompts are the plain template ("a photo of a {}."), encoded through the adapted text tower
-at every step. At export the text adapters are folded into the classifier W, so serving runs only the
+The class prompts are its templates (one, "a photo of a {}.", unless the Python API gives others; an
+ensemble is averaged as zero-shot's), encoded through the adapted text tower at every step. At export the text adapters are folded into the classifier W, so serving runs only the
 image tower with its adapters.
 
 Its paper's settings are the defaults (upt.methods.registry, upt/lora_training.py): rank 2, alpha 1,
