@@ -76,6 +76,7 @@ DASSL_SPLIT = "tests/core/test_datasets.py::test_few_shot_split_draws_dassls_ima
 COCOOP_LOGITS = (LOGITS, "-k", "cocoop")
 MODEL_EXPORT = "tests/core/test_export.py"
 MODEL_EXPORT_PREDICTOR = MODEL_EXPORT + "::test_a_predictor_built_in_python_exports_too"
+MODEL_EXPORT_FAST_PATH = MODEL_EXPORT + "::test_a_tower_whose_attention_takes_pytorchs_fast_path_exports"
 MODEL_EXPORT_COCOOP = (MODEL_EXPORT + "::test_the_onnx_model_gives_the_predictors_top_1_and_logits", "-k", "cocoop")
 ONCE_PER_STEP = "tests/core/test_methods.py::test_upt_generator_runs_once_per_step_for_both_towers"
 PROMPTSRC_TESTS = "tests/core/test_promptsrc.py"
@@ -355,6 +356,9 @@ MUTANTS: list[Mutant] = [
       "logits = self.predictor.logits((pixels - self.mean) / self.std).float()",
       "logits = self.predictor.logits(pixels).float()", "the exported graph skips CLIP's mean/std normalisation",
       MODEL_EXPORT_PREDICTOR),
+    m("export-attention-fast-path", "upt/export.py", "torch.backends.mha.set_fastpath_enabled(False)",
+      "torch.backends.mha.set_fastpath_enabled(enabled)",
+      "traced through the fused attention kernel, which ONNX cannot write (ViT-B-16)", MODEL_EXPORT_FAST_PATH),
     # ---- methods/promptsrc.py (PromptSRC) ------------------------------------------------------------
     m("psrc-cross-entropy-dropped", PSRC, '"cross_entropy": F.cross_entropy(logits, labels),',
       '"cross_entropy": 0 * F.cross_entropy(logits, labels),', "PromptSRC's loss without its cross-entropy", PSRC_LOSS),

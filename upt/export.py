@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +111,26 @@ def export_predictor(predictor: Predictor, format: str, out: str | Path,
     module = _ExportedClassifier(predictor).eval()
     size = predictor.backbone.image.size
     example = torch.rand(2, 3, size, size, device=predictor.backbone.device)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _without_attention_fast_path():
         # The tracer's notes on Python values taken from shapes (prompt depth and count): they are the
         # task's, fixed in the graph; the batch stays dynamic.
         warnings.simplefilter("ignore")
         if format == "onnx":
             return [_write_onnx(module, example, out, metadata)]
         return _write_openvino(module, example, out, metadata)
+
+
+@contextmanager
+def _without_attention_fast_path() -> Iterator[None]:
+    """nn.MultiheadAttention's fused inference kernel (taken without gradients when the head count is
+    even, as ViT-B-16's 12) has no ONNX form: traced through the plain products instead, the same
+    arithmetic. Process-wide while it lasts, so restored at once."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def export_artifact(artifact: Artifact | str | Path, format: str, out: str | Path, backbone: Backbone | None = None,

@@ -151,3 +151,27 @@ def test_a_predictor_built_in_python_exports_too(tiny, tmp_path):
     logits, = session.run(["logits"], {INPUT: pixels.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), predictor.logits((pixels - mean) / std), atol=LOGIT_ATOL,
                                rtol=0)
+
+
+def test_a_tower_whose_attention_takes_pytorchs_fast_path_exports(tmp_path):
+    """In eval mode without gradients, nn.MultiheadAttention runs a fused kernel (an even head count,
+    as ViT-B-16's 12) that the ONNX exporter cannot write: the export turns that path off. upt-asym
+    has four vision heads (upt-tiny three) and average-pools its patches (upt-tiny takes [CLS])."""
+    from asymmetric import ASYMMETRIC, register_test_configs
+    from upt.backbone import random_backbone
+
+    register_test_configs()
+    backbone = random_backbone(ASYMMETRIC, "cpu", seed=1)
+    names = ["cat", "dog", "bird"]
+    prompts = torch.randn(backbone.vision_layers, 4, backbone.vision_width,
+                          generator=torch.Generator().manual_seed(1)) * 0.02
+    predictor = Predictor(backbone, names, Predictor.zero_shot(backbone, names).classifier, prompts)
+    model, = export_predictor(predictor, "onnx", tmp_path / "fast-path.onnx")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    pixels = torch.rand(5, 3, backbone.image.size, backbone.image.size, generator=torch.Generator().manual_seed(2))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (backbone.image.mean, backbone.image.std))
+    logits, = session.run(["logits"], {INPUT: pixels.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), predictor.logits((pixels - mean) / std), atol=LOGIT_ATOL,
+                               rtol=0)
+    assert torch.backends.mha.get_fastpath_enabled()  # turned back on for serving
+
