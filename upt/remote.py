@@ -30,7 +30,12 @@ def register(sub) -> None:
     """Add `upt remote` and its commands to the `upt` parser's sub-parsers."""
     remote = sub.add_parser("remote", help="talk to a running upt API: create, status, wait, classify, export")
     commands = remote.add_subparsers(metavar="COMMAND")
-    remote.set_defaults(func=lambda args: (remote.print_help(), 2)[1])
+
+    def usage(args: argparse.Namespace) -> int:  # `upt remote` without a command
+        remote.print_help()
+        return 2
+
+    remote.set_defaults(func=usage)
     _add_create(commands)
     _add_status(commands)
     _add_wait(commands)
