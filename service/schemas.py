@@ -67,6 +67,7 @@ class TaskOut(BaseModel):
         links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
         if task.status == "succeeded":
             links["artifact"] = f"{base}/artifact"
+            links["export"] = f"{base}/export"  # ?format=onnx (the default) or openvino
         return cls(
             id=task.id, status=task.status, method=task.method, class_names=task.class_names,
             num_images=task.num_images, config=task.config, model=task.model,

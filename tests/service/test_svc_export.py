@@ -53,7 +53,8 @@ def _classified_top_1(client, task_id: str, paths: list) -> list[str]:
 def test_the_onnx_export_gives_classifys_top_1_and_is_written_once(stack, trained):
     client = stack.client("acme")
     held_out = _held_out()
-    answered = client.get(f"/tasks/{trained['id']}/export", params={"format": "onnx"})
+    assert trained["links"]["export"] == f"/tasks/{trained['id']}/export"
+    answered = client.get(trained["links"]["export"], params={"format": "onnx"})
     assert answered.status_code == 200, answered.text
     assert answered.headers["content-type"] == "application/octet-stream"
     assert f'upt-{trained["id"]}.onnx' in answered.headers["content-disposition"]
