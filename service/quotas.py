@@ -6,13 +6,17 @@
   epoch checkpoints of those still training, read from the volume: a long training's checkpoints are
   not in any row until it ends); a task that would go past it is a 507 (deleting tasks frees space).
   0 turns either off.
+
+Both are checked twice: before a body is read (to refuse early), and again in the transaction that
+inserts the task, after `hold_tenant` has made the tenant's concurrent creates take their turn, so
+six creates released at once against a limit of two make two tasks, not six.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import Problem
@@ -22,6 +26,12 @@ from service.storage import Storage
 
 ACTIVE = (TaskStatus.queued.value, TaskStatus.running.value, TaskStatus.cancelling.value)
 RETRY_AFTER_S = 30
+
+
+def hold_tenant(session: Session, tenant: Tenant) -> None:
+    """Locks the tenant's row until this transaction ends (a write: PostgreSQL's row lock, SQLite's
+    write lock), so that its quota counts below see every task a concurrent create has committed."""
+    session.execute(update(Tenant).where(Tenant.id == tenant.id).values(name=Tenant.name))
 
 
 def check_active_tasks(session: Session, tenant: Tenant, settings: Settings) -> None:

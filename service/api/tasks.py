@@ -21,7 +21,7 @@ from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
 from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id
-from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes
+from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes, hold_tenant
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
 from service.storage import Storage
@@ -166,6 +166,10 @@ def _create(session: Session, tenant: Tenant, settings: Settings, storage: Stora
     try:
         write_dataset(spec, storage.data_dir(task_id), settings)
         written = folder_bytes(storage.data_dir(task_id))
+        # Again in the inserting transaction, the tenant's concurrent creates taking their turn: the
+        # checks before the body was read let every one of them through.
+        hold_tenant(session, tenant)
+        check_active_tasks(session, tenant, settings)
         check_stored_bytes(session, tenant, settings, storage, written)  # what was really stored (PNG, not the upload)
         task = Task(id=task_id, tenant_id=tenant.id, idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint if idempotency_key else None, method=spec.config.method,

@@ -430,3 +430,54 @@ def test_an_instant_stage_that_found_the_volume_full_is_built_again(api, monkeyp
     monkeypatch.setattr(instant_module, "train", original)  # space was freed
     answer = api.post("/classify", data={"task_id": task_id}, files=image_files(PNG))
     assert answer.status_code == 200 and answer.json()["stage"] == "instant", answer.text
+
+
+# --- quotas ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", ["tasks", "bytes"])
+def test_quotas_hold_against_creates_released_together(tmp_path, tiny_checkpoint, monkeypatch, limit):
+    from service.api import tasks
+
+    one_task = None
+    for api in make_api(tmp_path / "probe", tiny_checkpoint):  # what one task of this form keeps
+        monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
+        created = api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)).json()
+        with api.app.state.database.scope() as session:
+            from service.models import Task
+            one_task = session.get(Task, created["id"]).stored_bytes
+    quota = {"tenant_max_active_tasks": 2} if limit == "tasks" else {"tenant_max_stored_bytes": 2 * one_task + 10}
+    for api in make_api(tmp_path / "raced", tiny_checkpoint, **quota):
+        monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
+        released = threading.Barrier(6, timeout=60)
+        original = tasks.write_dataset
+
+        def together(*args, **kwargs):  # every create has passed the checks before its body: now race
+            released.wait()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(tasks, "write_dataset", together)
+        answers: list = []
+        threads = [threading.Thread(target=lambda: answers.append(
+            api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)))) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        codes = sorted(answer.status_code for answer in answers)
+        assert codes == [202, 202] + [429 if limit == "tasks" else 507] * 4, [a.text for a in answers]
+        assert len(api.task_ids()) == 2
+        folders = list((api.app.state.storage.root / "tasks").iterdir())
+        assert len(folders) == 2  # the refused ones left nothing
+
+
+def test_the_quota_counts_the_instant_stages_bytes(api, monkeypatch):
+    from service.models import Task
+    from service.quotas import folder_bytes
+
+    task_id = _created_without_instant_build(api, monkeypatch)
+    storage = api.app.state.storage
+    folder = api.app.state.instant.ensure(task_id)
+    with api.app.state.database.scope() as session:
+        kept = session.get(Task, task_id).stored_bytes
+    assert folder_bytes(folder) > 0
+    assert kept == folder_bytes(storage.data_dir(task_id)) + folder_bytes(folder)
