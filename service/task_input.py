@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from upt.auto import AUTO, CANDIDATES, AutoConfig, base_config, parse_candidates
-from upt.errors import ConfigError, UptError
+from upt.data import CLASSNAMES_FILE, read_classnames
+from upt.errors import ConfigError, DataError, UptError
 from upt.methods import METHODS
 from upt.architecture import Architecture, architecture
 from upt.methods.model import check_start_token, check_text_prompt_fits
@@ -25,7 +26,7 @@ from upt.training import TrainConfig
 from service.errors import invalid
 from service.settings import Settings
 from service.storage import Storage
-from service.uploads import ImageLimits, ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
+from service.uploads import MAX_FIELD_BYTES, ImageLimits, ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
 
 MAX_CLASS_NAME_BYTES = 200
 CHUNK_BYTES = 1024 * 1024
@@ -67,32 +68,61 @@ def parse_config(form: ParsedForm, settings: Settings) -> TrainConfig | AutoConf
         raise invalid(error.field or "config", str(error))
 
 
+TASK_FIELDS = frozenset({"class_names", "files", "labels", "archive", "method"})
+# Characters that change how a name reads, or make two names that read alike differ: C0 and C1 controls,
+# and the bidirectional overrides, embeddings, isolates and marks (U+202E shows "gab" for "bag").
+_CONTROL_OR_BIDI = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def check_known_fields(form: ParsedForm, known: set[str] | frozenset[str]) -> None:
+    """A 422 naming the first form field the route does not take: `epoch=1` for `epochs=1`, ignored,
+    trained with the default."""
+    unknown = sorted((set(form.fields) | {f.field for f in form.files}) - set(known))
+    if unknown:
+        raise invalid(unknown[0], f"this form has no field {unknown[0]!r}; its fields are {', '.join(sorted(known))}.")
+
+
+def task_fields() -> frozenset[str]:
+    """The fields POST /tasks takes: the task's own and every training option of the registry."""
+    return TASK_FIELDS | {CANDIDATES.name} | {option.name for option in train_options()}
+
+
+def _visible(name: str) -> str:
+    """The name as it reads: without format characters (zero-width spaces and joiners, soft hyphens)."""
+    return "".join(c for c in name if unicodedata.category(c) != "Cf")
+
+
 def normal_name(name: str) -> str:
     """A class name or label as compared and stored: NFC (`cát` typed or from a macOS zip's NFD folder
     name is one class), without surrounding spaces."""
     return unicodedata.normalize("NFC", name).strip()
 
 
-def check_class_names(names: list[str], settings: Settings, as_folders: bool = True) -> list[str]:
+def check_class_names(names: list[str], settings: Settings) -> list[str]:
+    """The names NFC-normalised, or a 422: a task's and zero-shot's alike (a task's images are stored by
+    class index, so '/' or a leading '.' are fine)."""
+    if len(names) > settings.max_classes:  # before any name is looked at: 120 x 60,000 characters cost seconds
+        raise invalid("class_names", f"at most {settings.max_classes} classes (UPT_MAX_CLASSES).")
     names = [normal_name(n) for n in names]
     if any(not n for n in names):
         raise invalid("class_names", "a class name is empty.")
-    for name in names if as_folders else []:
-        # A task's images are stored by class index, so '/' or a leading '.' are fine; control
-        # characters and very long names are not (they are shown in lists, reports and prompts).
-        if (re.search(r"[\x00-\x1f\x7f]", name) or len(name) > 200
+    for name in names:
+        # Control and bidirectional characters and very long names cannot be used: names are shown in
+        # lists, reports and prompts, and encoded by the text encoder on every zero-shot request.
+        if (_CONTROL_OR_BIDI.search(name) or not _visible(name).strip() or len(name) > 200
                 or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES):
-            raise invalid("class_names", f"{name!r} cannot be used: no control characters, at most 200 "
-                          f"characters and {MAX_CLASS_NAME_BYTES} bytes in UTF-8.")
+            raise invalid("class_names", f"{name[:60]!r} cannot be used: no control or bidirectional characters, "
+                          f"at most 200 characters and {MAX_CLASS_NAME_BYTES} bytes in UTF-8.")
     seen: dict[str, str] = {}
     for name in names:
-        if name.casefold() in seen:
-            raise invalid("class_names", f"{name!r} is given twice (class names are compared ignoring case).")
-        seen[name.casefold()] = name
+        # Compared as they read: `bag` and `bag` with a zero-width space are one name given twice.
+        key = _visible(name).casefold()
+        if key in seen:
+            raise invalid("class_names", f"{name!r} is given twice (class names are compared ignoring case and "
+                          "invisible characters).")
+        seen[key] = name
     if len(names) < 2:
         raise invalid("class_names", "give at least two classes.")
-    if len(names) > settings.max_classes:
-        raise invalid("class_names", f"at most {settings.max_classes} classes (UPT_MAX_CLASSES).")
     return names
 
 
@@ -109,11 +139,29 @@ def _labelled_files(form: ParsedForm, class_names: list[str]) -> list[tuple[str,
     return [(label, f.filename, f) for label, f in zip(labels, files)]
 
 
-def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple[str, str, UploadedFile]]:
+def _read_archive_classnames(archive: zipfile.ZipFile, info: zipfile.ZipInfo, upload: UploadedFile,
+                             settings: Settings) -> dict[str, str]:
+    """An archive's `classnames.txt`, read by the CLI's own reader (upt.data.read_classnames)."""
+    if info.file_size > MAX_FIELD_BYTES * 16:
+        raise too_large(f"{info.filename} is larger than {MAX_FIELD_BYTES * 16} bytes.")
+    target = upload.path.with_name(f"{upload.path.stem}-{CLASSNAMES_FILE}")
+    try:
+        with archive.open(info) as member:
+            target.write_bytes(member.read(MAX_FIELD_BYTES * 16 + 1)[:MAX_FIELD_BYTES * 16])
+        return read_classnames(target)
+    except DataError as error:
+        raise invalid("archive", str(error).replace(str(target), info.filename))
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+        raise invalid("archive", f"{info.filename} cannot be extracted ({error}).")
+
+
+def _archive_members(upload: UploadedFile, settings: Settings,
+                     display: dict[str, str]) -> Iterator[tuple[str, str, UploadedFile]]:
     """(folder, member name, extracted file) per image of a zip of class folders, with bounded reads.
 
     Members are extracted to files beside the upload (its scratch folder), not kept in memory: an
-    archive may unpack to UPT_MAX_UPLOAD_BYTES, and write_dataset decodes them one at a time."""
+    archive may unpack to UPT_MAX_UPLOAD_BYTES, and write_dataset decodes them one at a time. A
+    `classnames.txt` beside the class folders fills `display` (folder -> class name)."""
     entries = _zip_entry_count(upload)
     # Every entry counts, hidden ones and folders too, read from the central directory's end record
     # before zipfile parses the directory itself (300,000 entries took seconds of CPU to list).
@@ -127,11 +175,17 @@ def _archive_members(upload: UploadedFile, settings: Settings) -> Iterator[tuple
         if len(archive.infolist()) > settings.max_files:  # an end record that lied about the count
             raise too_large(f"The archive holds more than {settings.max_files} entries (UPT_MAX_FILES).")
         infos = [i for i in archive.infolist() if not i.is_dir() and not _hidden(i.filename)]
+        names_files = [i for i in infos if PurePosixPath(i.filename).name == CLASSNAMES_FILE
+                       and len(PurePosixPath(i.filename).parts) <= 2]
+        infos = [i for i in infos if i not in names_files]
         if sum(i.file_size for i in infos) > settings.max_upload_bytes:
             raise too_large(f"The archive unpacks to more than {settings.max_upload_bytes} bytes.")
         paths = [PurePosixPath(i.filename).parts for i in infos]
         # Accept "class/img.png" and a single wrapping folder "root/class/img.png".
         strip = 1 if paths and all(len(p) == 3 for p in paths) and len({p[0] for p in paths}) == 1 else 0
+        for info in names_files:  # beside the class folders: "<folder> <class name>" a line, as the CLI reads it
+            if len(PurePosixPath(info.filename).parts) == strip + 1:
+                display.update(_read_archive_classnames(archive, info, upload, settings))
         unpacked = 0
         for index, (info, parts) in enumerate(zip(infos, paths)):
             parts = parts[strip:]
@@ -174,6 +228,7 @@ def _hidden(name: str) -> bool:
 
 
 def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
+    check_known_fields(form, task_fields())
     config = parse_config(form, settings)
     archives, files = form.files_of("archive"), form.files_of("files")
     if archives and files:
@@ -182,15 +237,24 @@ def parse_task_form(form: ParsedForm, settings: Settings) -> TaskSpec:
         raise invalid("archive", "send one archive.")
     given = form.many("class_names")
     if archives:
-        members = list(_archive_members(archives[0], settings))
+        display: dict[str, str] = {}
+        members = list(_archive_members(archives[0], settings, display))
         folders = sorted({folder for folder, _, _ in members})  # two spellings of one name are refused below
-        class_names = check_class_names(given or folders, settings)
-        known = set(class_names)
+        unnamed = [folder for folder in folders if display and folder not in display]
+        if unnamed:
+            raise invalid("archive", f"{CLASSNAMES_FILE} names no class for folder(s) {', '.join(unnamed[:5])}.")
+        class_of = {folder: display.get(folder, folder) for folder in folders}
+        class_names = check_class_names(given or [class_of[folder] for folder in folders], settings)
+        # A folder stands for its class: by the name classnames.txt gives it, or by its own name.
+        known = {normal_name(name): name for name in class_names}
+        label_of = {}
         for folder, name, _ in members:
-            if normal_name(folder) not in known:
+            label = known.get(normal_name(class_of[folder])) or known.get(normal_name(folder))
+            if label is None:
                 raise invalid("archive", f"folder {folder!r} ({name}) names no class; classes are "
                               f"{', '.join(class_names)}.")
-        images = [(normal_name(folder), name, data) for folder, name, data in members]
+            label_of[folder] = label
+        images = [(label_of[folder], name, data) for folder, name, data in members]
     else:
         if not files:
             raise invalid("files", "upload images as `files` (with `labels`) or one zip as `archive`.")

@@ -129,8 +129,10 @@ N_CTX = OptionSpec("n_ctx", int, "prompt length: learned tokens per prompt", def
 DEPTH = OptionSpec("depth", int, "layers that receive prompts (default: the method's own)", minimum=1)
 CTX_INIT = OptionSpec("ctx_init", str, "initialise the text context from these words, e.g. 'a photo of a' "
                       "(the number of context tokens is then theirs)")
+# Learning rates are bounded: 1e30 "succeeded" with a NaN loss and null probabilities, 1e308 overflowed.
+MAX_LR = 10.0
 LR = OptionSpec("lr", float, "SGD learning rate (default: the method's own: 0.002, the paper's)", minimum=0,
-                exclusive_minimum=True)
+                exclusive_minimum=True, maximum=MAX_LR)
 BATCH_SIZE = OptionSpec("batch_size", int, "images per SGD step (default: the method's own)",
                         minimum=1, maximum=4096)
 AUGMENT_VIEWS = OptionSpec("augment_views", int, "augmented views averaged per cached training image",
@@ -169,10 +171,10 @@ ITERATIONS = OptionSpec("iterations", int, "CLIP-LoRA: optimiser steps in all (d
 DROPOUT = OptionSpec("dropout", float, "dropout in UPT's prompt Transformer (and the MLP ablation)", default=0.1,
                      minimum=0, maximum=1, exclusive_maximum=True)
 MOMENTUM = OptionSpec("momentum", float, "SGD momentum", default=0.9, minimum=0, maximum=1, exclusive_maximum=True)
-WEIGHT_DECAY = OptionSpec("weight_decay", float, "SGD weight decay", default=5e-4, minimum=0)
+WEIGHT_DECAY = OptionSpec("weight_decay", float, "SGD weight decay", default=5e-4, minimum=0, maximum=1)
 WARMUP_EPOCHS = OptionSpec("warmup_epochs", int, "epochs at the constant warm-up rate", default=1, minimum=0)
 WARMUP_LR = OptionSpec("warmup_lr", float, "the warm-up's learning rate", default=1e-5, minimum=0,
-                       exclusive_minimum=True)
+                       exclusive_minimum=True, maximum=MAX_LR)
 
 OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     SHOTS, SEED, EPOCHS, N_CTX, DEPTH, CTX_INIT, LR, BATCH_SIZE, AUGMENT_VIEWS, ALPHA_MAX, BETA_MAX, INIT_ALPHA, INIT_BETA,

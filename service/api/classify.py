@@ -18,13 +18,14 @@ from service.errors import Problem, invalid, not_found
 from service.instant import InstantStages, instant_key
 from service.models import Task, TaskStatus
 from service.schemas import ClassifyOut, ImagePrediction, Label
-from service.task_input import check_class_names
+from service.task_input import check_class_names, check_known_fields
 from service.uploads import (ImageLimits, UploadedFile, check_request_pixels, decode_upload, parse_form, remove,
                              scratch_dir, too_large)
 
 router = APIRouter(tags=["classify"])
 log = logging.getLogger("upt.service")
 STAGES = ("instant", "tuned")
+CLASSIFY_FIELDS = frozenset({"files", "task_id", "class_names", "top_k", "stage"})
 
 
 @router.post("/classify", response_model=ClassifyOut, openapi_extra=CLASSIFY_FORM)
@@ -99,6 +100,7 @@ def _preprocessed(predictor, upload: UploadedFile, limits: ImageLimits) -> torch
 
 
 def _classify(form, tenant, session, settings, serving, storage, metrics, batcher, instant) -> ClassifyOut:
+    check_known_fields(form, CLASSIFY_FIELDS)
     task_id, names = form.one("task_id"), form.many("class_names")
     top_k = _top_k(form.one("top_k"), settings.max_top_k)
     files = form.files_of("files")
@@ -122,7 +124,7 @@ def _classify(form, tenant, session, settings, serving, storage, metrics, batche
     if task is not None:
         predictor, stage = _task_predictor(task, stage, serving, storage, instant, session)
     else:
-        predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings, as_folders=False)), "zero-shot"
+        predictor, stage = serving.zero_shot_predictor(check_class_names(names, settings)), "zero-shot"
     # One image decoded at a time: 64 uploads of 40 MP each would be gigabytes of pixels at once,
     # while their preprocessed tensors are a few hundred KB each.
     batch = torch.cat([_preprocessed(predictor, upload, limits) for upload in files])

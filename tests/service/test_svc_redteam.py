@@ -131,6 +131,30 @@ HOSTILE = [
     # 1000x50 images decode to 1 MP but scale to 20 x 32x640 more.
     Hostile("classify images whose scaled sizes pass the request's pixels", "/classify", {"class_names": CLASSES},
             image_files(*[png(1000, 50)] * 20), 413, ("UPT_MAX_REQUEST_PIXELS", "scaled")),
+    # Finding 11: strict forms. An unknown field (a typo) trained with the default; lr unbounded.
+    Hostile("a task with `epoch` for `epochs`", "/tasks", task_data(epoch="1"), image_files(PNG, PNG),
+            422, ("'epoch'",)),
+    Hostile("classify with `topk` for `top_k`", "/classify", {"class_names": CLASSES, "topk": "3"},
+            image_files(PNG), 422, ("'topk'",)),
+    Hostile("a task with lr 1e30", "/tasks", task_data(lr="1e30"), image_files(PNG, PNG), 422, ("lr",)),
+    Hostile("a task with lr 1e308", "/tasks", task_data(lr="1e308"), image_files(PNG, PNG), 422, ("lr",)),
+    # ... class names that differ by an invisible character, or read otherwise than they are.
+    Hostile("classes `bag` and `bag` + a zero-width space", "/tasks",
+            task_data(class_names=["bag", "bag\u200b"], labels=["bag", "bag\u200b"]), image_files(PNG, PNG),
+            422, ("twice",)),
+    Hostile("a class name with a bidi override", "/tasks",
+            task_data(class_names=["bag", "\u202egab"], labels=["bag", "\u202egab"]), image_files(PNG, PNG),
+            422, ("bidirectional",)),
+    Hostile("a class name with a C1 control", "/tasks",
+            task_data(class_names=["bag", "co\x85at"], labels=["bag", "co\x85at"]), image_files(PNG, PNG),
+            422, ("control",)),
+    Hostile("a class name of zero-width spaces only", "/tasks",
+            task_data(class_names=["bag", "\u200b\u200b"], labels=["bag", "\u200b\u200b"]), image_files(PNG, PNG),
+            422, ("class_names",)),
+    Hostile("zero-shot class names of 60,000 characters", "/classify", {"class_names": ["a" * 60_000, "b" * 60_000]},
+            image_files(PNG), 422, ("200 characters",)),
+    Hostile("zero-shot classes that differ by a zero-width space", "/classify", {"class_names": ["bag", "bag\u200b"]},
+            image_files(PNG), 422, ("twice",)),
     # Finding 9: numbers of a stream token beyond the database's integers (a traceback and a 500 each).
     Hostile("a stream token whose key id is past int4", "/tasks/{task}/events", {"token": "2147483648.1.x"},
             status=401, method="GET"),
@@ -481,3 +505,24 @@ def test_the_quota_counts_the_instant_stages_bytes(api, monkeypatch):
         kept = session.get(Task, task_id).stored_bytes
     assert folder_bytes(folder) > 0
     assert kept == folder_bytes(storage.data_dir(task_id)) + folder_bytes(folder)
+
+
+
+def test_a_zips_classnames_txt_names_its_classes_as_the_cli_reads_it(api, monkeypatch):
+    import zipfile
+
+    monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("n01/a.png", PNG)
+        archive.writestr("n02/b.png", PNG)
+        archive.writestr("classnames.txt", "n01 handbag\nn02 ankle boot\n")
+    created = api.post("/tasks", data={"method": "coop", "shots": "1", "epochs": "1"},
+                       files=[("archive", ("data.zip", buffer.getvalue(), "application/zip"))])
+    assert created.status_code == 202, created.text
+    assert created.json()["class_names"] == ["handbag", "ankle boot"]
+    # A folder it does not name is refused, as the CLI refuses it.
+    with zipfile.ZipFile(buffer, "a") as archive:
+        archive.writestr("n03/c.png", PNG)
+    assert_problem(api.post("/tasks", data={"method": "coop", "shots": "1", "epochs": "1"},
+                            files=[("archive", ("data.zip", buffer.getvalue(), "application/zip"))]), 422, "n03")
