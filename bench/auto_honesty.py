@@ -5,7 +5,7 @@
 Data: a data set in CoOp's layout made from Debian's Fashion-MNIST test split, which the tiny CLIP
 never saw (`apt-get install dataset-fashion-mnist`), every image rotated (scripts/fashion_mnist.py's
 visual shift: zero-shot is weak there, so adapting matters): per class 100 train, 100 val and 500 test
-images, 10 classes. Each seed draws 16 shots per class and min(16, 4) = 4 validation images per class
+images, 10 classes, each image's split drawn at random. Each seed draws 16 shots per class and min(16, 4) = 4 validation images per class
 (40 a seed) as CoOp does, trains every method, and scores it on the 5,000 test images.
 
 Printed per method: the mean validation and test accuracy over the seeds and the mean of their
@@ -22,6 +22,7 @@ Backbone: the shipped tiny CLIP (upt/weights). The prompt methods use a short sc
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -48,10 +49,16 @@ def build_dataset(root: Path) -> Path:
 
     images, labels = read_split("test")
     split: dict[str, list] = {"train": [], "val": [], "test": []}
-    taken = {label: 0 for label in range(len(LABELS))}
+    # Each image's place in its class drawn at random (seeded by the class), so that the three splits are
+    # exchangeable whatever the order of the file.
+    position_of: dict[int, int] = {}
+    for label in range(len(LABELS)):
+        members = [index for index, value in enumerate(labels.tolist()) if value == label]
+        order = list(range(len(members)))
+        random.Random(label).shuffle(order)
+        position_of.update(zip(members, order))
     for index, (image, label) in enumerate(zip(images, labels.tolist())):
-        position = taken[label]
-        taken[label] += 1
+        position = position_of[index]
         bounds = (PER_CLASS["train"], PER_CLASS["train"] + PER_CLASS["val"], sum(PER_CLASS.values()))
         name = "train" if position < bounds[0] else "val" if position < bounds[1] else "test"
         if position >= bounds[2]:

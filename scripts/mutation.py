@@ -67,6 +67,7 @@ TIP_CACHE = "tests/core/test_reference_tip_adapter.py::test_cache_holds_the_shot
 TIP_LOGITS = "tests/core/test_reference_tip_adapter.py::test_served_logits_are_the_papers_formula"
 TIP_SEARCH = "tests/core/test_tip_adapter.py::test_search_picks_the_best_leave_one_out_accuracy_of_the_shots"
 TIP_CONFIGS = "tests/core/test_tip_adapter.py::test_released_configs_by_data_set"
+TIP_IMAGENET = "tests/core/test_datasets.py::test_imagenets_training_free_classifier_is_the_template_ensemble"
 GDA_TESTS = "tests/core/test_gda.py"
 GDA_LINEAR = GDA_TESTS + "::test_w_and_b_are_the_papers_in_float64"
 GDA_ALPHA = GDA_TESTS + "::test_alpha_is_cross_fitted_on_the_shots"
@@ -306,6 +307,9 @@ MUTANTS: list[Mutant] = [
       TIP_SEARCH),
     m("tip-search-keeps-own-key", TIP, "rows.to(keys.device)] = -math.inf", "rows.to(keys.device)] = 1.0",
       "leave-one-out: each shot still votes for itself", TIP_SEARCH),
+    m("tip-imagenet-one-template", TIP, "return ENSEMBLE_TEMPLATES if dataset == \"imagenet\"",
+      "return ENSEMBLE_TEMPLATES if dataset == \"ImageNet\"", "ImageNet's cache classifier from one template",
+      TIP_IMAGENET),
     m("tip-config-imagenet-everywhere", TIP, "return RELEASED_CONFIGS.get(dataset, RELEASED_CONFIGS[\"imagenet\"])",
       "return RELEASED_CONFIGS[\"imagenet\"]", "every data set searched on ImageNet's grid", TIP_CONFIGS),
     # ---- methods/gda.py ---------------------------------------------------------------------------------
@@ -334,8 +338,8 @@ MUTANTS: list[Mutant] = [
       DASSL_SPLIT),
     m("tip-served-cache-only", PRED, "logits = logits + self.cache.logits(features)",
       "logits = self.cache.logits(features)", "served Tip-Adapter logits drop the zero-shot term", TIP_LOGITS),
-    m("tip-classifier-first-template", TRAIN, "classifier = template_classifier(backbone, class_names, config.templates)",
-      "classifier = template_classifier(backbone, class_names, config.templates[:1])",
+    m("tip-classifier-first-template", TRAIN, "released_templates(source.name, config.templates))",
+      "released_templates(source.name, config.templates[:1]))",
       "Tip-Adapter's W from the first template only", TIP_LOGITS),
     # ---- methods/cocoop.py (CoCoOp) ------------------------------------------------------------------
     m("cocoop-shift-ignored", COCOOP, "return self.context[0].unsqueeze(0) + shift.unsqueeze(1)",

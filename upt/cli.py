@@ -540,11 +540,15 @@ def _summarise_training(d: dict[str, Any]) -> str:
 
 def _summarise_auto(d: dict[str, Any]) -> str:
     choice = d["auto"]
-    lines = [f"artifact: {d['artifact']}", f"auto chose {choice['winner']} on {choice['val_count']} validation images:"]
+    lines = [f"artifact: {d['artifact']}", f"auto chose {choice['winner']} on {choice['val_count']} validation images "
+             f"({choice['rule']}):"]
     for row in choice["leaderboard"]:
         mark = "*" if row["method"] == choice["winner"] else " "
-        lines.append(f" {mark} {row['method']:<13} {_percent(row['val_accuracy']):>6}  "
-                     f"{row['trainable_parameters']:>9} parameters  {row['training_seconds']:.1f} s")
+        spread = "" if row.get("val_stderr") is None else f" ± {100 * row['val_stderr']:.1f}"
+        gap = "" if not row.get("gap_to_best") else (f"  {100 * row['gap_to_best']:.1f} below the best "
+                                                      f"(± {100 * row['gap_stderr']:.1f} paired)")
+        lines.append(f" {mark} {row['method']:<13} {_percent(row['val_accuracy']):>6}{spread:<7}  "
+                     f"{row['trainable_parameters']:>9} parameters  {row['training_seconds']:.1f} s{gap}")
     if "eval" in d:
         lines.append(f"evaluation accuracy: {_percent(d['eval']['accuracy'])} on {d['eval']['count']} images")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from .methods.tip_adapter import (
     leave_one_out_search,
     one_hot_values,
     released_config,
+    released_templates,
 )
 from .options import (
     AUGMENT_VIEWS,
@@ -364,7 +365,7 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
     class_names = source.class_names
     options = config.cache_options(source.name)
     started = time.monotonic()
-    classifier = template_classifier(backbone, class_names, config.templates)
+    classifier = template_classifier(backbone, class_names, released_templates(source.name, config.templates))
     labels = torch.tensor([sample.label for sample in split.train], dtype=torch.long)
     views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop, cache_encoder)
     history: list[dict[str, Any]] = []

@@ -110,10 +110,10 @@ export function leaderboardBars(auto) {
         h("span", { class: "pc-name" }, won ? `★ ${r.method}` : r.method),
         h("span", { class: "bar", role: "img", "aria-label": `${r.method}: ${v === null ? "no validation images" : pct(v, 1)}${won ? ", chosen" : ""}` },
           h("span", { class: "bar-fill", style: { width: `${Math.max(0, Math.min(1, v ?? 0)) * 100}%` } })),
-        h("span", { class: "pc-val" }, v === null ? "n/a" : pct(v, 1)));
+        h("span", { class: "pc-val" }, v === null ? "n/a" : pct(v, 1) + (r.val_stderr ? ` ± ${pct(r.val_stderr, 1)}` : "")));
     })),
     h("p", { class: "muted small", "data-role": "val-count" },
-      `Chosen: ${auto.winner}, the best validation accuracy on ${auto.val_count} held-out image${auto.val_count === 1 ? "" : "s"} (ties: fewer trained parameters).`));
+      `Chosen: ${auto.winner}, the cheapest candidate that no other beats by more than one standard error, on ${auto.val_count} held-out image${auto.val_count === 1 ? "" : "s"}.`));
 }
 
 export function perClassBars(per, names) {

@@ -161,3 +161,14 @@ def test_few_shot_split_draws_dassls_images_for_a_seed(tmp_path, shots, seed):
     val = _dassl_few_shot(source.val, min(shots, 4))
     assert [s.path for s in split.train] == [s.path for s in train]
     assert [s.path for s in split.val] == [s.path for s in val]
+
+
+def test_imagenets_training_free_classifier_is_the_template_ensemble(tiny, tmp_path):
+    imagenet = load_data(imagenet_root(tmp_path / "data"), "imagenet")
+    result = train(tiny, imagenet, TrainConfig.of("gda", shots=2, augment_views=1), tmp_path / "gda")
+    classifier = load_file(str(result.artifact_dir / TENSORS_FILE))["classifier"]
+    torch.testing.assert_close(classifier, template_classifier(tiny, imagenet.class_names, ENSEMBLE_TEMPLATES))
+    given = train(tiny, imagenet, TrainConfig.of("tip-adapter", shots=2, augment_views=1, templates=("art of the {}.",)),
+                  tmp_path / "tip")
+    torch.testing.assert_close(load_file(str(given.artifact_dir / TENSORS_FILE))["classifier"],
+                               template_classifier(tiny, imagenet.class_names, ("art of the {}.",)))

@@ -41,6 +41,7 @@ from ..data import LabelledImage, eval_transform, labelled_batches
 from ..encoders import encode_image
 from ..errors import ConfigError, TrainingCancelled
 from ..options import AUGMENT_VIEWS, JsonOptions
+from .config import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES
 from .crossfit import first_best, fold_count, held_out_queries, stratified_folds
 from .registry import TIP_ADAPTER_F_EPOCHS
 
@@ -122,6 +123,12 @@ RELEASED_CONFIGS: dict[str, ReleasedConfig] = {
 def released_config(dataset: str) -> ReleasedConfig:
     """The named data set's released settings; ImageNet's for any other (an image folder)."""
     return RELEASED_CONFIGS.get(dataset, RELEASED_CONFIGS["imagenet"])
+
+
+def released_templates(dataset: str, templates: tuple[str, ...]) -> tuple[str, ...]:
+    """The zero-shot classifier's templates: on ImageNet, Tip-Adapter's (and GDA's) released code uses
+    CLIP's 7-template ensemble, so it does here unless other templates than the default were given."""
+    return ENSEMBLE_TEMPLATES if dataset == "imagenet" and tuple(templates) == (DEFAULT_TEMPLATE,) else templates
 
 
 def _grid(maximum: float, steps: int) -> list[float]:
