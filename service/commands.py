@@ -71,6 +71,7 @@ def _apply_overrides(args) -> None:
 def serve_command(args) -> int:
     _apply_overrides(args)
     from service.app import create_app
+    from service.header_timeout import server_options
     from service.migrate import upgrade
     from service.settings import Settings
 
@@ -101,8 +102,7 @@ def serve_command(args) -> int:
         # until its task ends; after the grace period it is cut and EventSource reconnects elsewhere.
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
-                    # h11, whose parser bounds the request line and headers; idle keep-alive closes after 5 s.
-                    http="h11", h11_max_incomplete_event_size=settings.max_header_bytes, timeout_keep_alive=5)
+                    **server_options(settings))
     finally:
         if worker is not None:
             stop_embedded_worker(worker)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(900.0, gt=0)
     body_idle_timeout_s: float = Field(30.0, gt=0)
     max_header_bytes: int = Field(16384, ge=1024)
+    # The longest a client may take to send a request's headers (slowloris: 408, connection closed).
+    header_timeout_s: float = Field(10.0, gt=0)
     # A POST /tasks under an Idempotency-Key holds the key while its body arrives and is decoded; a hold
     # older than this was left by a killed process and is taken over. It must outlast the longest body
     # (UPT_BODY_TIMEOUT_S), or a slow but live upload would lose its key to a retry.

@@ -526,3 +526,42 @@ def test_a_zips_classnames_txt_names_its_classes_as_the_cli_reads_it(api, monkey
         archive.writestr("n03/c.png", PNG)
     assert_problem(api.post("/tasks", data={"method": "coop", "shots": "1", "epochs": "1"},
                             files=[("archive", ("data.zip", buffer.getvalue(), "application/zip"))]), 422, "n03")
+
+
+# --- slow clients, over a real socket ------------------------------------------------------------------
+
+def test_headers_sent_one_byte_a_second_are_cut_off_at_the_header_timeout(tmp_path, tiny_checkpoint):
+    import socket
+    import time
+
+    import httpx
+
+    from svc_helpers import api_process, base_env
+
+    env = base_env(tmp_path / "data", tiny_checkpoint, UPT_HEADER_TIMEOUT_S="2", UPT_PRELOAD_BACKBONE="false")
+    with api_process(env, tmp_path / "serve.log") as url:
+        host, port = url.removeprefix("http://").split(":")
+        request = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100 + b"\r\n\r\n"
+        slow = socket.create_connection((host, int(port)))
+        slow.settimeout(1.0)
+        started, answer = time.monotonic(), b""
+        try:
+            for byte in request:  # one header byte every second, as slowloris sends them
+                if time.monotonic() - started > 8:
+                    break
+                slow.send(bytes([byte]))
+                try:
+                    chunk = slow.recv(4096)
+                except socket.timeout:
+                    continue
+                answer += chunk
+                if not chunk or b"\r\n\r\n" in answer:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            slow.close()
+        took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and took < 6, (answer, took)
+        # A client that sends its headers at once is served as before.
+        assert httpx.get(url + "/livez", timeout=10).status_code == 200
