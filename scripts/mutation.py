@@ -407,9 +407,9 @@ MUTANTS: list[Mutant] = [
       PSRC_PROMPTS),
     # ---- methods/lora.py, lora_training.py and the encoders' adapters (CLIP-LoRA) ----------------------
     m("lora-scale-dropped", ENC, "return self.scale * torch.einsum(", "return torch.einsum(",
-      "the adapters' updates not scaled by alpha / rank", LORA_LOGITS),
-    m("lora-scale-sqrt-rank", LORA, "return alpha / rank", "return alpha / math.sqrt(rank)",
-      "s = alpha / √rank (the released code's) instead of alpha / rank", LORA_LOGITS),
+      "the adapters' updates not scaled by alpha / √rank", LORA_LOGITS),
+    m("lora-scale-over-rank", LORA, "return alpha / math.sqrt(rank)", "return alpha / rank",
+      "s = alpha / rank (the LoRA paper's) instead of the released code's alpha / √rank", LORA_LOGITS),
     m("lora-wrong-projection", ENC, "down, up = self.down[layer, projections], self.up[layer, projections]",
       "down, up = self.down[layer, projections].flip(0), self.up[layer, projections].flip(0)",
       "the query's adapter put on the value projection and the value's on the query", LORA_LOGITS),

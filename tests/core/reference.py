@@ -381,9 +381,10 @@ def gaussian_prompt_aggregation(per_epoch: list[dict[str, Tensor]], mean: float,
 # ---- CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024): low-rank updates of the attention weights ------------
 
 def lora_weight_deltas(down: Tensor, up: Tensor, alpha: float, rank: int) -> list[Tensor]:
-    """Per block, LoRA's ΔW = (α / r) · B A for each of W_q, W_k, W_v, stacked as the packed in-projection
-    stacks them (3·width, width); A = down[layer, p] (r, width), B = up[layer, p] (width, r)."""
-    return [torch.cat([(alpha / rank) * up[layer, p] @ down[layer, p] for p in range(3)]) for layer in range(len(down))]
+    """Per block, ΔW = (α / √r) · B A for each of W_q, W_k, W_v (CLIP-LoRA's released scaling), stacked as the
+    packed in-projection stacks them (3·width, width); A = down[layer, p] (r, width), B = up[layer, p] (width, r)."""
+    scale = alpha / math.sqrt(rank)
+    return [torch.cat([scale * up[layer, p] @ down[layer, p] for p in range(3)]) for layer in range(len(down))]
 
 
 def lora_classifier(clip, tokenizer, p: dict[str, Tensor], class_names: list[str], templates: tuple[str, ...],

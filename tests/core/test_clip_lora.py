@@ -178,7 +178,7 @@ def test_the_registry_holds_the_papers_recipe_and_refuses_the_prompt_options():
                                               "lr", "batch_size"]
     config = TrainConfig.of("clip-lora", shots=4).validate()
     assert LoraOptions.of(config) == LoraOptions(rank=2, alpha=1.0, dropout=0.25)
-    assert LoraOptions.of(config).scale == 0.5
+    assert LoraOptions.of(config).scale == pytest.approx(2 ** -0.5)  # alpha / √rank, the released code's
     assert (config.step_lr, config.step_batch_size) == (2e-4, 32)
     assert LoraOptions.of(TrainConfig.of("clip-lora", lora_rank=4, lora_alpha=2.0, lora_dropout=0.0)) == \
         LoraOptions(4, 2.0, 0.0)
@@ -288,7 +288,7 @@ def test_training_learns_where_zero_shot_fails(pretrained_tiny, fashion_train, t
     assert result.metrics["iterations"] == 20 and len(recorder.steps) == 20 and len(result.history) == 20
     assert recorder.steps[-1].progress == 1.0 and recorder.epochs[-1].epochs == 20
     artifact = load_artifact(result.artifact_dir)
-    assert artifact.config["method"] == "clip-lora" and artifact.config["lora"]["scale"] == 0.5
+    assert artifact.config["method"] == "clip-lora" and artifact.config["lora"]["scale"] == pytest.approx(2 ** -0.5)
     for name in ("prompt.text.up", "prompt.visual.up"):
         assert artifact.tensors[name].abs().sum() > 0, name
     assert (result.artifact_dir / TENSORS_FILE).stat().st_size < 200_000

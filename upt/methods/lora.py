@@ -3,9 +3,10 @@
 Low-rank adapters on the query, key and value projections of every attention block of both towers:
 W_p x becomes W_p x + s · B_p A_p x, with A_p (rank × width) drawn as nn.Linear's weights are
 (Kaiming-uniform), B_p (width × rank) zero, so the untrained model is zero-shot CLIP exactly; the
-base weights stay frozen. Dropout (0.25) drops the adapters' input while training. s = alpha / rank,
-as in the LoRA paper (the paper's released code scales by alpha / √rank: 0.71 instead of 0.5 at its
-defaults; `lora_scale` is the one place that says which).
+base weights stay frozen. Dropout (0.25) drops the adapters' input while training. s = alpha / √rank,
+as CLIP-LoRA's released code scales them (its published numbers come from it; the LoRA paper's
+alpha / rank, which it left commented out, gives 0.5 instead of 0.71 at its defaults); `lora_scale` is
+the one place that says which.
 
 The class prompts are its templates (one, "a photo of a {}.", unless the Python API gives others; an
 ensemble is averaged as zero-shot's), encoded through the adapted text tower at every step. At export the text adapters are folded into the classifier W, so serving runs only the
@@ -41,13 +42,13 @@ SERVING_TENSORS = tuple(SERVING_PREFIX + name for name in ("visual.down", "visua
 
 
 def lora_scale(rank: int, alpha: float) -> float:
-    """s in W x + s · B A x."""
-    return alpha / rank
+    """s in W x + s · B A x: CLIP-LoRA's released scaling."""
+    return alpha / math.sqrt(rank)
 
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """The adapters' shape and regularisation: rank, alpha (s = alpha / rank) and the dropout of their input."""
+    """The adapters' shape and regularisation: rank, alpha (s = alpha / √rank) and the dropout of their input."""
 
     rank: int = RANK
     alpha: float = ALPHA
