@@ -173,8 +173,8 @@ MUTANTS: list[Mutant] = [
       "n_train = min(k, len(group))\n        train.extend(group[:n_train])\n"
       "        val.extend(group[len(group) - n_val:])",
       "training images overlap validation on small classes", SPLIT_SIZES, issue=True),
-    m("validation-accuracy-on-train", TRAIN, "report = predictor.evaluate(split.val)",
-      "report = predictor.evaluate(split.train)", "the reported validation accuracy measured on the training images", VALIDATION, issue=True),
+    m("validation-accuracy-on-train", TRAIN, "report = predictor.evaluate(split.val, per_sample=True)",
+      "report = predictor.evaluate(split.train, per_sample=True)", "the reported validation accuracy measured on the training images", VALIDATION, issue=True),
     m("files-not-sorted", DATA, "files = sorted(p for p in (root / folder).iterdir()",
       "files = list(p for p in (root / folder).iterdir()",
       "image files not sorted before sampling (file-system order)", SPLIT_ORDER, issue=True),
