@@ -34,6 +34,7 @@ from service import task_state
 from service.models import Task, TaskCandidate, TaskStatus, as_utc
 from service.queue import TrainingQueue
 from service.queued_messages import task_ids_in_broker
+from service.scratch import abandoned
 from service.settings import Settings
 from service.storage import Storage
 
@@ -159,14 +160,13 @@ def _newest_mtime(folder: Path) -> float:
 
 
 def sweep_storage(settings: Settings, database: Database) -> list[Path]:
-    """Remove what killed requests left: upload scratch folders, and task folders with no row (a POST
-    /tasks killed between writing its images and committing its row), once untouched for
-    UPT_ORPHAN_GRACE_S. A request in progress writes into its folders, so they stay young."""
+    """Remove what killed requests left: the upload scratch of processes that died (at once; a live
+    one's never), and task folders with no row (a POST /tasks killed between writing its images and
+    committing its row), once untouched for UPT_ORPHAN_GRACE_S."""
     storage = Storage.from_settings(settings)
     cutoff = time.time() - settings.orphan_grace_s
-    scratch = storage.root / "tmp"
-    old_scratch = [p for p in scratch.glob("upload-*") if p.is_dir() and p.stat().st_mtime < cutoff] \
-        if scratch.is_dir() else []
+    # Scratch: only a dead process's (service.scratch), never a live request's, whoever sweeps.
+    dead_scratch = abandoned(storage.root / "tmp", cutoff, _newest_mtime)
     tasks = storage.root / "tasks"
     candidates = {p.name: p for p in (tasks.iterdir() if tasks.is_dir() else ())
                   if p.is_dir() and p.name.isalnum() and p.stat().st_mtime < cutoff}
@@ -176,7 +176,10 @@ def sweep_storage(settings: Settings, database: Database) -> list[Path]:
         for start in range(0, len(names), 500):
             known.update(session.scalars(select(Task.id).where(Task.id.in_(names[start:start + 500]))))
     removed = []
-    for folder in old_scratch + [p for name, p in candidates.items() if name not in known]:
+    for folder in dead_scratch:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for folder in [p for name, p in candidates.items() if name not in known]:
         if _newest_mtime(folder) < cutoff:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartState, parse_options_header
 
 from service.errors import Problem, invalid
+from service.scratch import remove, scratch_dir  # noqa: F401  (the routes' scratch, from here as before)
 from service.settings import Settings
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -321,10 +320,3 @@ def configure_pillow(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def scratch_dir(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
-
-
-def remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

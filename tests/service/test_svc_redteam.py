@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from service.db import Database
 from service.settings import Settings
 from svc_helpers import CLASSES, images
 
@@ -565,3 +567,40 @@ def test_headers_sent_one_byte_a_second_are_cut_off_at_the_header_timeout(tmp_pa
         assert answer.startswith(b"HTTP/1.1 408") and took < 6, (answer, took)
         # A client that sends its headers at once is served as before.
         assert httpx.get(url + "/livez", timeout=10).status_code == 200
+
+
+# --- scratch owned by its process ----------------------------------------------------------------------
+
+def test_scratch_is_swept_only_when_its_process_has_died(sqlite_database):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from service.recovery import sweep_storage
+    from service.scratch import scratch_dir
+    from service.storage import Storage
+
+    settings = sqlite_database.model_copy(update={"orphan_grace_s": 1.0})
+    root = Storage.from_settings(settings).root / "tmp"
+    long_ago = time.time() - 3600
+
+    mine = scratch_dir(root)  # a /classify of this process that has waited long on a busy encoder
+    os.utime(mine, (long_ago, long_ago))
+    # Another process (a worker, another API on this host) that lives, holding its scratch.
+    code = ("import sys, time; from pathlib import Path; from service.scratch import scratch_dir; "
+            "print(scratch_dir(Path(sys.argv[1])), flush=True); time.sleep(600)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        os.utime(theirs, (long_ago, long_ago))
+        sweep_storage(settings, Database.from_settings(settings))
+        assert mine.is_dir() and theirs.is_dir()  # both owners live: neither is swept, however old
+    finally:
+        other.kill()
+        other.wait(10)
+    young = time.time()
+    os.utime(theirs, (young, young))
+    sweep_storage(settings, Database.from_settings(settings))
+    assert not theirs.exists()  # its owner died: gone at once, young or not
+    assert mine.is_dir() and not list(root.glob(f"owner-*{theirs.name.split('-')[1]}*"))
