@@ -369,38 +369,46 @@ def _train_cache_model(backbone: Backbone, source: DataSource, split: FewShotSpl
     labels = torch.tensor([sample.label for sample in split.train], dtype=torch.long)
     views = encode_views(backbone, split.train, options, config.seed, callbacks.should_stop, cache_encoder)
     history: list[dict[str, Any]] = []
-    if config.method == GDA:
-        head, search = fit_gda(views, labels.to(views.device), classifier, backbone.logit_scale, GdaOptions())
-        fitted: dict[str, Any] = {"gda": head}
-        summary = {"alpha": head.alpha, "augment_views": options.augment_views,
-                   "searched_on": search.count, "held_out_accuracy": search.accuracy}
-        artifact_extra = {"gda": GdaOptions().to_dict() | {"alpha": head.alpha}}
-        trainable = 0
-    else:
-        cache, search_result, trainable = _fit_cache(backbone, views, labels, classifier, options, config,
-                                                     callbacks, history, started)
-        fitted = {"cache": cache}
-        summary = {"alpha": cache.alpha, "beta": cache.beta, "keys": len(cache.keys),
-                   "augment_views": options.augment_views, "searched_on": search_result.held_out_count,
-                   "held_out_accuracy": search_result.held_out_accuracy}
-        artifact_extra = {"cache": options.to_dict() | {"alpha": cache.alpha, "beta": cache.beta}}
-    predictor = Predictor(backbone, class_names, classifier, **fitted)
-    metrics = _final_metrics(predictor, split, trainable, history)
-    metrics["cache"] = summary
+    fit = _fit_gda if config.method == GDA else _fit_cache
+    fitted = fit(backbone, views, labels, classifier, options, config, callbacks, history, started)
+    predictor = Predictor(backbone, class_names, classifier, **fitted.head)
+    metrics = _final_metrics(predictor, split, fitted.trainable, history)
+    metrics["cache"] = fitted.summary
     metrics["variances"] = analyze_samples(backbone, class_names, split.train + split.val,
                                            config.templates).as_dict()
-    head_tensors = fitted.get("gda") or fitted.get("cache")
-    tensors = {"classifier": classifier} | head_tensors.tensors()
-    artifact_options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(), **artifact_extra,
+    tensors = {"classifier": classifier} | next(iter(fitted.head.values())).tensors()
+    artifact_options = {"prompt": config.prompt.to_dict(), "train": config.to_dict(), **fitted.options,
                         "metrics": metrics, "data": source.describe()}
     out = save_artifact(out_dir, backbone=backbone, method=config.method, class_names=class_names,
                         tensors=tensors, options=artifact_options)
     return TrainResult(out, metrics, config, history)
 
 
+@dataclass
+class _Fitted:
+    """A training-free head fitted on the shots' views: the `Predictor` argument that adds it, its summary
+    (`metrics["cache"]`), its own settings in the artifact, and its trained parameters."""
+
+    head: dict[str, Any]  # {"cache": CacheModel} or {"gda": GdaHead}
+    summary: dict[str, Any]
+    options: dict[str, Any]
+    trainable: int = 0
+
+
+def _fit_gda(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+             options: CacheOptions, config: TrainConfig, callbacks: TrainCallbacks, history: list[dict[str, Any]],
+             started: float) -> _Fitted:
+    """GDA's head, α cross-fitted on the shots (it trains nothing: no progress to report)."""
+    gda = GdaOptions()
+    head, search = fit_gda(views, labels.to(views.device), classifier, backbone.logit_scale, gda)
+    summary = {"alpha": head.alpha, "augment_views": options.augment_views, "searched_on": search.count,
+               "held_out_accuracy": search.accuracy}
+    return _Fitted({"gda": head}, summary, {"gda": gda.to_dict() | {"alpha": head.alpha}})
+
+
 def _fit_cache(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                options: CacheOptions, config: TrainConfig, callbacks: TrainCallbacks, history: list[dict[str, Any]],
-               started: float) -> tuple[CacheModel, SearchResult, int]:
+               started: float) -> _Fitted:
     """Tip-Adapter's cache with α, β searched on the shots; for Tip-Adapter-F its keys fine-tuned (once
     per fold of the search, silently, then on every shot with progress reports)."""
     device = backbone.device
@@ -409,7 +417,7 @@ def _fit_cache(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, cl
     scale = backbone.logit_scale
     if not config.spec.trains:
         search = leave_one_out_search(views, labels, keys, values, classifier, scale, options)
-        return CacheModel(keys, values, search.alpha, search.beta), search, 0
+        return _cache_fitted(CacheModel(keys, values, search.alpha, search.beta), search, options, 0)
 
     def tuned(mask: torch.Tensor, on_epoch: Callable[[KeyEpoch], None] = lambda report: None) -> torch.Tensor:
         return fine_tune_keys(keys[mask], values[mask], views[:, mask], labels[mask], classifier, scale, options,
@@ -426,7 +434,15 @@ def _fit_cache(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, cl
         callbacks.on_epoch_end(epoch)
 
     keys = tuned(torch.ones(len(labels), dtype=torch.bool, device=device), on_epoch)
-    return CacheModel(keys, values, search.alpha, search.beta), search, keys.numel()
+    return _cache_fitted(CacheModel(keys, values, search.alpha, search.beta), search, options, keys.numel())
+
+
+def _cache_fitted(cache: CacheModel, search: SearchResult, options: CacheOptions, trainable: int) -> _Fitted:
+    summary = {"alpha": cache.alpha, "beta": cache.beta, "keys": len(cache.keys),
+               "augment_views": options.augment_views, "searched_on": search.held_out_count,
+               "held_out_accuracy": search.held_out_accuracy}
+    return _Fitted({"cache": cache}, summary, {"cache": options.to_dict() | {"alpha": cache.alpha, "beta": cache.beta}},
+                   trainable)
 
 
 def _final_metrics(predictor: Predictor, split: FewShotSplit, trainable_parameters: int,
