@@ -294,7 +294,7 @@ def cross_fit_search(view_features: torch.Tensor, labels: torch.Tensor, values: 
     if folds == 0:
         return _unsearched(options)
     assignment = stratified_folds(labels, folds)
-    asked = torch.zeros(len(labels), dtype=torch.bool)
+    asked = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
     asked[search_queries(labels, n_classes)] = True
     hits, count = None, 0
     for fold in range(folds):
