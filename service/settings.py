@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # None: run `alembic upgrade head` at start-up for SQLite (local mode) only.
     auto_migrate: bool | None = None
     preload_backbone: bool = True
+    # GET /metrics counts the whole fleet's tasks: None (auto) serves it to anyone only where the API is
+    # bound to a loopback address (a scraper beside it), else to a request with a valid API key.
+    metrics_public: bool | None = None
     # Web pages on these origins may call the API from a browser (comma-separated, e.g.
     # `https://labels.example.com,http://localhost:5173`). Empty: same-origin pages only.
     cors_origins: Annotated[list[str], NoDecode] = []
@@ -184,6 +187,10 @@ class Settings(BaseSettings):
         if self.require_api_keys is None:
             return not self.binds_loopback_only
         return self.require_api_keys
+
+    @property
+    def metrics_open(self) -> bool:
+        return self.binds_loopback_only if self.metrics_public is None else self.metrics_public
 
     @property
     def should_auto_migrate(self) -> bool:

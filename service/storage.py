@@ -12,7 +12,8 @@
                         as artifact.partial-<lease>/ and renamed into place when the task succeeds
     storage/tasks/<task id>/instant-<build>/            the training-free stage's artifact (same format),
                         written as instant.partial-<build>/ and renamed; the row names the build
-    storage/tmp/upload-<random>/                        a request's uploads while it is parsed and checked
+    storage/tmp/upload-<owner>-<random>/                a request's uploads while it is parsed and checked
+                        (service.scratch: its process holds tmp/owner-<owner>.lock while it lives)
 
 In production the storage folder is a volume shared by the API replicas and the workers. The task
 folders are removed with their rows; scratch and row-less folders left by killed requests are removed by
@@ -22,10 +23,12 @@ folders are removed with their rows; scratch and row-less folders left by killed
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import zipfile
 from pathlib import Path
 
+from service.errors import shown_weights, without_paths
 from service.settings import Settings
 
 
@@ -87,6 +90,29 @@ class Storage:
         folder = self.artifact_dir(task_id)
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(folder.rglob("*")):
-                if path.is_file():
+                if path.name == CONFIG_FILE and path.parent == folder:
+                    archive.writestr(str(Path(task_id) / CONFIG_FILE), shown_config(path.read_text(encoding="utf-8")))
+                elif path.is_file():
                     archive.write(path, Path(task_id) / path.relative_to(folder))
         return buffer.getvalue()
+
+
+CONFIG_FILE = "adapter_config.json"
+
+
+def shown_config(text: str) -> str:
+    """An artifact's adapter_config.json as a client may see it: the backbone's weights as their file
+    name and sha256 prefix, and any other server path shortened to its last component (the server's
+    layout is no client's business; loading checks the weights by sha256, not by path)."""
+    def shown(value):
+        if isinstance(value, dict):
+            return {key: shown(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [shown(item) for item in value]
+        return without_paths(value) if isinstance(value, str) else value
+
+    config = json.loads(text)
+    backbone = config.get("backbone")
+    if isinstance(backbone, dict) and isinstance(backbone.get("pretrained"), str):
+        backbone["pretrained"] = shown_weights(backbone["pretrained"], backbone.get("weights_sha256"))
+    return json.dumps(shown(config), indent=2, ensure_ascii=False)

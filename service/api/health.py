@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service.api.deps import DatabaseDep, MetricsDep, QueueDep, ServingDep
-from service.db import Database
-from service.errors import without_paths
+from service.api.deps import DatabaseDep, MetricsDep, QueueDep, ServingDep, SessionDep, SettingsDep, presented_key
+from service.auth import tenant_of_key
+from service.db import Database, release_connection
+from service.errors import Problem, without_paths
 from service.schemas import CheckOut, ReadyOut
 
 router = APIRouter(tags=["health"])
@@ -47,6 +48,13 @@ async def readyz(serving: ServingDep, database: DatabaseDep, queue: QueueDep) ->
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(metrics: MetricsDep) -> Response:
-    """Prometheus text format."""
+def metrics(request: Request, metrics: MetricsDep, settings: SettingsDep, session: SessionDep) -> Response:
+    """Prometheus text format: fleet-wide aggregates, no tenant's own. Open to anyone only as
+    UPT_METRICS_PUBLIC says (by default where the API is bound to loopback); else an API key is needed."""
+    if not settings.metrics_open:
+        key = presented_key(request)
+        if key is None or tenant_of_key(session, key) is None:
+            raise Problem(401, "Unauthorized", "GET /metrics needs an API key here (UPT_METRICS_PUBLIC): send "
+                          "`Authorization: Bearer KEY`.", headers={"WWW-Authenticate": "Bearer"})
+        release_connection(session)
     return metrics.render()

@@ -20,7 +20,7 @@ from service.db import commit_retrying_conflicts, db_now, release_connection
 from service.errors import Problem, invalid, not_found, shown_weights
 from service.instant import instant_key
 from service import task_state
-from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, new_task_id
+from service.models import FINAL_STATUSES, IdempotencyLock, Task, TaskStatus, Tenant, as_utc, new_task_id
 from service.quotas import check_active_tasks, check_stored_bytes, folder_bytes, hold_tenant
 from service.schemas import TaskOut, TaskPage
 from service.settings import Settings
@@ -139,9 +139,21 @@ def _lock_key(session: Session, tenant: Tenant, key: str, stale_after_s: float) 
         return True
     if _by_idempotency_key(session, tenant, key) is not None:
         return False
+    held = session.scalar(select(IdempotencyLock.created_at).where(IdempotencyLock.tenant_id == tenant.id,
+                                                                  IdempotencyLock.key == key))
+    age = (now - as_utc(held)).total_seconds() if held is not None else 0.0
+    left = max(1, int(stale_after_s - age))
     raise Problem(409, "Request in progress", "A request with this Idempotency-Key is still being processed; "
-                  "retry once it has finished to get its answer.", type="idempotency-key-in-use",
-                  headers={"Retry-After": "1"})
+                  "retry once it has finished to get its answer. Were its process killed, the key is taken over "
+                  f"in {left}s (UPT_IDEMPOTENCY_LOCK_STALE_S).", type="idempotency-key-in-use",
+                  headers={"Retry-After": str(idempotency_retry_after(age, left))})
+
+
+def idempotency_retry_after(age_s: float, left_s: int) -> int:
+    """Seconds to wait before retrying under a held key: soon while the holder is young (its upload may
+    be ending), then half its age (a holder whose process died keeps the key until it is stale, up to
+    UPT_IDEMPOTENCY_LOCK_STALE_S: one retry a second for 20 minutes helped nobody), never past the takeover."""
+    return max(1, min(int(age_s / 2), left_s))
 
 
 def _unlock_key(session: Session, tenant: Tenant, key: str) -> None:

@@ -604,3 +604,47 @@ def test_scratch_is_swept_only_when_its_process_has_died(sqlite_database):
     sweep_storage(settings, Database.from_settings(settings))
     assert not theirs.exists()  # its owner died: gone at once, young or not
     assert mine.is_dir() and not list(root.glob(f"owner-*{theirs.name.split('-')[1]}*"))
+
+
+# --- leaks and loose ends (finding 14) -----------------------------------------------------------------
+
+def test_the_artifact_zip_holds_no_server_path(api, tiny_checkpoint):
+    import json
+    import zipfile
+
+    task_id = add_task(api, status="succeeded")
+    folder = api.app.state.storage.artifact_dir(task_id)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "method": "coop", "backbone": {"model": "upt-tiny", "pretrained": str(tiny_checkpoint),
+                                       "weights_sha256": "0123456789abcdef" * 4}}))
+    (folder / "prompts.safetensors").write_bytes(b"\0")
+    answer = api.client.get(f"/tasks/{task_id}/artifact", headers=api.headers)
+    assert answer.status_code == 200, answer.text
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        config = archive.read(f"{task_id}/adapter_config.json").decode()
+    assert str(tiny_checkpoint.parent) not in config and "/" not in json.loads(config)["backbone"]["pretrained"]
+    assert json.loads(config)["backbone"]["pretrained"] == f"{tiny_checkpoint.name} (sha256 0123456789ab)"
+
+
+def test_metrics_need_a_key_unless_public(tmp_path, tiny_checkpoint):
+    for api in make_api(tmp_path, tiny_checkpoint, host="0.0.0.0"):
+        assert_problem(api.client.get("/metrics"), 401, "UPT_METRICS_PUBLIC")
+        answer = api.client.get("/metrics", headers=api.headers)
+        assert answer.status_code == 200 and "upt_tasks" in answer.text
+
+
+def test_a_key_held_by_a_killed_request_says_when_to_retry(api):
+    from datetime import timedelta
+
+    from service.auth import get_or_create_tenant
+    from service.db import db_now
+    from service.models import IdempotencyLock
+
+    with api.app.state.database.scope() as session:  # what an API process killed mid-upload leaves
+        session.add(IdempotencyLock(tenant_id=get_or_create_tenant(session, "acme").id, key="killed-1",
+                                    created_at=db_now(session) - timedelta(seconds=600)))
+    answer = api.post("/tasks", data=task_data(), files=image_files(PNG, PNG), headers={"Idempotency-Key": "killed-1"})
+    assert_problem(answer, 409, "UPT_IDEMPOTENCY_LOCK_STALE_S")
+    stale_after = api.settings.idempotency_lock_stale_s
+    assert 60 <= int(answer.headers["retry-after"]) <= stale_after - 600, answer.headers
