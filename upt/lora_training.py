@@ -97,6 +97,7 @@ class LoraLoop(_Loop):
         for epoch in range(start, self.epochs):
             history.append(self._epoch(epoch, self.epochs))
             self._save(epoch + 1, history)
+            self._report_epoch()
         self.model.eval()
         return history
 
@@ -129,5 +130,5 @@ class LoraLoop(_Loop):
                                               self.done / self.iterations, self._eta(self.done)))
         report = EpochReport(epoch + 1, epochs, loss_sum / seen, correct / seen, lr,
                              time.monotonic() - self.started, self._eta(self.done), self.done / self.iterations)
-        self.callbacks.on_epoch_end(report)
+        self.finished_epoch = report  # reported once its checkpoint is written (_Loop._report_epoch)
         return report.as_dict()

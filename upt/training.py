@@ -537,6 +537,7 @@ class _Loop:
             history.append(self._epoch(epoch, epochs))
             self.objective.epoch_done(epoch, self.model)
             self._save(epoch + 1, history)
+            self._report_epoch()
         self.objective.finish(self.model)
         self.model.eval()
         return history
@@ -562,8 +563,13 @@ class _Loop:
         done = self.first_step + self.steps_done_here
         report = EpochReport(epoch + 1, epochs, loss_sum / seen, correct / seen, lr,
                              time.monotonic() - self.started, self._eta(done), done / self.total_steps)
-        self.callbacks.on_epoch_end(report)
+        self.finished_epoch = report
         return report.as_dict()
+
+    def _report_epoch(self) -> None:
+        """The epoch's report (the service's epoch event), once its checkpoint is written: a run killed
+        in between resumes after the epoch it was told of, never re-running an epoch already reported."""
+        self.callbacks.on_epoch_end(self.finished_epoch)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):

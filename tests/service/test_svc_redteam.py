@@ -648,3 +648,25 @@ def test_a_key_held_by_a_killed_request_says_when_to_retry(api):
     assert_problem(answer, 409, "UPT_IDEMPOTENCY_LOCK_STALE_S")
     stale_after = api.settings.idempotency_lock_stale_s
     assert 60 <= int(answer.headers["retry-after"]) <= stale_after - 600, answer.headers
+
+
+# --- an epoch's event after its checkpoint (finding 15) ----------------------------------------------
+
+@pytest.mark.parametrize("method", ["coop", "clip-lora"])
+def test_an_epochs_report_comes_after_its_checkpoint(tmp_path, tiny_checkpoint, fashion_train, method):
+    import torch
+
+    from upt.backbone import load_backbone
+    from upt.training import CHECKPOINT_FILE, TrainCallbacks, TrainConfig, train
+
+    seen: list[tuple[int, int]] = []
+
+    class Watch(TrainCallbacks):
+        def on_epoch_end(self, report) -> None:  # what the worker turns into the epoch's event
+            state = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=False)
+            seen.append((report.epoch, state["epochs_done"]))
+
+    config = TrainConfig.of(method, shots=1, seed=1, **({"iterations": 4} if method == "clip-lora" else {"epochs": 2}))
+    train(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"), fashion_train, config, tmp_path / "out",
+          callbacks=Watch(), checkpoint_dir=tmp_path / "ckpt")
+    assert seen and all(epoch == done for epoch, done in seen), seen
