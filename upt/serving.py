@@ -173,6 +173,13 @@ def encoder_need(predictor: Predictor) -> Hashable:
 
 def logits_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
     """Each request's logits, from one encoder pass over all their images (all must share one need)."""
+    return [predictor.head(features)
+            for (predictor, _), features in zip(requests, features_together(encoder, requests))]
+
+
+def features_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each request's normalised image features, from one encoder pass over all their images (all must
+    share one need); its head (`predictor.head`) is the caller's to run, on its own thread."""
     images = torch.cat([batch for _, batch in requests]) if len(requests) > 1 else requests[0][1]
     if requests[0][0].lora is not None:  # one CLIP-LoRA task's requests: its adapted PyTorch tower
         features = requests[0][0].image_features(images)
@@ -180,8 +187,8 @@ def logits_together(encoder: ImageEncoder, requests: Sequence[tuple[Predictor, t
         prompts, depths = _prompts(requests)
         features = encoder(images, prompts, depths=depths)
     out, start = [], 0
-    for predictor, batch in requests:
-        out.append(predictor.head(features[start:start + len(batch)]))
+    for _, batch in requests:
+        out.append(features[start:start + len(batch)])
         start += len(batch)
     return out
 

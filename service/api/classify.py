@@ -129,7 +129,7 @@ def _classify(form, tenant, session, settings, serving, storage, metrics, batche
     # while their preprocessed tensors are a few hundred KB each.
     batch = torch.cat([_preprocessed(predictor, upload, limits) for upload in files])
     metrics.classify_batch.observe(len(files))
-    logits = batcher.logits(predictor, batch)
+    logits = batcher.logits(predictor, batch, tenant=tenant.id if tenant is not None else None)
     ranked = predictor.rank(logits, top_k)  # the same ranking as Predictor.predict, on micro-batched logits
     return ClassifyOut(
         task_id=task_id, stage=stage, class_names=list(predictor.class_names),

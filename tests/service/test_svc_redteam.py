@@ -670,3 +670,59 @@ def test_an_epochs_report_comes_after_its_checkpoint(tmp_path, tiny_checkpoint, 
     train(load_backbone("upt-tiny", str(tiny_checkpoint), "cpu"), fashion_train, config, tmp_path / "out",
           callbacks=Watch(), checkpoint_dir=tmp_path / "ckpt")
     assert seen and all(epoch == done for epoch, done in seen), seen
+
+
+# --- fairness between tenants on the serving path (finding 2) ----------------------------------------
+
+def test_one_tenants_flood_queues_behind_its_own_and_heads_run_off_the_batchers_thread(tiny_checkpoint):
+    import torch
+
+    from service.batching import MicroBatcher
+    from upt.backbone import load_backbone
+    from upt.predict import Predictor
+    from svc_helpers import wait_until
+
+    backbone = load_backbone("upt-tiny", str(tiny_checkpoint), "cpu")
+    passes: list[int] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def encoder(images, prompts, normalize=True, depths=None):
+        passes.append(len(images))
+        if len(passes) == 1:  # the first pass runs until the others have queued
+            holding.set()
+            assert release.wait(30)
+        return torch.zeros(len(images), 32)
+
+    heads: list[str] = []
+
+    class Watched(Predictor):
+        def head(self, features):  # CoCoOp's is a text-encoder pass per image: never on the batcher's thread
+            heads.append(threading.current_thread().name)
+            return super().head(features)
+
+    predictor = Watched(backbone, ["a", "b"], torch.randn(2, 32))
+    batcher = MicroBatcher(window_s=0.05, max_batch=4, encoder=lambda b: encoder)
+    image = torch.zeros(1, 3, backbone.image.size, backbone.image.size)
+    order: list[str] = []
+
+    def classify(tenant: str, images: int) -> None:
+        batcher.logits(predictor, image.expand(images, -1, -1, -1), tenant=tenant)
+        order.append(tenant)
+
+    threads = [threading.Thread(target=classify, args=("heavy", 4))]
+    threads[0].start()
+    assert holding.wait(30)
+    for _ in range(3):  # the heavy tenant's flood queues first ...
+        threads.append(threading.Thread(target=classify, args=("heavy", 4)))
+        threads[-1].start()
+    wait_until(lambda: batcher._queue.qsize() == 3, "the flood to queue")
+    threads.append(threading.Thread(target=classify, args=("light", 1)))  # ... then another tenant's one image
+    threads[-1].start()
+    wait_until(lambda: batcher._queue.qsize() == 4, "the light request to queue")
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    # The light request went in the pass right after the one running (5 images: it, and one heavy request
+    # to fill the pass), not behind the three heavy ones ([4, 4, 4, 5]).
+    assert passes[1] == 5 and sorted(order) == ["heavy"] * 4 + ["light"], (passes, order)
+    assert heads and "classify-batcher" not in heads, heads

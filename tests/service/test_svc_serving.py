@@ -83,8 +83,9 @@ def test_one_pass_serves_many_tasks_with_the_results_of_the_per_task_path(tiny):
     for predictor, batch in requests:  # queued before the batcher's window closes: one round
         future = Future()
         futures.append(future)
-        batcher._queue.put((predictor, batch, future))
-    results = [future.result(timeout=60) for future in futures]
+        batcher._queue.put((predictor, batch, future, None))
+    # The batcher encodes; each request's head runs on its own thread, as MicroBatcher.logits does.
+    results = [predictor.head(future.result(timeout=60)) for (predictor, _), future in zip(requests, futures)]
     # raw features (zero-shot + W-only: 3 images), 4 prompt tokens of six tasks, shallow and deep (10)
     assert sorted(passes) == [3, 10]
 
