@@ -22,6 +22,7 @@ Backbone: the shipped tiny CLIP (upt/weights). The prompt methods use a short sc
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -41,8 +42,6 @@ SHOTS = 16
 
 def build_dataset(root: Path) -> Path:
     """Writes the rotated test-split images as PNGs in class folders, and the split as JSON."""
-    import json
-
     from PIL import Image
 
     from fashion_mnist import LABELS, read_split, visual_shift
@@ -72,8 +71,6 @@ def build_dataset(root: Path) -> Path:
 
 
 def load_source(root: Path):
-    import json
-
     from upt.data import LabelledImage
     from upt.datasets import DataSource
 
@@ -121,7 +118,7 @@ def report(runs: list[dict], methods: tuple[str, ...], candidates: tuple[str, ..
     from upt.auto import pick_winner
 
     print(f"{len(runs)} seeds, {SHOTS} shots, {runs[0]['rows'][methods[0]].val_count} validation images a seed, "
-          f"{len(load_source(ROOT).test)} test images\n")
+          f"{PER_CLASS['test'] * len(runs[0]['rows'][methods[0]].per_class_accuracy)} test images\n")
     print("| method | validation | test | validation − test (± SE over seeds) |")
     print("|---|---|---|---|")
     bias = {}
@@ -154,34 +151,45 @@ def report(runs: list[dict], methods: tuple[str, ...], candidates: tuple[str, ..
         print(f"GDA − Tip-Adapter on test: {mean_se([g - t for g, t in zip(gda, tip)])} points (goal ≥ 0)")
 
 
-ROOT = Path()
-
 
 def main() -> None:
-    global ROOT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=12)
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="processes, one seed at a time each")
     parser.add_argument("--methods", default=",".join(UNSEARCHED + SEARCHED))
     parser.add_argument("--candidates", default=None, help="auto's candidates (default: upt.auto's defaults)")
     parser.add_argument("--json", type=Path, default=None, help="also write every seed's rows and test accuracies here")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="report on the seeds these --json files hold instead of training")
     args = parser.parse_args()
     from upt.auto import DEFAULT_CANDIDATES, parse_candidates
 
     candidates = parse_candidates(args.candidates) if args.candidates else DEFAULT_CANDIDATES
     methods = tuple(dict.fromkeys((*args.methods.split(","), *candidates)))
-    with tempfile.TemporaryDirectory() as tmp:
-        ROOT = build_dataset(Path(tmp))
-        jobs = [(ROOT, seed, methods) for seed in range(1, args.seeds + 1)]
-        with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(run_seed, jobs))
-        report(runs, methods, candidates)
+    runs = read_runs(args.from_json) if args.from_json else train_seeds(args, methods)
+    report(runs, methods, candidates)
     if args.json:
-        import json
-
         args.json.write_text(json.dumps([{"seed": run["seed"], "test": run["test"],
                                           "rows": {m: row.as_dict() for m, row in run["rows"].items()}}
                                          for run in runs], indent=1))
+
+
+def train_seeds(args: argparse.Namespace, methods: tuple[str, ...]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = build_dataset(Path(tmp))
+        jobs = [(root, seed, methods) for seed in range(args.first_seed, args.first_seed + args.seeds)]
+        with ProcessPoolExecutor(args.jobs) as pool:
+            return list(pool.map(run_seed, jobs))
+
+
+def read_runs(paths: list[Path]) -> list[dict]:
+    from upt.auto import LeaderboardRow
+
+    runs = [run for path in paths for run in json.loads(path.read_text())]
+    if len({run["seed"] for run in runs}) != len(runs):
+        raise SystemExit("a seed appears twice in the --from-json files")
+    return [run | {"rows": {m: LeaderboardRow.from_dict(row) for m, row in run["rows"].items()}} for run in runs]
 
 
 if __name__ == "__main__":
