@@ -726,3 +726,45 @@ def test_one_tenants_flood_queues_behind_its_own_and_heads_run_off_the_batchers_
     # to fill the pass), not behind the three heavy ones ([4, 4, 4, 5]).
     assert passes[1] == 5 and sorted(order) == ["heavy"] * 4 + ["light"], (passes, order)
     assert heads and "classify-batcher" not in heads, heads
+
+
+# --- the same on PostgreSQL, where integers are int4 and transactions run concurrently ----------------
+
+@pytest.fixture
+def pg_api(tmp_path, tiny_checkpoint) -> Iterator[Api]:
+    from svc_helpers import scratch_database
+
+    with scratch_database("upt_redteam") as url:
+        yield from make_api(tmp_path, tiny_checkpoint, database_url=url, tenant_max_active_tasks=2)
+
+
+@pytest.mark.service
+def test_numbers_past_int4_are_a_4xx_on_postgresql(pg_api):
+    task_id = add_task(pg_api)
+    # An unauthenticated 500 with a traceback per request, before.
+    assert_problem(pg_api.client.get(f"/tasks/{task_id}/events", params={"token": "2147483648.1.n.x"}), 401)
+    answer = pg_api.client.get(f"/tasks/{task_id}/events", headers={**pg_api.headers, "Accept": "text/event-stream",
+                                                                   "Last-Event-ID": "2147483648.1"})
+    assert_problem(answer, 422, "Last-Event-ID")
+
+
+@pytest.mark.service
+def test_quotas_hold_against_creates_released_together_on_postgresql(pg_api, monkeypatch):
+    from service.api import tasks
+
+    monkeypatch.setattr(pg_api.app.state.instant, "schedule", lambda task_id: None)
+    released, original = threading.Barrier(6, timeout=60), tasks.write_dataset
+
+    def together(*args, **kwargs):
+        released.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "write_dataset", together)
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        pg_api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(a.status_code for a in answers) == [202, 202, 429, 429, 429, 429], [a.text for a in answers]
