@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import open_clip
+import torch
+from torch import nn
 
 from upt.backbone import Backbone, random_backbone
 
@@ -30,3 +32,22 @@ def float64_backbone(model: str, seed: int = 0) -> Backbone:
     backbone = random_backbone(model, "cpu", seed=seed)
     backbone.clip.double()
     return backbone
+
+
+def perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """`model` in float64 with every learnable tensor moved off its initial value (seeded), so that a
+    reference test sees what training would have made of it (a zero B or a zero-initialised head
+    would hide the terms they multiply)."""
+    model = model.double()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return model
+
+
+def random_images(backbone: Backbone, n: int = 3, seed: int = 0) -> torch.Tensor:
+    """n preprocessed-looking images for `backbone`, float64, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    size = backbone.image.size
+    return torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
-from asymmetric import ASYMMETRIC, float64_backbone
+from asymmetric import ASYMMETRIC, float64_backbone, perturbed, random_images
 from upt.artifact import TENSORS_FILE, load_artifact, load_serving_artifact, save_artifact
 from upt.encoders import QkvLora
 from upt.errors import ArtifactError, ConfigError, TrainingCancelled
@@ -40,19 +40,8 @@ def lora_model(backbone, options: LoraOptions = LoraOptions(), templates=("a pho
                perturb: bool = True) -> LoraCLIP:
     """The project's model in float64, its adapters moved off their initial values (B off zero)."""
     torch.manual_seed(seed)
-    model = LoraCLIP(backbone, CLASSES, options, templates).double()
-    if perturb:
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    return model.eval()
-
-
-def images_for(backbone, n: int = 3, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    size = backbone.image.size
-    return torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64)
+    model = LoraCLIP(backbone, CLASSES, options, templates)
+    return (perturbed(model, seed + 1) if perturb else model.double()).eval()
 
 
 def reference_logits(backbone, model: LoraCLIP, images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +58,7 @@ def reference_logits(backbone, model: LoraCLIP, images: torch.Tensor) -> torch.T
 ], ids=["paper", "rank3-alpha2-ensemble"])
 def test_logits_match_the_reference(backbone, options, templates):
     model = lora_model(backbone, options, templates)
-    images = images_for(backbone)
+    images = random_images(backbone)
     with torch.no_grad():
         actual, expected = model(images), reference_logits(backbone, model, images)
     assert actual.dtype == torch.float64
@@ -79,7 +68,7 @@ def test_logits_match_the_reference(backbone, options, templates):
 def test_gradients_match_the_reference(backbone):
     """The cross-entropy's gradient with respect to A and B of both towers."""
     model = lora_model(backbone)
-    images, labels = images_for(backbone), torch.tensor([0, 2, 1])
+    images, labels = random_images(backbone), torch.tensor([0, 2, 1])
     parameters = dict(model.named_parameters())
     F.cross_entropy(model(images), labels).backward()
     expected = torch.autograd.grad(F.cross_entropy(reference_logits(backbone, model, images), labels),
@@ -101,7 +90,7 @@ def test_exported_and_reloaded_artifact_serves_the_reference_logits(backbone, tm
     served = load_serving_artifact(tmp_path / "a")
     assert not any(name.startswith("prompt.") for name in served.tensors)  # the text adapters stay on disk
     predictor = Predictor.from_artifact(backbone, served)
-    images = images_for(backbone)
+    images = random_images(backbone)
     expected = reference_logits(backbone, model, images)
     torch.testing.assert_close(predictor.logits(images), expected, atol=1e-6, rtol=0)
     with torch.no_grad():
@@ -116,7 +105,7 @@ def test_an_untrained_model_is_zero_shot_clip(backbone):
         assert torch.count_nonzero(tower.up) == 0
         width = tower.down.shape[-1]
         assert tower.down.abs().max() <= 1 / math.sqrt(width) and tower.down.std() > 0.4 / math.sqrt(width)
-    images = images_for(backbone)
+    images = random_images(backbone)
     zero_shot = ref.template_classifier(backbone.clip, backbone.tokenizer, CLASSES, ("a photo of a {}.",))
     expected = backbone.clip.logit_scale.exp() * F.normalize(ref.image_features(backbone.clip, images, None),
                                                              dim=-1) @ zero_shot.T
@@ -127,7 +116,7 @@ def test_an_untrained_model_is_zero_shot_clip(backbone):
 
 def test_dropout_drops_the_adapters_input_while_training_only(backbone):
     model = lora_model(backbone, LoraOptions(dropout=0.5))
-    images = images_for(backbone)
+    images = random_images(backbone)
     with torch.no_grad():
         evaluated = model.eval()(images)
         torch.manual_seed(1)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import reference as ref
-from asymmetric import ASYMMETRIC, float64_backbone
+from asymmetric import ASYMMETRIC, float64_backbone, perturbed, random_images
 from upt.artifact import TENSORS_FILE, load_artifact
 from upt.auto import base_config, candidate_config, method_listing
 from upt.cli import build_parser
@@ -107,17 +107,11 @@ def backbone(request):
 
 def _perturbed(backbone) -> PromptedCLIP:
     torch.manual_seed(0)
-    model = PromptedCLIP(backbone, CLASSES, PromptConfig("promptsrc")).double()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    return model.train()
+    return perturbed(PromptedCLIP(backbone, CLASSES, PromptConfig("promptsrc")), seed=1).train()
 
 
 def _images(backbone, n: int = 3) -> torch.Tensor:
-    size = backbone.image.size
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return random_images(backbone, n, seed=2)
 
 
 def _learned(model: PromptedCLIP) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
-from asymmetric import ASYMMETRIC, float64_backbone
+from asymmetric import ASYMMETRIC, float64_backbone, perturbed, random_images
 from upt.methods import PromptConfig, PromptedCLIP
 
 CLASSES = ["bag", "trouser", "ankle boot"]
@@ -53,18 +53,7 @@ def backbone(request):
 def project_model(backbone, method: str, options: dict, class_names=CLASSES, seed: int = 0) -> PromptedCLIP:
     """The project's model with its learned tensors moved off their initial values (seeded), float64."""
     torch.manual_seed(seed)
-    model = PromptedCLIP(backbone, class_names, PromptConfig(method, **options)).double()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    return model.eval()
-
-
-def images_for(backbone, n: int = 3, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    size = backbone.image.size
-    return torch.randn(n, 3, size, size, generator=generator, dtype=torch.float64)
+    return perturbed(PromptedCLIP(backbone, class_names, PromptConfig(method, **options)), seed + 1).eval()
 
 
 def learned(model: PromptedCLIP) -> dict[str, torch.Tensor]:
@@ -85,7 +74,7 @@ def reference_logits(backbone, model: PromptedCLIP, method: str, options: dict, 
 def test_logits_match_the_reference(backbone, case):
     method, options = case
     model = project_model(backbone, method, options)
-    images = images_for(backbone)
+    images = random_images(backbone)
     with torch.no_grad():
         expected = reference_logits(backbone, model, method, options, images)
         actual = model(images)
@@ -98,7 +87,7 @@ def test_gradients_match_the_reference(backbone, method):
     """The gradient of the cross-entropy with respect to every learned tensor, through both towers."""
     options = {"depth": 2} if method not in ("vpt-deep", "cocoop") else {}
     model = project_model(backbone, method, options)
-    images, labels = images_for(backbone), torch.tensor([0, 2, 1])
+    images, labels = random_images(backbone), torch.tensor([0, 2, 1])
     parameters = learned(model)
     F.cross_entropy(model(images), labels).backward()
     expected = torch.autograd.grad(F.cross_entropy(reference_logits(backbone, model, method, options, images), labels),
@@ -114,7 +103,7 @@ def test_the_image_tower_alone_trains_the_shared_prompt_and_its_generator(backbo
     U's visual tokens, every parameter of the generator and the map to the vision width."""
     model = project_model(backbone, method, {})
     prompts = model.generate()
-    model.image_features(images_for(backbone), prompts).sum().backward()
+    model.image_features(random_images(backbone), prompts).sum().backward()
     grads = {name: p.grad for name, p in learned(model).items()}
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), \
         [name for name, g in grads.items() if g is None or g.abs().sum() == 0]
@@ -172,7 +161,7 @@ VIT_CASES = [CASES[i] for i in (1, 3, 5, 6, 9, 10, 12, 13, 14, 15)]  # each meth
 def test_vit_b_16_logits_match_the_reference(vit_b_16, case):
     method, options = case
     model = project_model(vit_b_16, method, options)
-    images = images_for(vit_b_16, n=1)
+    images = random_images(vit_b_16, n=1)
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference_logits(vit_b_16, model, method, options, images),
                                    atol=1e-6, rtol=0)
