@@ -1,6 +1,6 @@
 """Upload scratch owned by the process that made it, so that no sweep removes a live request's uploads.
 
-Each process holds an exclusive lock (flock) on `tmp/owner-<id>.lock` for as long as it lives, and names
+Each process holds an exclusive lock (flock) on `tmp-owners/<id>.lock` for as long as it lives, and names
 its scratch folders `tmp/upload-<id>-<random>`. A sweep, in any process (a worker's too), removes a
 folder only when it can take its owner's lock itself: the owner has died, and whatever it left is
 garbage, however young. Nothing ties removal to request time limits any more: a /classify that waits
@@ -25,14 +25,20 @@ _owner_handles: dict[Path, object] = {}  # the open lock file per scratch root, 
 _guard = threading.Lock()
 
 
+def _owners(root: Path) -> Path:
+    """Beside the scratch folder, not in it: an idle scratch folder stays empty."""
+    return root.with_name(f"{root.name}-owners")
+
+
 def _lock_path(root: Path, owner: str) -> Path:
-    return root / f"owner-{owner}.lock"
+    return _owners(root) / f"{owner}.lock"
 
 
 def _own(root: Path) -> str:
     """This process's owner id, its lock on `root` taken once."""
     with _guard:
         if root not in _owner_handles:
+            _owners(root).mkdir(parents=True, exist_ok=True)
             handle = open(_lock_path(root, _owner_id), "a+")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh random name: nobody else holds it
             _owner_handles[root] = handle
@@ -77,8 +83,8 @@ def abandoned(root: Path, cutoff: float, newest_mtime) -> list[Path]:
                 dead.add(owned.group(1))
         elif newest_mtime(folder) < cutoff:
             found.append(folder)
-    for lock in root.glob("owner-*.lock"):
-        owner = lock.name.removeprefix("owner-").removesuffix(".lock")
+    for lock in _owners(root).glob("*.lock"):
+        owner = lock.name.removesuffix(".lock")
         if owner not in dead and not owner_alive(root, owner) and not any(root.glob(f"upload-{owner}-*")):
             dead.add(owner)
     for owner in dead:

@@ -13,7 +13,7 @@
     storage/tasks/<task id>/instant-<build>/            the training-free stage's artifact (same format),
                         written as instant.partial-<build>/ and renamed; the row names the build
     storage/tmp/upload-<owner>-<random>/                a request's uploads while it is parsed and checked
-                        (service.scratch: its process holds tmp/owner-<owner>.lock while it lives)
+                        (service.scratch: its process holds tmp-owners/<owner>.lock while it lives)
 
 In production the storage folder is a volume shared by the API replicas and the workers. The task
 folders are removed with their rows; scratch and row-less folders left by killed requests are removed by

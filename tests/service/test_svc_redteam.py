@@ -603,7 +603,8 @@ def test_scratch_is_swept_only_when_its_process_has_died(sqlite_database):
     os.utime(theirs, (young, young))
     sweep_storage(settings, Database.from_settings(settings))
     assert not theirs.exists()  # its owner died: gone at once, young or not
-    assert mine.is_dir() and not list(root.glob(f"owner-*{theirs.name.split('-')[1]}*"))
+    assert mine.is_dir() and not list(root.parent.glob(f"tmp-owners/{theirs.name.split('-')[1]}.lock"))
+    assert list(root.parent.glob("tmp-owners/*.lock"))  # this process's own lock stays
 
 
 # --- leaks and loose ends (finding 14) -----------------------------------------------------------------
