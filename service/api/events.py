@@ -6,6 +6,9 @@ GET /tasks/{id} shows it, after each change), then `end` when the task has finis
 is a cursor `VERSION.EPOCH`: the task version last sent and the last epoch sent. Reconnecting with it
 as `Last-Event-ID` (EventSource does so by itself) resumes without repeating or losing an epoch; once
 the client has seen `end` (its id ends in `.end`), a reconnection gets 204: EventSource then stops.
+
+A stream token opens one stream; a stream re-checks its API key every KEY_CHECK_S and closes once the
+key is revoked; a tenant holds at most UPT_TENANT_MAX_STREAMS open streams per API process (429 past it).
 """
 
 from __future__ import annotations
