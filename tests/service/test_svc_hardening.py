@@ -192,7 +192,7 @@ def test_classify_decodes_one_upload_at_a_time(tmp_path):
             return Predictor()
 
     class Batcher:
-        def logits(self, predictor, batch):
+        def logits(self, predictor, batch, tenant=None):
             return predictor.logits(batch)
 
     class Metrics:
