@@ -218,6 +218,32 @@ def classify_with_task(client: httpx.Client, task_id: str, **extra) -> httpx.Res
                        files=[("files", (path.name, path.read_bytes(), "image/png"))])
 
 
+def assert_served_as_upt_predicts(client: httpx.Client, task_id: str, served: list[dict],
+                                  test_images: list[tuple[str, Path]], tmp_path: Path, top_k: int,
+                                  pretrained: str) -> dict:
+    """`served` (a /classify answer's predictions for `test_images`) equals what `upt predict` says with
+    the task's artifact, downloaded as a zip, and the user's own copy of the weights (`pretrained`: the
+    zip names the server's by file and sha256, not by path): labels in order, probabilities to 1e-5.
+    Returns the artifact's adapter_config.json."""
+    import pytest
+
+    archive = client.get(f"/tasks/{task_id}/artifact")
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
+    cli = subprocess.run([str(Path(sys.executable).parent / "upt"), "predict", "--artifact", str(tmp_path / task_id),
+                          "--pretrained", pretrained, "--top-k", str(top_k), "--device", "cpu", "--json",
+                          *[str(p) for _, p in test_images]],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)["predictions"]
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected):
+        assert [x["label"] for x in got["labels"]] == [w["label"] for w in want["top"]]
+        assert [x["probability"] for x in got["labels"]] == pytest.approx([w["probability"] for w in want["top"]],
+                                                                          abs=1e-5)
+    return json.loads((tmp_path / task_id / "adapter_config.json").read_text())
+
+
 def wait_until(check, what: str, timeout: float = 60):
     """`check()`'s first truthy value, polled until `timeout`."""
     deadline = time.monotonic() + timeout

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import json
-import subprocess
-import sys
 import time
-import zipfile
-from pathlib import Path
 
 import pytest
 
-from svc_helpers import CLASSES, images, task_form, wait_for
+from svc_helpers import CLASSES, assert_served_as_upt_predicts, images, task_form, wait_for
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -56,18 +50,8 @@ def test_create_train_classify_cancel_delete(stack, tmp_path):
         served = classify.json()["predictions"]
         assert len(served) == len(test_images) and all(len(p["labels"]) == 3 for p in served)
 
-        archive = client.get(f"/tasks/{task['id']}/artifact")
-        assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
-        zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
-        cli = subprocess.run([str(Path(sys.executable).parent / "upt"), "predict", "--artifact",
-                              str(tmp_path / task["id"]), "--top-k", "3", "--device", "cpu", "--json",
-                              *[str(p) for _, p in test_images]], capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stderr
-        expected = json.loads(cli.stdout)["predictions"]
-        for got, want in zip(served, expected):
-            assert [x["label"] for x in got["labels"]] == [w["label"] for w in want["top"]]
-            assert [x["probability"] for x in got["labels"]] == pytest.approx([w["probability"] for w in want["top"]],
-                                                                              abs=1e-5)
+        assert_served_as_upt_predicts(client, task["id"], served, test_images, tmp_path, top_k=3,
+                                      pretrained=stack.env["UPT_PRETRAINED"])
 
         # Cancel another task while it trains (or before it starts): it ends cancelled.
         data, files = task_form(per_class=8, method="vpt-shallow", shots=8, epochs=50, batch_size=2)

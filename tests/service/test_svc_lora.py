@@ -3,16 +3,10 @@ tuned stage answers /classify with the adapted image tower, as `upt predict` doe
 
 from __future__ import annotations
 
-import io
-import json
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 
-from svc_helpers import images, task_form, wait_for
+from svc_helpers import assert_served_as_upt_predicts, images, task_form, wait_for
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -41,14 +35,6 @@ def test_a_clip_lora_task_trains_and_its_tuned_stage_answers_classify(stack, tmp
     assert answer.json()["stage"] == "tuned"
     served = answer.json()["predictions"]
 
-    archive = client.get(f"/tasks/{task_id}/artifact")
-    zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
-    cli = subprocess.run([str(Path(sys.executable).parent / "upt"), "predict", "--artifact", str(tmp_path / task_id),
-                          "--top-k", "4", "--device", "cpu", "--json", *[str(p) for _, p in test_images]],
-                         capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
-    for got, want in zip(served, json.loads(cli.stdout)["predictions"]):
-        assert [x["label"] for x in got["labels"]] == [w["label"] for w in want["top"]]
-        assert [x["probability"] for x in got["labels"]] == pytest.approx([w["probability"] for w in want["top"]],
-                                                                          abs=1e-5)
+    assert_served_as_upt_predicts(client, task_id, served, test_images, tmp_path, top_k=4,
+                                  pretrained=stack.env["UPT_PRETRAINED"])
     assert client.delete(f"/tasks/{task_id}").status_code == 204

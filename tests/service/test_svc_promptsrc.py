@@ -3,16 +3,10 @@ prompts in both towers, aggregated over the epochs) served by /classify as `upt 
 
 from __future__ import annotations
 
-import io
-import json
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 
-from svc_helpers import images, task_form, wait_for
+from svc_helpers import assert_served_as_upt_predicts, images, task_form, wait_for
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -37,22 +31,11 @@ def test_a_promptsrc_task_trains_with_its_options_and_classify_serves_its_artifa
         assert classify.status_code == 200, classify.text
         served = classify.json()["predictions"]
 
-        archive = client.get(f"/tasks/{task['id']}/artifact")
-        assert archive.status_code == 200
-        zipfile.ZipFile(io.BytesIO(archive.content)).extractall(tmp_path)
-        config = json.loads((tmp_path / task["id"] / "adapter_config.json").read_text())
+        config = assert_served_as_upt_predicts(client, task["id"], served, test_images, tmp_path, top_k=3,
+                                               pretrained=stack.env["UPT_PRETRAINED"])
         assert config["method"] == "promptsrc"
         assert config["regulation"] == {"text_loss_weight": 5.0, "image_loss_weight": 10.0, "gpa_mean": 2.0,
                                         "gpa_std": 1.0}
-        cli = subprocess.run([str(Path(sys.executable).parent / "upt"), "predict", "--artifact",
-                              str(tmp_path / task["id"]), "--top-k", "3", "--device", "cpu", "--json",
-                              *[str(p) for _, p in test_images]], capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stderr
-        expected = json.loads(cli.stdout)["predictions"]
-        for got, want in zip(served, expected):
-            assert [x["label"] for x in got["labels"]] == [w["label"] for w in want["top"]]
-            assert [x["probability"] for x in got["labels"]] == pytest.approx([w["probability"] for w in want["top"]],
-                                                                              abs=1e-5)
         assert client.delete(f"/tasks/{task['id']}").status_code == 204
     finally:
         worker.stop()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from ..backbone import Backbone, ImageSpec
-from ..data import LabelledImage, eval_transform, labelled_batches
+from ..data import LabelledImage, labelled_batches
 from ..encoders import encode_image
 from ..errors import ConfigError, TrainingCancelled
 from ..options import AUGMENT_VIEWS, JsonOptions
