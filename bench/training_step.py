@@ -26,9 +26,9 @@ from upt.errors import ConfigError
 from upt.methods import CACHE_METHODS, METHODS, REGISTRY, ZERO_SHOT, PromptConfig, PromptedCLIP, template_classifier
 from upt.methods.config import DEFAULT_TEMPLATE
 from upt.methods.lora import LoraCLIP, LoraOptions
-from upt.methods.tip_adapter import CacheOptions, build_keys, fine_tune_keys, one_hot_values, search_alpha_beta
+from upt.methods.tip_adapter import CacheOptions, build_keys, fine_tune_keys, leave_one_out_search, one_hot_values
 
-SHOTS, VAL_PER_CLASS = 16, 4  # the cache of a 16-shot task, α/β searched on 4 validation images per class
+SHOTS = 16  # the cache of a 16-shot task, α/β searched on its shots
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -74,16 +74,15 @@ def cache_build(backbone: Backbone, images: torch.Tensor, classifier: torch.Tens
 
     view_s = timed(one_view, device, repeats)
     cached = SHOTS * classes * options.augment_views
-    keys = build_keys(torch.randn(options.augment_views, SHOTS * classes, classifier.shape[1], device=device))
-    values = one_hot_values(torch.arange(SHOTS * classes, device=device) % classes, classes)
-    val = F.normalize(torch.randn(VAL_PER_CLASS * classes, classifier.shape[1], device=device), dim=-1)
-    val_labels = torch.arange(len(val)) % classes
-    zero_shot = backbone.logit_scale * val @ classifier.T
-    search_s = timed(lambda: search_alpha_beta(zero_shot, val, val_labels, keys, values, options), device, repeats)
+    views = torch.randn(options.augment_views, SHOTS * classes, classifier.shape[1], device=device)
+    labels = torch.arange(SHOTS * classes, device=device) % classes
+    keys, values = build_keys(views), one_hot_values(labels, classes)
+    search_s = timed(lambda: leave_one_out_search(views, labels, keys, values, classifier, backbone.logit_scale,
+                                                  options), device, repeats)
     print(f"{'tip-adapter':12s} {1000 * view_s:9.1f} ms per cache view of {batch}  {batch / view_s:8.1f} images/s"
           f"  (a {SHOTS}-shot cache of {classes} classes x {options.augment_views} views = {cached} encodes: "
-          f"~{cached / batch * view_s:.1f} s); α/β search ({options.beta_steps}x{options.alpha_steps} grid, "
-          f"{len(val)} validation features): {1000 * search_s:.1f} ms")
+          f"~{cached / batch * view_s:.1f} s); α/β leave-one-out search ({options.beta_steps}x{options.alpha_steps} "
+          f"grid, {len(labels)} shots): {1000 * search_s:.1f} ms")
 
 
 def key_step(backbone: Backbone, classifier: torch.Tensor, repeats: int) -> None:

@@ -225,6 +225,7 @@ def one_hot_values(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 # β, so a 1000-class task queries 4 shots of each class (as many images as its validation split) and a
 # 10-class task every shot.
 MAX_SEARCH_QUERIES = 4096
+GRID_BLOCK = 1 << 24  # logits scored at once by the grid search (64 MB in float32)
 
 
 @dataclass(frozen=True)
@@ -238,12 +239,16 @@ class SearchResult:
 def _grid_hits(zero_shot_logits: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
                options: CacheOptions) -> torch.Tensor:
     """Hits of each (β, α) of the grid, β outer and α inner, flattened in that order."""
+    alphas = torch.tensor(options.alphas(), dtype=zero_shot_logits.dtype, device=zero_shot_logits.device)
+    # Every α of a β in one product where it fits in GRID_BLOCK numbers; α by α for large tasks.
+    block = max(1, GRID_BLOCK // max(1, zero_shot_logits.numel()))
     hits = []
     for beta in options.betas():
         votes = torch.exp(-beta * (1.0 - affinity)) @ values
-        hits.extend(int(((zero_shot_logits + alpha * votes).argmax(dim=-1) == labels).sum())
-                    for alpha in options.alphas())
-    return torch.tensor(hits)
+        for some in alphas.split(block):
+            logits = zero_shot_logits.unsqueeze(0) + some.view(-1, 1, 1) * votes.unsqueeze(0)
+            hits.append((logits.argmax(dim=-1) == labels.unsqueeze(0)).sum(dim=-1).cpu())
+    return torch.cat(hits)
 
 
 def _chosen(hits: torch.Tensor, count: int, options: CacheOptions) -> SearchResult:
