@@ -174,7 +174,7 @@ class InstantStages:
         try:
             backbone = self.serving.backbone()
         except Problem:  # not loaded yet (503): not a failure of this task's stage, try again later
-            self._mark(task_id, build, instant_status=None, instant_claimed_at=None)
+            self._release(task_id, build)
             raise
         # The serving encoder (compiled, bf16 on CPUs with bf16 units) encodes the cache: no gradient
         # is needed, and its features are those the stage will be asked about. Its background passes
@@ -206,20 +206,30 @@ class InstantStages:
         sweeper or /classify once space is freed; any other is the stage's error, shown and kept."""
         if is_disk_full(error):
             log.error("instant stage of task %s paused: %s", task_id, NO_SPACE)
-            self._mark(task_id, build, instant_status=None, instant_claimed_at=None,
-                       instant_error=f"{PAUSED}: {NO_SPACE}; it is built again once space was freed.")
+            self._release(task_id, build, f"{PAUSED}: {NO_SPACE}; it is built again once space was freed.")
         elif isinstance(error, UptError):
-            self._mark(task_id, build, instant_status=FAILED, instant_error=str(error))
+            self._fail(task_id, build, str(error))
         else:
             log.error("instant stage of task %s failed", task_id, exc_info=error)
-            self._mark(task_id, build, instant_status=FAILED,
-                       instant_error=f"Internal error: {type(error).__name__}: {error}")
+            self._fail(task_id, build, f"Internal error: {type(error).__name__}: {error}")
 
-    def _mark(self, task_id: str, build: str, **values) -> None:
+    def _release(self, task_id: str, build: str, error: str | None = None) -> None:
+        """The stage back to unbuilt and unclaimed, to be built again (`error` says why it waits)."""
+        self._write(task_id, build, None, error, release_claim=True)
+
+    def _fail(self, task_id: str, build: str, error: str) -> None:
+        self._write(task_id, build, FAILED, error)
+
+    def _write(self, task_id: str, build: str, status: str | None, error: str | None,
+               release_claim: bool = False) -> None:
         """The instant stage's own columns only (the task's `status` is service.task_state's), and only
         while this build holds the claim."""
+        statement = update(Task).where(Task.id == task_id, Task.instant_build == build)
+        statement = statement.values(instant_status=status, instant_error=error)
+        if release_claim:
+            statement = statement.values(instant_claimed_at=None)
         with self.database.scope() as session:
-            session.execute(update(Task).where(Task.id == task_id, Task.instant_build == build).values(**values))
+            session.execute(statement)
 
     def _build_logged(self, task_id: str) -> None:
         try:

@@ -135,6 +135,8 @@ def test_trainable_parameter_counts_on_vit_b_16():
         "gda": 0,  # a closed form: its W and b are computed, not trained
         # CoOp's context plus the meta-net: Linear(512 -> 512/16), ReLU, Linear(512/16 -> text width).
         "cocoop": m * d_t + (512 * 32 + 32) + (32 * d_t + d_t),
+        # 4 text and 4 visual tokens at each of its 9 layers
+        "promptsrc": 9 * m * (d_t + d_v),
         # rank-2 A (2 x width) and B (width x 2) on q, k and v of every block of both towers
         "clip-lora": layers * 3 * (2 * 2 * d_t + 2 * 2 * d_v),
     }

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from svc_helpers import task_form, wait_for, wait_until
+from upt.auto import LeaderboardRow, pick_winner
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 CANDIDATES = ["tip-adapter", "coop", "vpt-shallow"]
@@ -49,12 +50,13 @@ def epoch_events(client, task_id: str) -> list[dict]:
 
 
 def check_winner(done: dict, candidates: list[str]) -> list[dict]:
-    """The task's result: every candidate on the leaderboard once, on one split, the argmax the winner."""
+    """The task's result: every candidate on the leaderboard once, on one split, the winner auto's rule's
+    (upt.auto.pick_winner, tested against the rule written out in tests/core/test_auto.py)."""
     auto = done["metrics"]["auto"]
     board = auto["leaderboard"]
     assert [row["method"] for row in board] == candidates  # each candidate once
-    best = max(board, key=lambda row: (row["val_accuracy"], -row["trainable_parameters"]))
-    assert auto["winner"] == best["method"] and done["metrics"]["val_accuracy"] == best["val_accuracy"]
+    best = pick_winner([LeaderboardRow.from_dict(row) for row in board])
+    assert auto["winner"] == best.method and done["metrics"]["val_accuracy"] == best.val_accuracy
     assert {row["val_count"] for row in board} == {auto["val_count"]}  # one split for all
     return board
 
