@@ -56,7 +56,7 @@ def main() -> None:
 
         def tip() -> None:
             keys = build_keys(views)
-            leave_one_out_search(views, labels, keys, one_hot_values(labels, classes), classifier, 100.0, options)
+            leave_one_out_search(labels, keys, one_hot_values(labels, classes), classifier, 100.0, options)
 
         times: dict[str, list[float]] = {"gda": [], "tip": []}
         for _ in range(args.repeats):

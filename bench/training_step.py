@@ -77,8 +77,8 @@ def cache_build(backbone: Backbone, images: torch.Tensor, classifier: torch.Tens
     views = torch.randn(options.augment_views, SHOTS * classes, classifier.shape[1], device=device)
     labels = torch.arange(SHOTS * classes, device=device) % classes
     keys, values = build_keys(views), one_hot_values(labels, classes)
-    search_s = timed(lambda: leave_one_out_search(views, labels, keys, values, classifier, backbone.logit_scale,
-                                                  options), device, repeats)
+    search_s = timed(lambda: leave_one_out_search(labels, keys, values, classifier, backbone.logit_scale, options),
+                     device, repeats)
     print(f"{'tip-adapter':12s} {1000 * view_s:9.1f} ms per cache view of {batch}  {batch / view_s:8.1f} images/s"
           f"  (a {SHOTS}-shot cache of {classes} classes x {options.augment_views} views = {cached} encodes: "
           f"~{cached / batch * view_s:.1f} s); α/β leave-one-out search ({options.beta_steps}x{options.alpha_steps} "

@@ -416,7 +416,7 @@ def _fit_cache(backbone: Backbone, views: torch.Tensor, labels: torch.Tensor, cl
     keys, values = build_keys(views), one_hot_values(labels, len(classifier)).to(device)
     scale = backbone.logit_scale
     if not config.spec.trains:
-        search = leave_one_out_search(views, labels, keys, values, classifier, scale, options)
+        search = leave_one_out_search(labels, keys, values, classifier, scale, options)
         return _cache_fitted(CacheModel(keys, values, search.alpha, search.beta), search, options, 0)
 
     def tuned(mask: torch.Tensor, on_epoch: Callable[[KeyEpoch], None] = lambda report: None) -> torch.Tensor:

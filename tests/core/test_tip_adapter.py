@@ -82,7 +82,7 @@ def test_search_picks_the_best_leave_one_out_accuracy_of_the_shots(tiny, fashion
     labels = torch.tensor([s.label for s in train_samples])
     values = one_hot_values(labels, 4)
     classifier = template_classifier(tiny, folder.class_names, TEMPLATES)
-    result = leave_one_out_search(views, labels, keys, values, classifier, tiny.logit_scale, options)
+    result = leave_one_out_search(labels, keys, values, classifier, tiny.logit_scale, options)
 
     def hits(alpha: float, beta: float) -> int:  # each shot scored by the cache without its own key
         return ref.tip_leave_one_out_hits(keys, values, labels, classifier, tiny.logit_scale, alpha, beta)

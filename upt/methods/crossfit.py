@@ -31,17 +31,23 @@ def fold_count(labels: torch.Tensor, n_classes: int, max_folds: int = MAX_FOLDS)
     return folds if folds >= 2 else 0
 
 
-def stratified_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
-    """Each shot's fold: the i-th shot of a class (in split order, itself random) goes to fold i mod folds."""
-    assignment = torch.empty_like(labels)
+def class_ranks(labels: torch.Tensor) -> torch.Tensor:
+    """Each shot's place among its class's shots, in split order (itself random): 0, 1, 2, …"""
+    ranks = torch.empty_like(labels)
     for label in labels.unique():
         where = (labels == label).nonzero().flatten()
-        assignment[where] = torch.arange(len(where), device=labels.device) % folds
-    return assignment
+        ranks[where] = torch.arange(len(where), device=labels.device)
+    return ranks
+
+
+def stratified_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
+    """Each shot's fold: the i-th shot of a class goes to fold i mod folds."""
+    return class_ranks(labels) % folds
 
 
 def held_out_queries(view_features: torch.Tensor) -> torch.Tensor:
-    """(views, n, d) raw features → (n, d): each shot's views averaged, then normalised."""
+    """(views, n, d) raw features → (n, d): each shot's views averaged, then normalised (also what a
+    Tip-Adapter key is: upt.methods.tip_adapter.build_keys)."""
     return F.normalize(view_features.mean(dim=0), dim=-1)
 
 

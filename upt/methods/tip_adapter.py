@@ -42,7 +42,7 @@ from ..encoders import encode_image
 from ..errors import ConfigError, TrainingCancelled
 from ..options import AUGMENT_VIEWS, JsonOptions
 from .config import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES
-from .crossfit import first_best, fold_count, held_out_queries, stratified_folds
+from .crossfit import class_ranks, first_best, fold_count, held_out_queries, stratified_folds
 from .registry import TIP_ADAPTER_F_EPOCHS
 
 ENCODE_BATCH = 64
@@ -213,8 +213,9 @@ def encode_views(backbone: Backbone, samples: list[LabelledImage], options: Cach
 
 
 def build_keys(view_features: torch.Tensor) -> torch.Tensor:
-    """The cache keys: the views' raw features averaged, then L2-normalised (as the released code)."""
-    return F.normalize(view_features.mean(dim=0), dim=-1)
+    """The cache keys: the views' raw features averaged, then L2-normalised (as the released code): the
+    vector each shot is queried by when it is held out of the search."""
+    return held_out_queries(view_features)
 
 
 def one_hot_values(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -266,25 +267,21 @@ def search_queries(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """The shots held out in turn: the first q of each class in split order (itself random), q as many
     as MAX_SEARCH_QUERIES allows, at least one."""
     per_class = max(1, MAX_SEARCH_QUERIES // max(1, n_classes))
-    rank = torch.zeros_like(labels)
-    for label in labels.unique():
-        where = (labels == label).nonzero().flatten()
-        rank[where] = torch.arange(len(where), device=labels.device)
-    return (rank < per_class).nonzero().flatten()
+    return (class_ranks(labels) < per_class).nonzero().flatten()
 
 
 @torch.no_grad()
-def leave_one_out_search(view_features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, classifier: torch.Tensor, logit_scale: float,
-                         options: CacheOptions) -> SearchResult:
+def leave_one_out_search(labels: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, classifier: torch.Tensor,
+                         logit_scale: float, options: CacheOptions) -> SearchResult:
     """Tip-Adapter's α, β on the shots, each scored by the cache without its own key (leave-one-out):
-    the validation images never choose them. A shot's query is its own key (its views' mean)."""
+    the validation images never choose them. A shot's query is its own key (`build_keys`: its views'
+    mean), so `keys` are the cache's as built, not fine-tuned."""
     if fold_count(labels, classifier.shape[0]) == 0:
         return _unsearched(options)
-    rows = search_queries(labels, classifier.shape[0])
-    queries = held_out_queries(view_features[:, rows].to(keys.device))
+    rows = search_queries(labels, classifier.shape[0]).to(keys.device)
+    queries = keys[rows]  # a shot's query is its own key
     affinity = queries @ keys.T
-    affinity[torch.arange(len(rows), device=keys.device), rows.to(keys.device)] = -math.inf  # its own key: no vote
+    affinity[torch.arange(len(rows), device=keys.device), rows] = -math.inf  # its own key: no vote
     hits = _grid_hits(logit_scale * queries @ classifier.T, affinity, values, labels[rows].to(keys.device), options)
     return _chosen(hits, len(rows), options)
 
