@@ -26,10 +26,14 @@ from upt.training import TrainConfig
 from service.errors import invalid
 from service.settings import Settings
 from service.storage import Storage
-from service.uploads import MAX_FIELD_BYTES, ImageLimits, ParsedForm, UploadedFile, check_request_pixels, decode_upload, too_large
+from service.uploads import (MAX_FIELD_BYTES, ImageLimits, ParsedForm, UploadedFile, check_request_pixels, decode_upload,
+                             too_large)
 
 MAX_CLASS_NAME_BYTES = 200
 CHUNK_BYTES = 1024 * 1024
+# What reading a zip member raises on a damaged or hostile archive: a bad CRC or header, an unsupported
+# compression method or encryption, a truncated or corrupt stream.
+EXTRACT_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error)
 
 
 @dataclass
@@ -151,7 +155,7 @@ def _read_archive_classnames(archive: zipfile.ZipFile, info: zipfile.ZipInfo, up
         return read_classnames(target)
     except DataError as error:
         raise invalid("archive", str(error).replace(str(target), info.filename))
-    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+    except EXTRACT_ERRORS as error:
         raise invalid("archive", f"{info.filename} cannot be extracted ({error}).")
 
 
@@ -206,7 +210,7 @@ def _archive_members(upload: UploadedFile, settings: Settings,
                         if unpacked > settings.max_upload_bytes:  # and so can their sum
                             raise too_large(f"The archive unpacks to more than {settings.max_upload_bytes} bytes.")
                         out.write(chunk)
-            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+            except EXTRACT_ERRORS as error:
                 raise invalid("archive", f"{info.filename} cannot be extracted ({error}).")
             yield parts[0], info.filename, extracted
 
