@@ -460,10 +460,31 @@ def test_an_instant_stage_that_found_the_volume_full_is_built_again(api, monkeyp
 
 # --- quotas ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("limit", ["tasks", "bytes"])
-def test_quotas_hold_against_creates_released_together(tmp_path, tiny_checkpoint, monkeypatch, limit):
+def creates_released_together(api, monkeypatch, count: int) -> list:
+    """`count` POST /tasks at once, each held after the checks made before its body is read until all are
+    there: the race a quota checked only then loses. Their answers, in the order they came."""
     from service.api import tasks
 
+    monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
+    released, original = threading.Barrier(count, timeout=60), tasks.write_dataset
+
+    def together(*args, **kwargs):
+        released.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "write_dataset", together)
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)))) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
+
+
+@pytest.mark.parametrize("limit", ["tasks", "bytes"])
+def test_quotas_hold_against_creates_released_together(tmp_path, tiny_checkpoint, monkeypatch, limit):
     one_task = None
     for api in make_api(tmp_path / "probe", tiny_checkpoint):  # what one task of this form keeps
         monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
@@ -473,22 +494,7 @@ def test_quotas_hold_against_creates_released_together(tmp_path, tiny_checkpoint
             one_task = session.get(Task, created["id"]).stored_bytes
     quota = {"tenant_max_active_tasks": 2} if limit == "tasks" else {"tenant_max_stored_bytes": 2 * one_task + 10}
     for api in make_api(tmp_path / "raced", tiny_checkpoint, **quota):
-        monkeypatch.setattr(api.app.state.instant, "schedule", lambda task_id: None)
-        released = threading.Barrier(6, timeout=60)
-        original = tasks.write_dataset
-
-        def together(*args, **kwargs):  # every create has passed the checks before its body: now race
-            released.wait()
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(tasks, "write_dataset", together)
-        answers: list = []
-        threads = [threading.Thread(target=lambda: answers.append(
-            api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)))) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        answers = creates_released_together(api, monkeypatch, 6)
         codes = sorted(answer.status_code for answer in answers)
         assert codes == [202, 202] + [429 if limit == "tasks" else 507] * 4, [a.text for a in answers]
         assert len(api.task_ids()) == 2
@@ -751,21 +757,5 @@ def test_numbers_past_int4_are_a_4xx_on_postgresql(pg_api):
 
 @pytest.mark.service
 def test_quotas_hold_against_creates_released_together_on_postgresql(pg_api, monkeypatch):
-    from service.api import tasks
-
-    monkeypatch.setattr(pg_api.app.state.instant, "schedule", lambda task_id: None)
-    released, original = threading.Barrier(6, timeout=60), tasks.write_dataset
-
-    def together(*args, **kwargs):
-        released.wait()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tasks, "write_dataset", together)
-    answers: list = []
-    threads = [threading.Thread(target=lambda: answers.append(
-        pg_api.post("/tasks", data=task_data(), files=image_files(PNG, PNG)))) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    answers = creates_released_together(pg_api, monkeypatch, 6)
     assert sorted(a.status_code for a in answers) == [202, 202, 429, 429, 429, 429], [a.text for a in answers]
