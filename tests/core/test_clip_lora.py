@@ -334,15 +334,20 @@ def test_incomplete_image_adapters_are_refused(tiny):
         serving_lora(exported | {"lora.visual.up": exported["lora.visual.up"][:, :, :-1]})
 
 
-def test_a_lora_task_takes_a_pass_of_its_own_beside_the_shared_ones(pretrained_tiny):
-    """Grouped as the micro-batcher groups requests: the LoRA predictor's pass carries its adapters,
-    the zero-shot requests share theirs; each result is what its predictor computes alone."""
+def adapted_predictor(backbone) -> Predictor:
+    """A CLIP-LoRA predictor whose image adapters moved off zero (seeded), as serving loads it."""
     torch.manual_seed(0)
-    model = LoraCLIP(pretrained_tiny, CLASSES, LoraOptions(), ("a photo of a {}.",))
+    model = LoraCLIP(backbone, CLASSES, LoraOptions(), ("a photo of a {}.",))
     with torch.no_grad():
         model.visual.up.add_(0.1 * torch.randn_like(model.visual.up))
     exported = model.export()
-    lora = Predictor(pretrained_tiny, CLASSES, exported["classifier"], lora=serving_lora(exported))
+    return Predictor(backbone, CLASSES, exported["classifier"], lora=serving_lora(exported))
+
+
+def test_a_lora_task_takes_a_pass_of_its_own_beside_the_shared_ones(pretrained_tiny):
+    """Grouped as the micro-batcher groups requests: the LoRA predictor's pass carries its adapters,
+    the zero-shot requests share theirs; each result is what its predictor computes alone."""
+    lora = adapted_predictor(pretrained_tiny)
     zero_shot = Predictor.zero_shot(pretrained_tiny, CLASSES)
     other = Predictor.zero_shot(pretrained_tiny, ["pullover", "sneaker"])
     size = pretrained_tiny.image.size
@@ -366,12 +371,7 @@ def test_an_exported_onnx_model_carries_the_image_adapters(pretrained_tiny, tmp_
     """`upt export` traces `Predictor.logits`: the ONNX graph runs the adapted image tower."""
     ort = pytest.importorskip("onnxruntime")
     export = pytest.importorskip("upt.export")
-    torch.manual_seed(0)
-    model = LoraCLIP(pretrained_tiny, CLASSES, LoraOptions(), ("a photo of a {}.",))
-    with torch.no_grad():
-        model.visual.up.add_(0.1 * torch.randn_like(model.visual.up))
-    exported = model.export()
-    predictor = Predictor(pretrained_tiny, CLASSES, exported["classifier"], lora=serving_lora(exported))
+    predictor = adapted_predictor(pretrained_tiny)
     path, = export.export_predictor(predictor, "onnx", tmp_path / "model.onnx")
     spec = pretrained_tiny.image
     pixels = torch.rand(2, 3, spec.size, spec.size)
@@ -379,5 +379,5 @@ def test_an_exported_onnx_model_carries_the_image_adapters(pretrained_tiny, tmp_
     expected = predictor.logits(normalised)
     logits = ort.InferenceSession(str(path)).run(["logits"], {"pixels": pixels.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)
-    unadapted = Predictor(pretrained_tiny, CLASSES, exported["classifier"]).logits(normalised)
+    unadapted = Predictor(pretrained_tiny, CLASSES, predictor.classifier).logits(normalised)
     assert (unadapted - expected).abs().max() > 1e-2
